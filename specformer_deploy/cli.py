@@ -1,0 +1,102 @@
+"""The `specformer-deploy` command line (typer). A front door only: the work is in the library."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+
+app = typer.Typer(help="Train ViTs with MSVP (SpecFormer), export, audit, certify and serve them.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """specformer-deploy: robust ViTs from training to a served endpoint with certificates."""
+
+
+@app.command()
+def train(
+    model: str = typer.Option("specformer-tiny", help="Preset (specformer-tiny, paper-vit-s, deit_tiny_patch16_224, "
+                                                     "convit_tiny) or any timm ViT-family model name."),
+    dataset: str = typer.Option("digits", help="digits (built in), cifar10, cifar100 or imagefolder."),
+    data_dir: Optional[Path] = typer.Option(None, help="Directory of cifar10/cifar100 pickles or of train/ and val/."),
+    img_size: Optional[int] = typer.Option(None, help="Image size passed to timm (default: the model's)."),
+    patch_size: Optional[int] = typer.Option(None, help="Patch size passed to timm (default: the model's)."),
+    epochs: int = typer.Option(50, min=1, help="Training epochs (the default suits the built-in digits)."),
+    batch_size: int = typer.Option(32, min=2, help="Batch size."),
+    lr: float = typer.Option(0.1, help="Peak SGD learning rate (warm-up then cosine)."),
+    weight_decay: float = typer.Option(1e-4, help="SGD weight decay."),
+    momentum: float = typer.Option(0.9, help="SGD momentum."),
+    warmup_epochs: int = typer.Option(2, min=0, help="Linear warm-up epochs."),
+    mixup: Optional[bool] = typer.Option(None, "--mixup/--no-mixup",
+                                         help="CutMix + Mixup (timm). Default: on for standard, off for adversarial."),
+    mixup_alpha: float = typer.Option(0.2, help="Mixup alpha (0 disables; the DeiT/paper recipe uses 0.8)."),
+    cutmix_alpha: float = typer.Option(0.2, help="CutMix alpha (0 disables; the DeiT/paper recipe uses 1.0)."),
+    label_smoothing: float = typer.Option(0.1, help="Label smoothing."),
+    msvp: bool = typer.Option(True, "--msvp/--no-msvp", help="Penalize every head's largest singular value."),
+    lambda_q: float = typer.Option(1e-4, help="MSVP weight for W_Q (paper range 1e-6..1e-3)."),
+    lambda_k: float = typer.Option(1e-4, help="MSVP weight for W_K."),
+    lambda_v: float = typer.Option(1e-4, help="MSVP weight for W_V."),
+    n_power_iterations: int = typer.Option(1, min=1, help="Power iterations per training step."),
+    adversarial: bool = typer.Option(False, "--adversarial", help="PGD adversarial training (Madry)."),
+    adv_eps: float = typer.Option(8 / 255, help="PGD-AT radius (Linf, pixel space)."),
+    adv_step: float = typer.Option(2 / 255, help="PGD-AT step size."),
+    adv_steps: int = typer.Option(10, min=1, help="PGD-AT steps."),
+    seed: int = typer.Option(0, help="Seed for initialization, data order and augmentation."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    pretrained: Optional[Path] = typer.Option(None, help="Local weights (.safetensors or torch file) to start from."),
+    out: Path = typer.Option(Path("runs/latest"), help="Run directory to write."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout at the end."),
+) -> None:
+    """Train a ViT (MSVP on by default) and write a run directory.
+
+    The directory holds model.safetensors, checkpoint.pt, msvp_vectors.safetensors,
+    config.json and metrics.jsonl. With --resume every other option is read from config.json.
+    """
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .heads import UnsupportedAttentionError
+    from .models import ModelError
+    from .train import TrainConfig, train as run_training
+
+    cfg = TrainConfig(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, img_size=img_size,
+                      patch_size=patch_size, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      momentum=momentum, warmup_epochs=warmup_epochs, mixup=mixup, mixup_alpha=mixup_alpha,
+                      cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing, msvp=msvp, lambda_q=lambda_q,
+                      lambda_k=lambda_k, lambda_v=lambda_v, n_power_iterations=n_power_iterations,
+                      adversarial=adversarial, adv_eps=adv_eps, adv_step=adv_step, adv_steps=adv_steps, seed=seed,
+                      device=device, pretrained=str(pretrained) if pretrained else None)
+    try:
+        summary = run_training(cfg, out, resume=resume, console=err_console)
+    except (CheckpointError, DataError, ModelError, UnsupportedAttentionError, ValueError) as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; continue with: specformer-deploy train --resume --out {out}", code=130)
+    if json_output:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        err_console.print(f"[green]done[/]: test accuracy {summary['test_accuracy']:.4f}, run in {summary['out']}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,98 @@
+"""Per-head views of the attention projections of timm's ViT-family models.
+
+A head's W_Q (likewise W_K, W_V) is the block of ``D_h`` *rows* of the projection weight that
+produce that head's queries: timm's fused ``qkv`` Linear has weight ``[3 * H * D_h, d]`` and
+``weight.view(3, H, D_h, d)[0, h]`` is head ``h``'s ``W_Q^T``. Transposition does not change
+singular values, so the penalty and the reports work on these ``[D_h, d]`` blocks directly.
+A head's W_O is the ``[d_out, D_h]`` block of *columns* of ``proj.weight`` that reads its output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["LayerHeads", "UnsupportedAttentionError", "attention_layers", "layer_heads", "SUPPORTED_ATTENTION"]
+
+
+class UnsupportedAttentionError(TypeError):
+    """Raised for a model whose attention modules have no known per-head layout."""
+
+
+def _supported_types() -> dict[str, type]:
+    from timm.layers.attention import Attention
+    from timm.models.convit import GPSA, MHSA
+
+    return {"timm Attention": Attention, "ConViT GPSA": GPSA, "ConViT MHSA": MHSA}
+
+
+SUPPORTED_ATTENTION = ("timm.layers.Attention (ViT, DeiT, ...)", "timm.models.convit.GPSA", "timm.models.convit.MHSA")
+
+
+@dataclass
+class LayerHeads:
+    """The projection weights of one attention layer, split per head (views where possible).
+
+    ``qkv``: ``[3, H, D_h, d]`` (Q, K, V; each head's block as out x in).
+    ``o``: ``[H, d_out, D_h]`` (each head's block of W_O).
+    ``qkv_names``/``o_name``: parameter names relative to the attention module, for export/audit.
+    """
+
+    qkv: torch.Tensor
+    o: torch.Tensor
+    num_heads: int
+    head_dim: int
+    qkv_names: tuple[str, ...]
+    o_name: str
+
+
+def _o_heads(proj: nn.Linear, num_heads: int, head_dim: int) -> torch.Tensor:
+    return proj.weight.view(proj.weight.shape[0], num_heads, head_dim).permute(1, 0, 2)
+
+
+def layer_heads(attn: nn.Module) -> LayerHeads:
+    """Split one attention module's projections into per-head blocks."""
+    types = _supported_types()
+    if isinstance(attn, (types["timm Attention"], types["ConViT MHSA"])):
+        num_heads = attn.num_heads
+        weight = attn.qkv.weight
+        head_dim = weight.shape[0] // (3 * num_heads)
+        if getattr(attn, "gate", None) is not None:
+            raise UnsupportedAttentionError("gated attention (timm Attention(gated=True)) is not covered by MSVP's bounds")
+        qkv = weight.view(3, num_heads, head_dim, weight.shape[1])
+        return LayerHeads(qkv, _o_heads(attn.proj, num_heads, head_dim), num_heads, head_dim,
+                          ("qkv.weight",), "proj.weight")
+    if isinstance(attn, types["ConViT GPSA"]):
+        num_heads = attn.num_heads
+        dim = attn.qk.weight.shape[1]
+        head_dim = attn.qk.weight.shape[0] // (2 * num_heads)
+        qk = attn.qk.weight.view(2, num_heads, head_dim, dim)
+        v = attn.v.weight.view(1, num_heads, head_dim, dim)
+        return LayerHeads(torch.cat([qk, v]), _o_heads(attn.proj, num_heads, head_dim), num_heads, head_dim,
+                          ("qk.weight", "v.weight"), "proj.weight")
+    raise UnsupportedAttentionError(
+        f"attention module {type(attn).__module__}.{type(attn).__name__} is not supported; "
+        f"supported: {', '.join(SUPPORTED_ATTENTION)}"
+    )
+
+
+def attention_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """The attention module of every transformer block, in depth order.
+
+    Accepts a timm model or a wrapper that exposes it as ``.net`` (see ``models``).
+    """
+    net = getattr(model, "net", model)
+    blocks = getattr(net, "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        raise UnsupportedAttentionError(
+            f"{type(net).__name__} has no transformer `blocks`; supported attention: {', '.join(SUPPORTED_ATTENTION)}"
+        )
+    for block in blocks:
+        attn = getattr(block, "attn", None)
+        if attn is None:
+            raise UnsupportedAttentionError(f"block {type(block).__name__} has no `attn` module")
+        layer_heads(attn)  # validates the type with a clear error
+        yield attn

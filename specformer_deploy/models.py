@@ -1,0 +1,153 @@
+"""timm model construction with normalization inside the model (inputs are pixels in [0, 1]).
+
+Keeping normalization in the graph means attacks, certificates, the ONNX export and the
+server all speak the same language: an epsilon of 8/255 is 8/255 of a pixel, everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from .heads import attention_layers
+
+__all__ = ["ModelConfig", "NormalizedClassifier", "PRESETS", "DEFAULT_MODEL", "resolve_model_config", "build_model",
+           "load_pretrained", "ModelError"]
+
+
+class ModelError(ValueError):
+    """A model name, option or weight file that cannot be used; the message says why."""
+
+
+DEFAULT_MODEL = "specformer-tiny"
+
+# name -> (timm architecture, kwargs). Image/patch size and classes are filled in per run.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    # The built-in default: trains on `digits` on 2 CPU cores in about a minute.
+    "specformer-tiny": ("vit_tiny_patch16_224", dict(img_size=16, patch_size=4, embed_dim=64, depth=4,
+                                                      num_heads=4, mlp_ratio=2.0)),
+    # The paper's ViT-S: depth 8, 8 heads, dim 768, mlp_ratio 3.
+    "paper-vit-s": ("vit_small_patch16_224", dict(depth=8, num_heads=8, embed_dim=768, mlp_ratio=3.0)),
+    "deit_tiny_patch16_224": ("deit_tiny_patch16_224", {}),
+    "convit_tiny": ("convit_tiny", {}),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the model (stored in a run's config.json)."""
+
+    name: str
+    arch: str
+    kwargs: dict[str, Any]
+    img_size: int
+    num_classes: int
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return cls(**data)
+
+
+class NormalizedClassifier(nn.Module):
+    """``net((pixels - mean) / std)``: a timm classifier that takes pixels in [0, 1]."""
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net((pixels - self.mean) / self.std)
+
+
+def resolve_model_config(name: str, num_classes: int, img_size: int | None = None,
+                         patch_size: int | None = None) -> ModelConfig:
+    """Turn a preset or timm model name plus run options into a full ``ModelConfig``."""
+    if name in PRESETS:
+        arch, kwargs = PRESETS[name]
+        kwargs = dict(kwargs)
+    elif name in timm.list_models():
+        arch, kwargs = name, {}
+    else:
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []
+        hint = f"; similar timm models: {', '.join(close)}" if close else ""
+        raise ModelError(f"unknown model {name!r}: use a preset ({', '.join(PRESETS)}) or a timm ViT-family "
+                         f"model name{hint}")
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if patch_size is not None:
+        kwargs["patch_size"] = patch_size
+    pretrained_cfg = timm.get_pretrained_cfg(arch)
+    default_size = pretrained_cfg.input_size[-1] if pretrained_cfg is not None else 224
+    size = int(kwargs.get("img_size", default_size))
+    kwargs["img_size"] = size
+    if name == DEFAULT_MODEL:
+        mean, std = [0.5] * 3, [0.5] * 3
+    elif pretrained_cfg is not None:
+        mean, std = list(pretrained_cfg.mean), list(pretrained_cfg.std)
+    else:
+        mean, std = [0.5] * 3, [0.5] * 3
+    return ModelConfig(name=name, arch=arch, kwargs=kwargs, img_size=size, num_classes=num_classes,
+                       mean=[float(m) for m in mean], std=[float(s) for s in std])
+
+
+def build_model(config: ModelConfig) -> NormalizedClassifier:
+    """Build the (randomly initialised) model; fails clearly if MSVP cannot handle it."""
+    try:
+        net = timm.create_model(config.arch, pretrained=False, num_classes=config.num_classes, **config.kwargs)
+    except TypeError as err:
+        raise ModelError(f"timm model {config.arch!r} does not accept these options {config.kwargs}: {err}") from err
+    model = NormalizedClassifier(net, config.mean, config.std)
+    list(attention_layers(model))  # raises a clear error for unsupported attention
+    return model
+
+
+def load_pretrained(model: NormalizedClassifier, path: str | Path) -> None:
+    """Load local weights into ``model.net`` (timm state dict, or a run's model weights).
+
+    Accepts ``.safetensors`` or a torch file readable with ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"pretrained weights not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any reader failure is the same user problem
+        raise ModelError(f"cannot read pretrained weights {path}: {err}") from err
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} does not hold a state dict")
+    state = {k.removeprefix("net."): v for k, v in state.items() if k not in ("mean", "std")}
+    own = model.net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"shape mismatch in {len(mismatched)} (e.g. {k}: file {tuple(state[k].shape)} vs model "
+                         f"{tuple(own[k].shape)})")
+        raise ModelError(f"pretrained weights {path} do not match the model: {'; '.join(parts)}")
+    model.net.load_state_dict(state)
