@@ -98,5 +98,110 @@ def train(
         err_console.print(f"[green]done[/]: test accuracy {summary['test_accuracy']:.4f}, run in {summary['out']}")
 
 
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `train`."),
+    out: Path = typer.Option(..., "--out", help="The .onnx file to write; model.pt2 is written beside it."),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the exporter's)."),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Export a run to ONNX (pixels -> logits, attn_input_norms) with spectral metadata, plus model.pt2.
+
+    Parity with PyTorch is checked on the run's own test images (max |logit diff| <= 1e-4 and
+    equal predictions) or the export fails.
+    """
+    import contextlib
+    import io
+
+    from .checkpoint import CheckpointError
+    from .export import ExportError, export_run
+
+    exporter_chatter = io.StringIO()
+    try:
+        with err_console.status("exporting") as status, contextlib.redirect_stdout(exporter_chatter):
+            summary = export_run(run_dir, out, opset=opset, step=lambda m: status.update(m))
+    except (CheckpointError, ExportError, ValueError) as err:
+        _fail(str(err))
+    if json_output:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        parity = summary["parity"]
+        err_console.print(f"[green]exported[/] {summary['onnx']} and {summary['pt2']}: parity on {parity['images']} "
+                          f"test images, max |logit diff| {parity['max_abs_logit_diff']:.2e}, predictions equal; "
+                          f"sha256 {summary['weights_sha256'][:16]}...")
+
+
+def _print_audit(report, console: Console) -> None:
+    from rich.table import Table
+
+    title = f"{report.path}: {report.model.get('layers', len(report.layers))} layers"
+    table = Table(title=title, show_lines=False)
+    table.add_column("layer", justify="right")
+    for name in ("Q", "K", "V", "O"):
+        table.add_column(f"{name} max/mean", justify="right")
+    table.add_column("Thm 4.3 factor", justify="right")
+    table.add_column("metadata", justify="center")
+    for row in report.layers:
+        cells = [f"{row[n]['max']:.3f}/{row[n]['mean']:.3f}" for n in ("q", "k", "v", "o")]
+        status = "-" if "mismatch" not in row else ("[red]MISMATCH[/]" if row["mismatch"] else "[green]equal[/]")
+        table.add_row(str(row["layer"]), *cells, f"{row['weight_factor_max']:.4f}", status)
+    if report.layers:
+        console.print(table)
+        console.print("Thm 4.3 factor: max over heads of ||W_V|| (||W_Q|| ||W_K|| + 1); metadata: stored sigmas "
+                      "vs recomputed by SVD")
+    for note in report.notes:
+        console.print(f"note: {note}")
+    for problem in report.problems:
+        console.print(f"[red]problem:[/] {problem}")
+    colour = {"consistent": "green", "inconsistent": "red"}.get(report.verdict, "yellow")
+    console.print(f"verdict: [bold {colour}]{report.verdict}[/] (exit {report.exit_code})")
+
+
+@app.command()
+def audit(
+    model: Path = typer.Argument(..., help="An ONNX file (ideally written by `export`)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    plot: Optional[Path] = typer.Option(None, help="Write the max-sigma-per-layer figure (paper Fig. 2a) here."),
+    compare: Optional[Path] = typer.Option(None, help="A second ONNX file drawn beside the first in --plot."),
+    heads: Optional[int] = typer.Option(None, help="Heads per layer for files without metadata."),
+) -> None:
+    """Recompute every head's spectral norm and the weights' SHA-256 and compare them with the metadata.
+
+    Exit 0: consistent. Exit 1: a weight or metadata value changed after export. Exit 2: unreadable,
+    truncated, or not an export of this tool (sigmas are still reported when the weights are found).
+    Needs onnx and numpy only.
+    """
+    from .audit import audit_file
+
+    report = audit_file(model, heads=heads)
+    reports = [report]
+    if compare is not None:
+        reports.append(audit_file(compare, heads=heads))
+    console = Console(stderr=json_output)
+    console = Console(stderr=json_output, width=max(110, console.width))
+    for item in reports:
+        _print_audit(item, console)
+    if plot is not None:
+        drawable = [r for r in reports if r.sigmas]
+        if drawable:
+            from .plots import plot_sigma_per_layer
+
+            def label(r) -> str:
+                msvp = (r.model.get("msvp") or {}).get("enabled")
+                name = Path(r.path)
+                return (f"{name.parent.name}/{name.stem}" if name.stem == "model" else name.stem) + ("" if msvp is None else (" (MSVP)" if msvp else " (vanilla)"))
+
+            plot_sigma_per_layer([(label(r), r.sigmas) for r in drawable], plot)
+            console.print(f"plot written to {plot}")
+        else:
+            console.print("[yellow]no sigmas to plot[/]")
+    if json_output:
+        payload = report.to_dict()
+        if compare is not None:
+            payload["compare"] = reports[1].to_dict()
+        typer.echo(json.dumps(payload, indent=2))
+    raise typer.Exit(report.exit_code)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -48,6 +48,21 @@ class LayerHeads:
     qkv_names: tuple[str, ...]
     o_name: str
 
+    def slices(self) -> dict[str, tuple[str, int, int]]:
+        """Where each projection lives: ``{q|k|v|o: (param name, start, stop)}``.
+
+        Q/K/V are row ranges of an ``[out, in]`` weight, O is a column range of ``proj.weight``.
+        """
+        width = self.num_heads * self.head_dim
+        if len(self.qkv_names) == 1:  # fused qkv
+            fused = self.qkv_names[0]
+            out = {name: (fused, i * width, (i + 1) * width) for i, name in enumerate("qkv")}
+        else:  # GPSA: qk fused, v separate
+            qk, v = self.qkv_names
+            out = {"q": (qk, 0, width), "k": (qk, width, 2 * width), "v": (v, 0, width)}
+        out["o"] = (self.o_name, 0, width)
+        return out
+
 
 def _o_heads(proj: nn.Linear, num_heads: int, head_dim: int) -> torch.Tensor:
     return proj.weight.view(proj.weight.shape[0], num_heads, head_dim).permute(1, 0, 2)

@@ -1,0 +1,206 @@
+"""Audit an ONNX file: recompute every head's spectral norm and every digest, compare with the metadata.
+
+Needs onnx and numpy only (no torch), so it can run wherever the model is deployed. Exit codes:
+0 consistent, 1 inconsistent (a weight or metadata value changed after export), 2 unreadable,
+truncated, or not an export of this tool (a plain timm ViT ONNX still gets its sigmas reported).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .onnx_meta import (initializer_arrays, graph_digest, head_blocks, metadata_digests, read_metadata,
+                        spectral_norms, tensor_digests, weights_digest)
+
+__all__ = ["AuditReport", "audit_file", "EXIT_CONSISTENT", "EXIT_INCONSISTENT", "EXIT_UNVERIFIABLE"]
+
+EXIT_CONSISTENT, EXIT_INCONSISTENT, EXIT_UNVERIFIABLE = 0, 1, 2
+SIGMA_RTOL = 1e-6
+PROJECTIONS = ("q", "k", "v", "o")
+
+
+@dataclass
+class AuditReport:
+    path: str
+    exit_code: int
+    verdict: str
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    sigmas: dict[str, list[list[float]]] = field(default_factory=dict)
+    stored_sigmas: dict[str, list[list[float]]] | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    integrity: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.path, "exit_code": self.exit_code, "verdict": self.verdict, "problems": self.problems,
+                "notes": self.notes, "model": self.model, "integrity": self.integrity, "layers": self.layers,
+                "sigmas": self.sigmas, "stored_sigmas": self.stored_sigmas}
+
+
+def _load(path: Path):
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as err:
+        raise ValueError(f"{path} is not a readable ONNX file (truncated or corrupt?): {err}") from err
+    if not model.graph.node or not model.opset_import:
+        raise ValueError(f"{path} is not an ONNX model (no graph or opset after parsing)")
+    return model
+
+
+def _layer_rows(sigmas: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Per-layer summary: max/mean over heads and Theorem 4.3's weight factor."""
+    rows = []
+    for layer in range(sigmas["q"].shape[0]):
+        row: dict[str, Any] = {"layer": layer}
+        for name in PROJECTIONS:
+            if name in sigmas:
+                row[name] = {"max": float(sigmas[name][layer].max()), "mean": float(sigmas[name][layer].mean())}
+        factor = sigmas["v"][layer] * (sigmas["q"][layer] * sigmas["k"][layer] + 1.0)
+        row["weight_factor_max"] = float(factor.max())  # ||W_V|| (||W_Q|| ||W_K|| + 1), worst head
+        rows.append(row)
+    return rows
+
+
+def _guess_plain_layers(arrays: dict[str, np.ndarray], heads: int | None) -> list[dict[str, Any]]:
+    """Find timm-style attention weights by name in a file without our metadata."""
+    by_layer: dict[int, dict[str, str]] = {}
+    for name in arrays:
+        match = re.search(r"blocks\.(\d+)\.attn\.(qkv|qk|v|proj)\.weight$", name)
+        if match:
+            by_layer.setdefault(int(match.group(1)), {})[match.group(2)] = name
+    layers = []
+    for index in sorted(by_layer):
+        found = by_layer[index]
+        if "proj" not in found or not ("qkv" in found or ("qk" in found and "v" in found)):
+            continue
+        width = arrays[found["proj"]].shape[1]
+        entry: dict[str, Any] = {"layer": index}
+        if "qkv" in found:
+            for i, key in enumerate("qkv"):
+                entry[key] = {"initializer": found["qkv"], "transposed": False, "rows": [i * width, (i + 1) * width]}
+        else:
+            entry["q"] = {"initializer": found["qk"], "transposed": False, "rows": [0, width]}
+            entry["k"] = {"initializer": found["qk"], "transposed": False, "rows": [width, 2 * width]}
+            entry["v"] = {"initializer": found["v"], "transposed": False, "rows": [0, width]}
+        entry["o"] = {"initializer": found["proj"], "transposed": False, "cols": [0, width]}
+        entry["width"] = width
+        layers.append(entry)
+    return layers
+
+
+def _recompute(arrays: dict[str, np.ndarray], layers: list[dict[str, Any]], heads: int,
+               head_dim: int) -> dict[str, np.ndarray]:
+    blocks = [head_blocks(arrays, layer, heads, head_dim) for layer in layers]
+    stacks = [b[name] for b in blocks for name in PROJECTIONS]
+    norms = spectral_norms(stacks)
+    out = {name: np.stack([norms[i * 4 + j] for i in range(len(layers))]) for j, name in enumerate(PROJECTIONS)}
+    return out
+
+
+def _tensor_owner(name: str, layers: list[dict[str, Any]]) -> str:
+    for layer in layers:
+        for key in PROJECTIONS:
+            if layer[key]["initializer"] == name:
+                return f" (layer {layer['layer']} attention weights)"
+    return ""
+
+
+def audit_file(path: str | Path, heads: int | None = None) -> AuditReport:
+    """Audit one file; never raises for a bad file (the report carries exit code 2 instead)."""
+    path = Path(path)
+    try:
+        proto = _load(path)
+    except ValueError as err:
+        return AuditReport(str(path), EXIT_UNVERIFIABLE, "unreadable", problems=[str(err)])
+    arrays = initializer_arrays(proto)
+    meta = read_metadata(proto)
+    if "attention_weights" not in meta or "integrity" not in meta:
+        return _audit_plain(path, arrays, heads)
+    report = AuditReport(str(path), EXIT_CONSISTENT, "consistent")
+    report.model = {k: meta.get(k) for k in ("model", "layers", "heads", "head_dim", "tokens", "msvp", "training")}
+    integrity = meta["integrity"]
+    layers = meta["attention_weights"]
+    try:
+        sigmas = _recompute(arrays, layers, int(meta["heads"]), int(meta["head_dim"]))
+    except (KeyError, ValueError, TypeError) as err:
+        return AuditReport(str(path), EXIT_INCONSISTENT, "inconsistent",
+                           problems=[f"the attention weights named in the metadata cannot be read: {err}"])
+    report.sigmas = {f"sigma_{n}": sigmas[n].tolist() for n in PROJECTIONS}
+    report.layers = _layer_rows(sigmas)
+
+    # 1. Weights: one digest over all, one per tensor to name the changed ones.
+    recomputed = weights_digest(arrays)
+    report.integrity = {"weights_sha256": {"stored": integrity.get("weights_sha256"), "recomputed": recomputed}}
+    if recomputed != integrity.get("weights_sha256"):
+        stored_tensors = integrity.get("tensor_sha256", {})
+        now = tensor_digests(arrays)
+        changed = sorted(n for n in set(now) | set(stored_tensors) if now.get(n) != stored_tensors.get(n))
+        for name in changed:
+            what = "added" if name not in stored_tensors else "removed" if name not in now else "changed"
+            report.problems.append(f"weight tensor {name} {what} after export{_tensor_owner(name, layers)}")
+        if not changed:
+            report.problems.append("the weights digest differs from the metadata's")
+    graph_now = graph_digest(proto)
+    report.integrity["graph_sha256"] = {"stored": integrity.get("graph_sha256"), "recomputed": graph_now}
+    if graph_now != integrity.get("graph_sha256"):
+        report.problems.append("the graph (nodes, constants, inputs or outputs) changed after export")
+
+    # 2. Metadata values.
+    stored_meta_digests = integrity.get("metadata_sha256", {})
+    meta_now = metadata_digests(meta)
+    for key in sorted(set(meta_now) | set(stored_meta_digests)):
+        if meta_now.get(key) != stored_meta_digests.get(key):
+            report.problems.append(f"metadata value specformer.{key} changed after export")
+
+    # 3. Spectral norms, head by head.
+    stored = meta.get("spectral", {})
+    report.stored_sigmas = {f"sigma_{n}": stored.get(f"sigma_{n}") for n in PROJECTIONS}
+    for name in PROJECTIONS:
+        values = stored.get(f"sigma_{name}")
+        if values is None or np.asarray(values).shape != sigmas[name].shape:
+            report.problems.append(f"metadata sigma_{name} is missing or has the wrong shape")
+            continue
+        values = np.asarray(values, dtype=np.float64)
+        bad = ~np.isclose(values, sigmas[name], rtol=SIGMA_RTOL, atol=1e-9)
+        for layer, head in zip(*np.nonzero(bad)):
+            report.problems.append(f"sigma_{name} of layer {layer} head {head}: metadata {values[layer, head]:.6g}, "
+                                   f"recomputed {sigmas[name][layer, head]:.6g}")
+        for row, layer_bad in zip(report.layers, bad):
+            row.setdefault("mismatch", False)
+            row["mismatch"] = bool(row["mismatch"] or layer_bad.any())
+            row[f"{name}_stored_max"] = float(values[row["layer"]].max())
+    if report.problems:
+        report.exit_code, report.verdict = EXIT_INCONSISTENT, "inconsistent"
+    return report
+
+
+def _audit_plain(path: Path, arrays: dict[str, np.ndarray], heads: int | None) -> AuditReport:
+    report = AuditReport(str(path), EXIT_UNVERIFIABLE, "unverifiable")
+    report.problems.append("no specformer metadata: this file is not an export of specformer-deploy, so nothing "
+                           "could be verified")
+    layers = _guess_plain_layers(arrays, heads)
+    if not layers:
+        report.notes.append("no timm-style attention weights (blocks.N.attn.qkv/proj) were found")
+        return report
+    width = layers[0]["width"]
+    count = heads or 1
+    if width % count:
+        report.notes.append(f"--heads {count} does not divide the attention width {width}")
+        return report
+    sigmas = _recompute(arrays, layers, count, width // count)
+    report.sigmas = {f"sigma_{n}": sigmas[n].tolist() for n in PROJECTIONS}
+    report.layers = _layer_rows(sigmas)
+    report.notes.append(f"sigmas recomputed from {len(layers)} attention layers found by name"
+                        + (f" with {count} heads" if heads else " as whole matrices (pass --heads N for per-head)"))
+    return report

@@ -1,0 +1,252 @@
+"""Export a trained run to one self-contained ONNX file with spectral metadata, plus ``model.pt2``.
+
+Exporter choice: the graph is captured once with ``torch.export`` and that same
+``ExportedProgram`` is (a) saved as ``model.pt2`` (the gradient path for probes, since ONNX
+Runtime has none) and (b) translated by the dynamo-based ``torch.onnx.export``. One trace for
+both files means the ONNX model and the ``.pt2`` cannot drift apart. ONNX-level optimization
+is turned off (``optimize=False``) so every weight keeps its PyTorch name and ``[out, in]``
+layout (``net.blocks.3.attn.qkv.weight``): `audit` and a person reading the file find the
+attention weights by name. ONNX Runtime folds the remaining transposes when it loads the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import CheckpointError, RunFiles
+from .data import load_dataset
+from .heads import attention_layers, layer_heads
+from .msvp import MSVP, MSVPConfig, exact_spectral_norms
+from .onnx_meta import (FORMAT_VERSION, graph_digest, initializer_arrays, metadata_digests, tensor_digests,
+                        weights_digest, write_metadata)
+from .train import load_run_model
+
+__all__ = ["CertifiableModel", "ExportError", "export_run", "PARITY_TOLERANCE"]
+
+PARITY_TOLERANCE = 1e-4
+PARITY_IMAGES = 64
+_MAX_SINGLE_FILE_BYTES = 1_900_000_000
+
+
+class ExportError(RuntimeError):
+    """Export could not produce a faithful file (parity failed, weights not found, too large)."""
+
+
+class CertifiableModel(nn.Module):
+    """Pixels -> ``(logits, attn_input_norms)``.
+
+    ``attn_input_norms[b, l]`` is the Frobenius norm of image ``b``'s tokens at the input of
+    attention layer ``l`` (the output of that block's first LayerNorm): the ``||X0||_F`` that
+    the certificates need, computed inside the graph so serving needs no torch for it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._taps: list[torch.Tensor] = []
+        net = getattr(model, "net", model)
+        for index, block in enumerate(net.blocks):
+            norm = getattr(block, "norm1", None)
+            if norm is None:
+                raise ExportError(f"block {index} ({type(block).__name__}) has no norm1 before its attention")
+            norm.register_forward_hook(self._record)
+
+    def _record(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        self._taps.append(output)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._taps.clear()
+        logits = self.model(pixels)
+        norms = torch.stack([tap.flatten(1).norm(dim=1) for tap in self._taps], dim=1)
+        self._taps.clear()
+        return logits, norms
+
+    def tokens_per_layer(self, pixels: torch.Tensor) -> list[int]:
+        """``N`` (tokens at each attention layer's input), read off one forward pass."""
+        shapes: list[int] = []
+        net = getattr(self.model, "net", self.model)
+        handles = [b.norm1.register_forward_hook(lambda m, a, o: shapes.append(int(o.shape[1]))) for b in net.blocks]
+        try:
+            with torch.no_grad():
+                self.model(pixels[:1])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return shapes
+
+
+def _find_initializer(arrays: dict[str, np.ndarray], name: str, value: np.ndarray) -> dict[str, Any]:
+    """The initializer holding ``value`` (by name first, then by content), and its orientation."""
+    candidates = [name] + [n for n in arrays if n != name]
+    for candidate in candidates:
+        array = arrays.get(candidate)
+        if array is None:
+            continue
+        if array.shape == value.shape and np.array_equal(array, value):
+            return {"initializer": candidate, "transposed": False}
+        if array.shape == value.T.shape and np.array_equal(array, value.T):
+            return {"initializer": candidate, "transposed": True}
+    raise ExportError(f"the weight {name} was not found among the ONNX initializers")
+
+
+def _weight_references(model: nn.Module, arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    from timm.models.convit import GPSA
+
+    module_names = {id(m): n for n, m in model.named_modules()}
+    params = dict(model.named_parameters())
+    layers = []
+    for index, attn in enumerate(attention_layers(model)):
+        heads = layer_heads(attn)
+        prefix = module_names[id(attn)]
+        entry: dict[str, Any] = {"layer": index, "module": prefix,
+                                 "attention": "gpsa" if isinstance(attn, GPSA) else "dot"}
+        for key, (param, start, stop) in heads.slices().items():
+            full = f"{prefix}.{param}"
+            ref = _find_initializer(arrays, full, params[full].detach().cpu().numpy())
+            ref["cols" if key == "o" else "rows"] = [start, stop]
+            entry[key] = ref
+        layers.append(entry)
+    return layers
+
+
+def _sigma_table(sigmas: torch.Tensor, names: str) -> dict[str, list[list[float]]]:
+    return {f"sigma_{n}": [[float(x) for x in row] for row in sigmas[:, i].tolist()] for i, n in enumerate(names)}
+
+
+def _power_estimates(model: nn.Module, files: RunFiles, config: dict[str, Any]) -> dict[str, Any] | None:
+    if not files.vectors.is_file() or not config["train"].get("msvp"):
+        return None
+    from safetensors.torch import load_file
+
+    msvp = MSVP(model, MSVPConfig(), init_iterations=1)
+    msvp.load_state_dict(load_file(str(files.vectors)))
+    return _sigma_table(msvp.sigmas(update=False).detach(), "qkv")
+
+
+def _parity_inputs(config: dict[str, Any]) -> torch.Tensor:
+    train_cfg, model_cfg = config["train"], config["model"]
+    try:
+        bundle = load_dataset(train_cfg["dataset"], model_cfg["img_size"], train_cfg.get("data_dir"))
+    except Exception as err:  # noqa: BLE001
+        raise ExportError(f"parity is checked on the run's own test data, which could not be loaded: {err}") from err
+    count = min(PARITY_IMAGES, len(bundle.test))
+    return torch.stack([bundle.test[i][0] for i in range(count)])
+
+
+def _check_parity(onnx_path: Path, wrapper: CertifiableModel, pixels: torch.Tensor) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    logits_ort, norms_ort = session.run(["logits", "attn_input_norms"], {"pixels": pixels.numpy()})
+    with torch.no_grad():
+        logits, norms = (t.numpy() for t in wrapper(pixels))
+    report = {"images": int(pixels.shape[0]), "source": "run test set",
+              "max_abs_logit_diff": float(np.abs(logits_ort - logits).max()),
+              "max_abs_norm_diff": float(np.abs(norms_ort - norms).max()),
+              "predictions_equal": bool((logits_ort.argmax(1) == logits.argmax(1)).all()),
+              "tolerance": PARITY_TOLERANCE}
+    if (report["max_abs_logit_diff"] > PARITY_TOLERANCE or not report["predictions_equal"]
+            or report["max_abs_norm_diff"] > PARITY_TOLERANCE * max(1.0, float(np.abs(norms).max()))):
+        raise ExportError(f"ONNX Runtime disagrees with PyTorch: {json.dumps(report)}")
+    return report
+
+
+Step = Callable[[str], None]
+
+
+def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
+               step: Step | None = None) -> dict[str, Any]:
+    """Export ``run_dir`` to ``out`` (.onnx) and ``out.with_suffix('.pt2')``; returns a summary."""
+    step = step or (lambda message: None)
+    files = RunFiles(run_dir)
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ExportError(f"--out must name a .onnx file, got {out}")
+    step("loading the run")
+    model, config = load_run_model(files.root)
+    if "data" not in config:
+        raise CheckpointError(f"{files.config} lacks the 'data' section of a specformer-deploy run")
+    if sum(p.numel() * p.element_size() for p in model.parameters()) > _MAX_SINGLE_FILE_BYTES:
+        raise ExportError("the model's weights exceed 1.9 GB: a single-file ONNX export is not possible")
+    wrapper = CertifiableModel(model).eval()
+    pixels = _parity_inputs(config)
+    tokens = wrapper.tokens_per_layer(pixels)
+
+    step("tracing with torch.export")
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        program = torch.export.export(wrapper, (pixels[:2],), dynamic_shapes=({0: batch},), strict=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pt2 = out.with_suffix(".pt2")
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp_dir:
+        tmp_onnx, tmp_pt2 = Path(tmp_dir) / "model.onnx", Path(tmp_dir) / "model.pt2"
+        torch.export.save(program, str(tmp_pt2))
+        step("translating to ONNX")
+        kwargs: dict[str, Any] = {"opset_version": opset} if opset is not None else {}
+        torch.onnx.export(program, (pixels[:2],), str(tmp_onnx), input_names=["pixels"],
+                          output_names=["logits", "attn_input_norms"], external_data=False, optimize=False,
+                          verbose=False, **kwargs)
+        step("checking ONNX Runtime parity")
+        parity = _check_parity(tmp_onnx, wrapper, pixels)
+
+        step("writing spectral metadata")
+        proto = onnx.load(str(tmp_onnx))
+        arrays = initializer_arrays(proto)
+        heads = layer_heads(next(iter(attention_layers(model))))
+        exact = exact_spectral_norms(model)
+        train_cfg, model_cfg = config["train"], config["model"]
+        metrics = files.root / "metrics.jsonl"
+        last = json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
+        metadata: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "package_version": __version__,
+            "exporter": {"name": "torch.export + torch.onnx.export(dynamo=True, optimize=False)",
+                         "torch": torch.__version__, "onnx_opset": int(proto.opset_import[0].version)},
+            "model": model_cfg,
+            "image_size": model_cfg["img_size"],
+            "num_classes": model_cfg["num_classes"],
+            "class_names": config["data"]["class_names"],
+            "normalization": {"mean": model_cfg["mean"], "std": model_cfg["std"], "inside_graph": True},
+            "io": {"pixels": "[batch, 3, H, W] float32 in [0, 1]", "logits": "[batch, classes]",
+                   "attn_input_norms": "[batch, layers] Frobenius norm of each attention layer's input"},
+            "layers": int(exact.shape[0]),
+            "heads": heads.num_heads,
+            "head_dim": heads.head_dim,
+            "embed_dim": int(heads.qkv.shape[-1]),
+            "tokens": tokens,
+            "msvp": {"enabled": bool(train_cfg.get("msvp")), "lambda_q": train_cfg.get("lambda_q"),
+                     "lambda_k": train_cfg.get("lambda_k"), "lambda_v": train_cfg.get("lambda_v"),
+                     "n_power_iterations": train_cfg.get("n_power_iterations")},
+            "training": {"dataset": config["data"].get("dataset"), "clean_accuracy": last.get("test_accuracy"),
+                         "epochs": last.get("epoch"), "adversarial": bool(train_cfg.get("adversarial")),
+                         "adv_eps": train_cfg.get("adv_eps") if train_cfg.get("adversarial") else None,
+                         "seed": train_cfg.get("seed")},
+            "spectral": {"method": "exact SVD (float64) at export", **_sigma_table(exact, "qkvo")},
+            "spectral_power_iteration": _power_estimates(model, files, config),
+            "attention_weights": _weight_references(model, arrays),
+            "parity": parity,
+        }
+        metadata["integrity"] = {"weights_sha256": weights_digest(arrays), "tensor_sha256": tensor_digests(arrays),
+                                 "graph_sha256": graph_digest(proto), "metadata_sha256": metadata_digests(metadata)}
+        write_metadata(proto, metadata)
+        onnx.save(proto, str(tmp_onnx), save_as_external_data=False)
+        onnx.checker.check_model(str(tmp_onnx))
+        os.replace(tmp_pt2, pt2)
+        os.replace(tmp_onnx, out)
+    return {"onnx": str(out), "pt2": str(pt2), "bytes": out.stat().st_size, "opset": metadata["exporter"]["onnx_opset"],
+            "parity": parity, "weights_sha256": metadata["integrity"]["weights_sha256"],
+            "layers": metadata["layers"], "heads": metadata["heads"],
+            "max_sigma": {n: float(exact[:, i].max()) for i, n in enumerate("qkvo")}}

@@ -1,0 +1,149 @@
+"""What an exported ONNX file says about itself, readable with onnx + numpy only (no torch).
+
+Shared by `export` (which writes it) and `audit` / the serving runtime (which check it):
+the ``specformer.*`` metadata, digests of the weights and graph, and the per-head blocks of
+the attention projections read straight from the initializers.
+
+Integrity, not authenticity: the digests tell a file changed after export (a flipped weight,
+an edited value), not who changed it; someone who rewrites weights *and* every digest is not
+detected by hashing, only by the recomputed spectral norms disagreeing with training records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["PREFIX", "FORMAT_VERSION", "read_metadata", "write_metadata", "tensor_digests", "weights_digest",
+           "graph_digest", "metadata_digests", "initializer_arrays", "head_blocks", "spectral_norms"]
+
+PREFIX = "specformer."
+FORMAT_VERSION = 1
+# Keys whose digests cover the rest; they are not themselves digested.
+INTEGRITY_KEY = "integrity"
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
+    """``specformer.*`` metadata with JSON values decoded (prefix stripped)."""
+    out: dict[str, Any] = {}
+    for prop in model.metadata_props:
+        if prop.key.startswith(PREFIX):
+            try:
+                out[prop.key[len(PREFIX):]] = json.loads(prop.value)
+            except json.JSONDecodeError:
+                out[prop.key[len(PREFIX):]] = prop.value
+    return out
+
+
+def write_metadata(model: onnx.ModelProto, values: dict[str, Any]) -> None:
+    """Merge ``values`` into ``metadata_props`` under the prefix (other entries are kept).
+
+    ``onnx.helper.set_model_props`` would delete existing entries, so the merge is done here.
+    """
+    encoded = {PREFIX + key: json.dumps(value, sort_keys=True) for key, value in values.items()}
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in encoded]
+    del model.metadata_props[:]
+    for key, value in kept + sorted(encoded.items()):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def _feed(h: "hashlib._Hash", name: str, array: np.ndarray) -> None:
+    h.update(name.encode())
+    h.update(b"\0" + array.dtype.str.encode() + b"\0")
+    h.update(json.dumps(list(array.shape)).encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+
+
+def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def tensor_digests(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """SHA-256 of each initializer over (name, dtype, shape, bytes)."""
+    out = {}
+    for name in sorted(arrays):
+        h = hashlib.sha256()
+        _feed(h, name, arrays[name])
+        out[name] = h.hexdigest()
+    return out
+
+
+def weights_digest(arrays: dict[str, np.ndarray]) -> str:
+    """One SHA-256 over all initializers (name, dtype, shape, bytes), in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        _feed(h, name, arrays[name])
+    return h.hexdigest()
+
+
+def graph_digest(model: onnx.ModelProto) -> str:
+    """SHA-256 of the graph's nodes (Constant values included), inputs and outputs."""
+    h = hashlib.sha256()
+    for node in model.graph.node:
+        h.update(node.SerializeToString(deterministic=True))
+    for value in list(model.graph.input) + list(model.graph.output):
+        h.update(value.SerializeToString(deterministic=True))
+    return h.hexdigest()
+
+
+def metadata_digests(metadata: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of each metadata value's canonical JSON (the integrity entry excluded)."""
+    return {key: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+            for key, value in sorted(metadata.items()) if key != INTEGRITY_KEY}
+
+
+def _oriented(array: np.ndarray, ref: dict[str, Any]) -> np.ndarray:
+    """The weight as ``[out, in]`` (PyTorch's Linear layout)."""
+    return array.T if ref.get("transposed") else array
+
+
+def head_blocks(arrays: dict[str, np.ndarray], layer: dict[str, Any], num_heads: int,
+                head_dim: int) -> dict[str, np.ndarray]:
+    """Per-head blocks of one layer from the initializers, following the metadata's references.
+
+    ``layer`` maps ``q``/``k``/``v`` to ``{"initializer", "transposed", "rows": [a, b]}`` (rows of
+    the ``[out, in]`` weight) and ``o`` to ``{"initializer", "transposed", "cols": [a, b]}``.
+    Returns ``q``, ``k``, ``v`` as ``[H, D_h, d]`` and ``o`` as ``[H, d_out, D_h]``.
+    """
+    out = {}
+    for name in ("q", "k", "v"):
+        ref = layer[name]
+        weight = _oriented(arrays[ref["initializer"]], ref)
+        start, stop = ref["rows"]
+        block = weight[start:stop]
+        if block.shape[0] != num_heads * head_dim:
+            raise ValueError(f"{ref['initializer']} rows {start}:{stop} do not hold {num_heads} heads of {head_dim}")
+        out[name] = block.reshape(num_heads, head_dim, block.shape[1])
+    ref = layer["o"]
+    weight = _oriented(arrays[ref["initializer"]], ref)
+    start, stop = ref["cols"]
+    block = weight[:, start:stop]
+    out["o"] = block.reshape(block.shape[0], num_heads, head_dim).transpose(1, 0, 2)
+    return out
+
+
+def spectral_norms(matrices: Iterable[np.ndarray]) -> list[np.ndarray]:
+    """Exact largest singular value of each matrix of each stack, in float64.
+
+    Stacks of equal shape are concatenated so one batched LAPACK call covers them all.
+    """
+    stacks = [np.asarray(m, dtype=np.float64) for m in matrices]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, stack in enumerate(stacks):
+        groups.setdefault(stack.shape[1:], []).append(index)
+    results: list[np.ndarray | None] = [None] * len(stacks)
+    for members in groups.values():
+        joined = np.concatenate([stacks[i] for i in members])
+        sigmas = np.linalg.svd(joined, compute_uv=False)[..., 0]
+        offset = 0
+        for i in members:
+            n = stacks[i].shape[0]
+            results[i] = sigmas[offset: offset + n]
+            offset += n
+    return [r for r in results if r is not None]
