@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/specformer-deploy train --out $(DEMO_OUT) 
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/specformer-deploy train --out $(DEMO_OUT)
+	$(VENV)/bin/specformer-deploy export $(DEMO_OUT) --out $(DEMO_OUT)/export/model.onnx
+	$(VENV)/bin/specformer-deploy audit $(DEMO_OUT)/export/model.onnx --plot $(DEMO_OUT)/export/sigma_per_layer.png
 
 test: setup
 	$(PY) -m pytest -q

@@ -13,7 +13,7 @@ from . import __version__
 
 app = typer.Typer(help="Train ViTs with MSVP (SpecFormer), export, audit, certify and serve them.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> None:

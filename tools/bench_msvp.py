@@ -258,6 +258,8 @@ def compare(vanilla: Trainer, msvp: Trainer, x: torch.Tensor, y: torch.Tensor, a
         "paired_ratio_median": statistics.median(paired),
         "paired_ratio_p25": quantile(paired, 0.25), "paired_ratio_p75": quantile(paired, 0.75),
         "meets_target": ratio <= TARGET_RATIO,
+        "vanilla_spread": quantile(tv, 0.9) / quantile(tv, 0.1),
+        "msvp_spread": quantile(tm, 0.9) / quantile(tm, 0.1),
         "final_loss_vanilla": vanilla.loss(), "final_loss_msvp": msvp.loss(),
     }
     return result
@@ -383,9 +385,9 @@ def render(result: dict[str, Any], console) -> None:
                   + (", bf16 autocast" if env.get("autocast") else ""))
 
     table = Table(title=f"Training step time, MSVP / vanilla (target <= {TARGET_RATIO})", show_lines=False)
-    for col, just in [("training", "left"), ("reps", "right"), ("vanilla median", "right"),
+    for col, just in [("training", "left"), ("warm-up+timed", "right"), ("vanilla median", "right"),
                       ("MSVP median", "right"), ("ratio of medians", "right"), ("ratio of minima", "right"),
-                      ("paired ratio med [IQR]", "right"), ("target <= 1.03", "center"), ("paper", "right")]:
+                      ("paired ratio median [IQR]", "right"), ("<= 1.03?", "center"), ("paper", "right")]:
         table.add_column(col, justify=just)
     for mode, label in [("standard", "standard"), ("adversarial", "PGD-AT")]:
         t = result["timing"].get(mode)
@@ -402,6 +404,12 @@ def render(result: dict[str, Any], console) -> None:
                       f"{t['paired_ratio_median']:.4f} [{t['paired_ratio_p25']:.3f}, {t['paired_ratio_p75']:.3f}]",
                       verdict, f"{PAPER_RATIO[mode]}x")
     console.print(table)
+    for mode in ("standard", "adversarial"):
+        t = result["timing"].get(mode)
+        if t and t["vanilla_spread"] > 1.25:
+            console.print(f"[yellow]warning: {mode} vanilla step times vary a lot (p90/p10 = "
+                          f"{t['vanilla_spread']:.2f}): the machine's speed drifted during the run, so the ratios "
+                          f"are noisy; rerun with more repetitions (or --threads 1 on a small shared VM)[/yellow]")
     pc = result["timing"]["penalty_only"]
     std = result["timing"]["standard"]
     console.print(f"msvp.penalty() + its backward alone (the fixed per-step overhead): median "
@@ -447,6 +455,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     json_to_stdout = args.json == "-"
     console = Console(stderr=json_to_stdout)
+    if not console.is_terminal and console.width < 132:  # keep the tables readable in logs
+        console = Console(stderr=json_to_stdout, width=132)
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)

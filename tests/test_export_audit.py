@@ -1,0 +1,215 @@
+"""Export parity and metadata, and audit's verdicts on intact, tampered and foreign files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from specformer_deploy.audit import audit_file
+from specformer_deploy.heads import attention_layers, layer_heads
+from specformer_deploy.msvp import exact_spectral_norms
+from specformer_deploy.onnx_meta import PREFIX, read_metadata
+from specformer_deploy.train import load_run_model
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "specformer_deploy", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_onnx_and_pt2_match_pytorch_on_new_inputs(exported_pair) -> None:
+    summary = exported_pair["msvp"]
+    assert summary["parity"]["max_abs_logit_diff"] <= 1e-4 and summary["parity"]["predictions_equal"]
+    onnx_path = Path(summary["onnx"])
+    assert not list(onnx_path.parent.glob("*.data")), "the ONNX file must be self-contained"
+    model, _ = load_run_model(summary["run"])
+    pixels = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # a batch size never traced
+    logits_ort, norms_ort = _session(onnx_path).run(["logits", "attn_input_norms"], {"pixels": pixels.numpy()})
+    with torch.no_grad():
+        logits = model(pixels)
+    np.testing.assert_allclose(logits_ort, logits.numpy(), atol=1e-4, rtol=0)
+    # attn_input_norms against an independent hook on each block's first LayerNorm
+    taps = []
+    hooks = [b.norm1.register_forward_hook(lambda m, a, o: taps.append(o.flatten(1).norm(dim=1))) for b in model.net.blocks]
+    with torch.no_grad():
+        model(pixels)
+    for h in hooks:
+        h.remove()
+    assert norms_ort.shape == (5, 4)
+    np.testing.assert_allclose(norms_ort, torch.stack(taps, 1).numpy(), rtol=1e-5)
+    # model.pt2: same weights, and input gradients identical to the original model's
+    program = torch.export.load(summary["pt2"]).module()
+    x = pixels.clone().requires_grad_(True)
+    x_ref = pixels.clone().requires_grad_(True)
+    logits_pt2, _ = program(x)
+    torch.testing.assert_close(logits_pt2, model(x_ref), rtol=1e-5, atol=1e-5)
+    (g,) = torch.autograd.grad(logits_pt2[:, 3].sum(), x)
+    (g_ref,) = torch.autograd.grad(model(x_ref)[:, 3].sum(), x_ref)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_metadata_round_trips_through_onnxruntime(exported_pair) -> None:
+    summary = exported_pair["msvp"]
+    custom = _session(Path(summary["onnx"])).get_modelmeta().custom_metadata_map
+    meta = {k[len(PREFIX):]: json.loads(v) for k, v in custom.items() if k.startswith(PREFIX)}
+    assert meta == read_metadata(onnx.load(summary["onnx"]))
+    assert meta["class_names"] == [str(i) for i in range(10)] and meta["image_size"] == 16
+    assert (meta["layers"], meta["heads"], meta["head_dim"], meta["tokens"]) == (4, 4, 16, [17] * 4)
+    assert meta["msvp"]["enabled"] is True and meta["msvp"]["lambda_q"] == 1e-2
+    assert meta["integrity"]["weights_sha256"] == summary["weights_sha256"]
+    model, _ = load_run_model(summary["run"])
+    exact = exact_spectral_norms(model)
+    np.testing.assert_allclose(np.array(meta["spectral"]["sigma_v"]), exact[:, 2].numpy(), rtol=1e-6)
+    power = np.array(meta["spectral_power_iteration"]["sigma_q"])
+    # u^T W v with unit u, v never exceeds sigma_max, and one iteration per step keeps it close.
+    assert (power <= exact[:, 0].numpy() * (1 + 1e-5)).all()
+    assert (power >= 0.85 * exact[:, 0].numpy()).all()
+    assert meta["attention_weights"][2]["q"]["initializer"] == "model.net.blocks.2.attn.qkv.weight"
+
+
+def test_intact_file_is_consistent_and_sigmas_match_torch(exported_pair) -> None:
+    summary = exported_pair["msvp"]
+    report = audit_file(summary["onnx"])
+    assert report.exit_code == 0 and report.verdict == "consistent", report.problems
+    model, _ = load_run_model(summary["run"])
+    exact = exact_spectral_norms(model).double().numpy()
+    for i, name in enumerate("qkvo"):
+        np.testing.assert_allclose(np.array(report.sigmas[f"sigma_{name}"]), exact[:, i], rtol=1e-5)
+
+
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    proto = onnx.load(str(src))
+    edit(proto)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_changed_weight_is_named_with_its_layer_and_head(exported_pair, tmp_path: Path) -> None:
+    src = Path(exported_pair["msvp"]["onnx"])
+    meta = read_metadata(onnx.load(str(src)))
+    dim, head_dim = meta["embed_dim"], meta["head_dim"]
+
+    def edit(proto: onnx.ModelProto) -> None:
+        init = next(i for i in proto.graph.initializer if i.name == "model.net.blocks.1.attn.qkv.weight")
+        array = numpy_helper.to_array(init).copy()
+        array[dim + 2 * head_dim, 0] = 5.0  # first row of head 2's W_K
+        init.CopyFrom(numpy_helper.from_array(array, init.name))
+
+    tampered = _rewrite(src, tmp_path / "tampered.onnx", edit)
+    report = audit_file(tampered)
+    assert report.exit_code == 1
+    text = "\n".join(report.problems)
+    assert "model.net.blocks.1.attn.qkv.weight changed" in text and "layer 1 attention" in text
+    assert "sigma_k of layer 1 head 2" in text
+    assert "sigma_q of" not in text  # other heads and projections are untouched
+    cli = _cli("audit", str(tampered))
+    assert cli.returncode == 1 and "net.blocks.1.attn.qkv.weight" in cli.stdout
+
+
+def test_changed_metadata_value_is_named(exported_pair, tmp_path: Path) -> None:
+    src = Path(exported_pair["msvp"]["onnx"])
+
+    def edit(proto: onnx.ModelProto) -> None:
+        for prop in proto.metadata_props:
+            if prop.key == PREFIX + "training":
+                value = json.loads(prop.value)
+                value["clean_accuracy"] = 0.999
+                prop.value = json.dumps(value)
+
+    report = audit_file(_rewrite(src, tmp_path / "meta.onnx", edit))
+    assert report.exit_code == 1
+    assert report.problems == ["metadata value specformer.training changed after export"]
+
+
+def test_changed_sigma_in_metadata_is_caught_by_recomputation(exported_pair, tmp_path: Path) -> None:
+    src = Path(exported_pair["msvp"]["onnx"])
+
+    def edit(proto: onnx.ModelProto) -> None:
+        for prop in proto.metadata_props:
+            if prop.key == PREFIX + "spectral":
+                value = json.loads(prop.value)
+                value["sigma_v"][3][1] *= 0.5
+                prop.value = json.dumps(value)
+
+    report = audit_file(_rewrite(src, tmp_path / "sigma.onnx", edit))
+    assert report.exit_code == 1
+    assert any(p.startswith("sigma_v of layer 3 head 1: metadata") for p in report.problems)
+
+
+def test_truncated_and_random_files_exit_2(exported_pair, tmp_path: Path) -> None:
+    data = Path(exported_pair["msvp"]["onnx"]).read_bytes()
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(data[: len(data) // 3])
+    noise = tmp_path / "noise.onnx"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    for path in (truncated, noise, tmp_path / "missing.onnx"):
+        report = audit_file(path)
+        assert report.exit_code == 2 and report.verdict == "unreadable", path
+    cli = _cli("audit", str(truncated), "--json")
+    assert cli.returncode == 2
+    assert "not a readable ONNX file" in json.loads(cli.stdout)["problems"][0]
+
+
+def test_plain_timm_onnx_reports_sigmas_but_verifies_nothing(tmp_path: Path, tiny_model) -> None:
+    net = tiny_model.net.eval()
+    path = tmp_path / "plain.onnx"
+    torch.onnx.export(net, (torch.rand(1, 3, 16, 16),), str(path), input_names=["x"], external_data=False,
+                      optimize=False)
+    report = audit_file(path, heads=4)
+    assert report.exit_code == 2 and report.verdict == "unverifiable"
+    assert "nothing could be verified" in report.problems[0]
+    expected = torch.stack([torch.linalg.matrix_norm(layer_heads(a).qkv.double(), ord=2) for a in attention_layers(net)])
+    np.testing.assert_allclose(np.array(report.sigmas["sigma_q"]), expected[:, 0].detach().numpy(), rtol=1e-6)
+
+
+def test_msvp_model_has_lower_sigmas_and_the_plot_is_a_png(exported_pair, tmp_path: Path) -> None:
+    vanilla = audit_file(exported_pair["vanilla"]["onnx"])
+    msvp = audit_file(exported_pair["msvp"]["onnx"])
+    for name in ("q", "k", "v"):
+        assert max(map(max, msvp.sigmas[f"sigma_{name}"])) < max(map(max, vanilla.sigmas[f"sigma_{name}"])), name
+    plot = tmp_path / "fig2a.png"
+    cli = _cli("audit", exported_pair["msvp"]["onnx"], "--compare", exported_pair["vanilla"]["onnx"], "--plot", str(plot))
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(plot) as image:
+        image.verify()
+        assert image.size[0] > 800
+
+
+def test_audit_runs_without_torch(exported_pair) -> None:
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from specformer_deploy.audit import audit_file\n"
+            f"r = audit_file({exported_pair['msvp']['onnx']!r})\n"
+            "print(r.exit_code, 'torch' in sys.modules and sys.modules['torch'] is not None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "False"]
+
+
+def test_export_errors_are_clear(tmp_path: Path, exported_pair) -> None:
+    missing = _cli("export", str(tmp_path / "nope"), "--out", str(tmp_path / "m.onnx"))
+    assert missing.returncode == 2 and "not a run directory" in missing.stderr
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    shutil.copy(Path(exported_pair["msvp"]["run"]) / "config.json", incomplete / "config.json")
+    result = _cli("export", str(incomplete), "--out", str(tmp_path / "m.onnx"))
+    assert result.returncode == 2 and "model.safetensors" in result.stderr
+    wrong = _cli("export", str(exported_pair["msvp"]["run"]), "--out", str(tmp_path / "m.txt"))
+    assert wrong.returncode == 2 and ".onnx" in wrong.stderr
+    assert not (tmp_path / "m.onnx").exists()
