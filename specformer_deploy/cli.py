@@ -203,5 +203,77 @@ def audit(
     raise typer.Exit(report.exit_code)
 
 
+@app.command()
+def certify(
+    model: Path = typer.Argument(..., help="An exported .onnx file (model.pt2 beside it for probes)."),
+    images: list[Path] = typer.Argument(..., help="PNG/JPEG files; resized to the model's input size."),
+    delta0: float = typer.Option(0.01, help="Radius of the Frobenius ball around each attention layer's input."),
+    top_k: int = typer.Option(5, help="How many classes to list."),
+    probe: Optional[str] = typer.Option(None, help="Also run a real attack: pgd or fgsm (gradients from model.pt2)."),
+    eps: float = typer.Option(2 / 255, help="Probe radius in pixel space."),
+    steps: int = typer.Option(10, help="Probe steps (PGD), at most 100."),
+    norm: str = typer.Option("linf", help="Probe norm: linf or l2."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON answer per image on stdout."),
+) -> None:
+    """Predict and certify images offline: the same answer the server gives (same runtime code).
+
+    Each answer has the prediction (top-k), per-layer local Lipschitz certificates of the attention
+    layers (the paper's Theorem 4.3 with its validity flag, and a form that always holds) and, with
+    --probe, a real attack whose adversarial image is classified by the ONNX model.
+    """
+    from .images import ImageError, decode_image
+    from .runtime import IntegrityError, ProbeRequest, RequestError, SpecformerRuntime
+
+    try:
+        runtime = SpecformerRuntime(model)
+    except (FileNotFoundError, IntegrityError) as err:
+        _fail(str(err))
+    pixels = []
+    for path in images:
+        try:
+            pixels.append(decode_image(path.read_bytes(), runtime.image_size))
+        except FileNotFoundError:
+            _fail(f"image {path} does not exist")
+        except ImageError as err:
+            _fail(f"{path}: {err}")
+    request = ProbeRequest(probe, eps, steps, norm) if probe else None
+    try:
+        import numpy as np
+
+        answers = runtime.answer(np.stack(pixels), delta0=delta0, top_k=top_k, probe=request)
+    except (RequestError, FileNotFoundError) as err:
+        _fail(str(err))
+    for path, answer in zip(images, answers):
+        answer["image"] = str(path)
+    if json_output:
+        typer.echo(json.dumps(answers if len(answers) > 1 else answers[0], indent=2))
+        return
+    _print_answers(answers)
+
+
+def _print_answers(answers: list[dict]) -> None:
+    from rich.table import Table
+
+    console = Console()
+    console = Console(width=max(110, console.width))
+    for answer in answers:
+        pred, cert = answer["prediction"], answer["certificate"]
+        console.print(f"[bold]{answer['image']}[/]: class {pred['class']!r} (label {pred['label']}, "
+                      f"p={pred['probability']:.3f})")
+        table = Table(show_header=True)
+        for column in ("layer", "N", "||X0||_F", "bound (always valid)", "paper bound", "paper valid"):
+            table.add_column(column, justify="right")
+        for layer in cert["layers"]:
+            table.add_row(str(layer["layer"]), str(layer["tokens"]), f"{layer['input_norm']:.3f}",
+                          f"{layer['bound']:.4g}", f"{layer['paper_bound']:.4g}",
+                          "yes" if layer["paper_bound_valid"] else "[red]NO[/]")
+        console.print(table)
+        if "probe" in answer:
+            p = answer["probe"]
+            verdict = "[red]label flipped[/]" if p["flipped"] else "[green]label held[/]"
+            console.print(f"probe {p['attack']} {p['norm']} eps={p['eps']:.4g} steps={p['steps']}: {verdict} "
+                          f"(adversarial class {p['adversarial_class']!r}, margin {p['margin']:.3f})")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -123,6 +123,27 @@ def _sigma_table(sigmas: torch.Tensor, names: str) -> dict[str, list[list[float]
     return {f"sigma_{n}": [[float(x) for x in row] for row in sigmas[:, i].tolist()] for i, n in enumerate(names)}
 
 
+@torch.no_grad()
+def _full_output_norms(model: nn.Module) -> list[float]:
+    """``||W_O||`` of each layer's whole output projection (the layer bound's factor)."""
+    return [float(torch.linalg.matrix_norm(attn.proj.weight.double(), ord=2)) for attn in attention_layers(model)]
+
+
+@torch.no_grad()
+def _query_bias_norms(model: nn.Module) -> list[list[float]]:
+    """``||b_q||`` per layer and head (zeros without a query bias); the always-valid bound uses it."""
+    out = []
+    for attn in attention_layers(model):
+        heads = layer_heads(attn)
+        fused = attn.qkv if hasattr(attn, "qkv") else attn.qk
+        if fused.bias is None:
+            out.append([0.0] * heads.num_heads)
+        else:
+            bias = fused.bias.double()[: heads.num_heads * heads.head_dim].view(heads.num_heads, heads.head_dim)
+            out.append([float(b) for b in bias.norm(dim=1)])
+    return out
+
+
 def _power_estimates(model: nn.Module, files: RunFiles, config: dict[str, Any]) -> dict[str, Any] | None:
     if not files.vectors.is_file() or not config["train"].get("msvp"):
         return None
@@ -234,7 +255,9 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
                          "epochs": last.get("epoch"), "adversarial": bool(train_cfg.get("adversarial")),
                          "adv_eps": train_cfg.get("adv_eps") if train_cfg.get("adversarial") else None,
                          "seed": train_cfg.get("seed")},
-            "spectral": {"method": "exact SVD (float64) at export", **_sigma_table(exact, "qkvo")},
+            "spectral": {"method": "exact SVD (float64) at export", **_sigma_table(exact, "qkvo"),
+                         "sigma_o_full": _full_output_norms(model)},
+            "bias_q_norm": _query_bias_norms(model),
             "spectral_power_iteration": _power_estimates(model, files, config),
             "attention_weights": _weight_references(model, arrays),
             "parity": parity,

@@ -1,0 +1,218 @@
+"""The serving runtime: an ONNX Runtime session that answers predictions with certificates.
+
+Used by `specformer-deploy certify` and by the TorchServe handler alike, so both front doors
+give the same numbers. Predictions and certificates need onnx, onnxruntime and numpy only;
+the optional robustness probe (a real attack) loads ``model.pt2`` with torch lazily, because
+ONNX Runtime has no input-gradient path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bounds import layer_certificates
+from .onnx_meta import initializer_arrays, metadata_digests, read_metadata, weights_digest
+
+__all__ = ["SpecformerRuntime", "IntegrityError", "ProbeRequest", "RequestError", "LIMITS", "cuda_usable"]
+
+LIMITS = {"max_steps": 100, "max_delta0": 1e4, "max_top_k": 100, "max_eps_linf": 1.0, "max_batch_probe": 64}
+
+
+class IntegrityError(RuntimeError):
+    """The ONNX file's weights or metadata do not match their export-time digests."""
+
+
+class RequestError(ValueError):
+    """A client option outside its documented range; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """A robustness probe: attack the prediction inside an eps-ball and report whether it flips."""
+
+    attack: str = "pgd"  # pgd | fgsm
+    eps: float = 2 / 255
+    steps: int = 10
+    norm: str = "linf"  # linf | l2
+
+    def validate(self, image_size: int) -> "ProbeRequest":
+        if self.attack not in ("pgd", "fgsm"):
+            raise RequestError(f"probe must be 'pgd' or 'fgsm', got {self.attack!r}")
+        if self.norm not in ("linf", "l2"):
+            raise RequestError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+        if self.attack == "fgsm" and self.norm != "linf":
+            raise RequestError("fgsm is an Linf attack: use norm 'linf' or probe 'pgd'")
+        max_eps = LIMITS["max_eps_linf"] if self.norm == "linf" else math.sqrt(3 * image_size * image_size)
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and 0 < self.eps <= max_eps):
+            raise RequestError(f"eps must be in (0, {max_eps:.4g}] for norm {self.norm} (pixel space [0, 1]), "
+                               f"got {self.eps}")
+        if not (isinstance(self.steps, int) and 1 <= self.steps <= LIMITS["max_steps"]):
+            raise RequestError(f"steps must be an integer in [1, {LIMITS['max_steps']}], got {self.steps}")
+        return self
+
+    @property
+    def step_size(self) -> float:
+        """Madry et al.'s rule ``2.5 eps / steps`` (FGSM takes one full step)."""
+        return self.eps if self.attack == "fgsm" else 2.5 * self.eps / self.steps
+
+
+def cuda_usable() -> bool:
+    """True when ONNX Runtime has a CUDA provider *and* this machine has an NVIDIA device."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+class SpecformerRuntime:
+    """Load an exported model, verify its digests, answer requests."""
+
+    def __init__(self, onnx_path: str | Path, *, device_id: int | None = None, threads: int | None = None,
+                 verify: bool = True) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        self.path = Path(onnx_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} does not exist")
+        try:
+            proto = onnx.load(str(self.path))
+        except Exception as err:  # noqa: BLE001
+            raise IntegrityError(f"{self.path} is not a readable ONNX file: {err}") from err
+        self.meta = read_metadata(proto)
+        if "integrity" not in self.meta or "spectral" not in self.meta:
+            raise IntegrityError(f"{self.path} has no specformer metadata: export it with `specformer-deploy export`")
+        if verify:
+            self._verify(proto)
+        del proto
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device_id is not None and cuda_usable():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        self.providers = self.session.get_providers()
+        self.image_size = int(self.meta["image_size"])
+        self.class_names = list(self.meta["class_names"])
+        self._probe_model = None
+
+    def _verify(self, proto) -> None:
+        integrity = self.meta["integrity"]
+        if weights_digest(initializer_arrays(proto)) != integrity.get("weights_sha256"):
+            raise IntegrityError(f"{self.path}: the weights' SHA-256 does not match the metadata (changed after "
+                                 "export); refusing to serve it - run `specformer-deploy audit` for details")
+        changed = [k for k, v in metadata_digests(self.meta).items() if integrity.get("metadata_sha256", {}).get(k) != v]
+        if changed:
+            raise IntegrityError(f"{self.path}: metadata changed after export: {', '.join(changed)}")
+
+    # -- inference -------------------------------------------------------------------------
+    def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[B, 3, S, S]`` pixels -> ``(logits [B, C], attn_input_norms [B, L])``."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        logits, norms = self.session.run(["logits", "attn_input_norms"], {"pixels": pixels})
+        return logits, norms
+
+    def prediction(self, logits: np.ndarray, top_k: int = 5) -> dict[str, Any]:
+        shifted = np.exp(logits - logits.max())
+        probs = shifted / shifted.sum()
+        order = np.argsort(-probs)[: max(1, min(top_k, len(probs)))]
+        label = int(order[0])
+        return {"label": label, "class": self.class_names[label], "probability": float(probs[label]),
+                "top_k": [{"label": int(i), "class": self.class_names[i], "probability": float(probs[i])}
+                          for i in order]}
+
+    def certificate(self, norms: np.ndarray, delta0: float) -> dict[str, Any]:
+        layers = layer_certificates(norms, delta0, self.meta)
+        return {"norm": "l2", "delta0": delta0,
+                "scope": "each attention layer's local Lipschitz constant over the Frobenius ball of radius delta0 "
+                         "around that layer's input tokens",
+                "layers": layers,
+                "bound": max(layer["bound"] for layer in layers),
+                "paper_bound": max(layer["paper_bound"] for layer in layers),
+                "paper_bound_valid": all(layer["paper_bound_valid"] for layer in layers),
+                "spectral": "exact SVD at export, sha256 verified"}
+
+    def answer(self, pixels: np.ndarray, *, delta0: float = 0.01, top_k: int = 5,
+               probe: ProbeRequest | None = None) -> list[dict[str, Any]]:
+        """One answer per image of the batch (DESIGN.md's served JSON)."""
+        self.check_options(delta0, top_k, probe)
+        logits, norms = self.infer(pixels)
+        answers = [{"prediction": self.prediction(logits[i], top_k), "certificate": self.certificate(norms[i], delta0)}
+                   for i in range(len(logits))]
+        if probe is not None:
+            labels = logits.argmax(axis=1)
+            for i, result in enumerate(self.probe(pixels, labels, probe)):
+                answers[i]["probe"] = result
+        return answers
+
+    def check_options(self, delta0: float, top_k: int, probe: ProbeRequest | None) -> None:
+        if not (isinstance(delta0, (int, float)) and math.isfinite(delta0) and 0 <= delta0 <= LIMITS["max_delta0"]):
+            raise RequestError(f"delta0 must be a number in [0, {LIMITS['max_delta0']:g}], got {delta0}")
+        if not (isinstance(top_k, int) and 1 <= top_k <= LIMITS["max_top_k"]):
+            raise RequestError(f"top_k must be an integer in [1, {LIMITS['max_top_k']}], got {top_k}")
+        if probe is not None:
+            probe.validate(self.image_size)
+
+    # -- probe -----------------------------------------------------------------------------
+    def _logits_model(self):
+        if self._probe_model is None:
+            import torch
+
+            pt2 = self.path.with_suffix(".pt2")
+            if not pt2.is_file():
+                raise FileNotFoundError(f"the probe needs {pt2} (written by export beside the .onnx)")
+            program = torch.export.load(str(pt2)).module()
+
+            class Logits(torch.nn.Module):
+                def __init__(self, inner: torch.nn.Module) -> None:
+                    super().__init__()
+                    self.inner = inner
+
+                def forward(self, x: torch.Tensor) -> torch.Tensor:
+                    return self.inner(x)[0]
+
+            self._probe_model = Logits(program)
+        return self._probe_model
+
+    def probe(self, pixels: np.ndarray, labels: np.ndarray, request: ProbeRequest) -> list[dict[str, Any]]:
+        """Attack each image away from its predicted label with gradients from ``model.pt2``; the
+        adversarial image is then classified by the ONNX model itself."""
+        import torch
+
+        from .attacks import fgsm, pgd
+
+        request.validate(self.image_size)
+        model = self._logits_model()
+        adversarial = np.empty_like(np.asarray(pixels, dtype=np.float32))
+        with torch.inference_mode(False), torch.enable_grad():
+            # One image at a time with its own seeded start: the answer for an image does not
+            # depend on which other requests share its batch.
+            for i in range(len(pixels)):
+                x = torch.from_numpy(np.ascontiguousarray(pixels[i: i + 1], dtype=np.float32))
+                y = torch.from_numpy(np.asarray(labels[i: i + 1], dtype=np.int64))
+                if request.attack == "fgsm":
+                    adv = fgsm(model, x, y, request.eps)
+                else:
+                    adv = pgd(model, x, y, request.eps, request.step_size, request.steps, norm=request.norm,
+                              random_start=True, generator=torch.Generator().manual_seed(0))
+                adversarial[i] = adv.detach().numpy()[0]
+        adv_logits, _ = self.infer(adversarial)
+        delta = (adversarial - pixels).reshape(len(pixels), -1)
+        results = []
+        for i, label in enumerate(labels):
+            others = np.delete(adv_logits[i], int(label))
+            adv_label = int(adv_logits[i].argmax())
+            results.append({"attack": request.attack, "norm": request.norm, "eps": request.eps,
+                            "steps": 1 if request.attack == "fgsm" else request.steps,
+                            "step_size": request.step_size, "adversarial_label": adv_label,
+                            "adversarial_class": self.class_names[adv_label], "flipped": adv_label != int(label),
+                            "margin": float(adv_logits[i][int(label)] - others.max()),
+                            "linf_distance": float(np.abs(delta[i]).max()),
+                            "l2_distance": float(np.linalg.norm(delta[i]))})
+        return results
