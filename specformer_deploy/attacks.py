@@ -1,46 +1,119 @@
 """Batched white-box attacks in pixel space ([0, 1]); every epsilon is a pixel-space radius.
 
-Used by adversarial training (PGD-AT, Madry et al.) and by evaluation. The caller chooses the
-model's mode: evaluation runs attacks in eval mode; training generates its examples in eval
-mode too, so dropout does not randomise the attack.
+Used by adversarial training (PGD-AT, Madry et al.) and by evaluation. The paper's FGSM and
+PGD-2 at 2/255 are weak attacks, so evaluation also offers many-step PGD with restarts, PGD on
+the Carlini-Wagner margin ("CW-20") and AutoAttack (through torchattacks), all in pixel space.
+
+Model mode is the caller's job: run attacks on a model in eval mode (``model.eval()``), so that
+dropout does not randomise the gradient and the prediction that decides "fooled". Training
+generates its examples in eval mode too. Only ``autoattack`` switches the mode itself
+(torchattacks puts the model in eval mode and restores it).
+
+Attack strings for the command line (``parse_attack``): ``NAME:EPS[:STEPS[:RESTARTS]]``, e.g.
+``pgd:8/255:20``, ``pgd-l2:0.5:10:5``, ``cw:8/255``, ``autoattack:8/255``, ``fgsm:2/255``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+import math
+import numbers
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Iterator, Literal, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["pgd", "fgsm", "check_budget"]
+__all__ = ["pgd", "fgsm", "check_budget", "cw_margin", "cw_linf", "autoattack", "default_step_size",
+           "AttackSpec", "ATTACKS", "DEFAULT_STEPS", "MAX_STEPS", "parse_attack", "format_eps", "run_attack",
+           "robust_accuracy", "RobustAccuracy"]
 
 Norm = Literal["linf", "l2"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Progress = Callable[[int, "int | None", int], None]
+
+# name -> norm. "autoattack-l2" is torchattacks' AutoAttack with norm="L2".
+ATTACKS: dict[str, Norm] = {"fgsm": "linf", "pgd": "linf", "pgd-l2": "l2", "cw": "linf", "autoattack": "linf",
+                            "autoattack-l2": "l2"}
+# Steps used when the spec string gives none. CW-20 as in the SpecFormer paper; fgsm is one step by
+# definition and AutoAttack's schedule is its own (100 iterations per attack), so neither takes STEPS.
+DEFAULT_STEPS: dict[str, int] = {"fgsm": 1, "pgd": 10, "pgd-l2": 10, "cw": 20, "autoattack": 100,
+                                 "autoattack-l2": 100}
+_FIXED_STEPS = ("fgsm", "autoattack", "autoattack-l2")
+MAX_STEPS = 10_000  # a typo guard: more steps than this is almost certainly "8/255:100000" by mistake
+MAX_RESTARTS = 1_000
 
 
-def check_budget(eps: float, step_size: float, steps: int) -> None:
-    """Reject budgets that make no sense in pixel space, before any work is done."""
-    if not (0.0 <= eps <= 1.0):
-        raise ValueError(f"eps must lie in [0, 1] (pixel space), got {eps}")
-    if not (0.0 < step_size <= 1.0):
-        raise ValueError(f"step size must lie in (0, 1], got {step_size}")
+# --------------------------------------------------------------------------------------------- budgets
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _l2_diameter(shape: tuple[int, ...] | torch.Size) -> float:
+    """L2 diameter of the pixel cube [0, 1]^d: a larger L2 ball contains the whole cube."""
+    return math.sqrt(math.prod(shape))
+
+
+def check_budget(eps: float, step_size: float, steps: int, norm: Norm = "linf",
+                 input_shape: tuple[int, ...] | torch.Size | None = None) -> None:
+    """Reject budgets that make no sense in pixel space, before any work is done.
+
+    Linf: eps in [0, 1] and step size in (0, 1] (a pixel cannot move by more than 1).
+    L2: eps >= 0 and step size > 0; with ``input_shape`` (one example, e.g. ``(3, 32, 32)``) eps must
+    also stay within the cube's diameter sqrt(C*H*W), beyond which the ball holds every image.
+    """
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if not _is_int(steps) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not (math.isfinite(eps) and math.isfinite(step_size)):
+        raise ValueError(f"eps and step size must be finite, got eps={eps}, step size={step_size}")
+    if norm == "linf":
+        if not (0.0 <= eps <= 1.0):
+            raise ValueError(f"eps must lie in [0, 1] (pixel space), got {eps}")
+        if not (0.0 < step_size <= 1.0):
+            raise ValueError(f"step size must lie in (0, 1], got {step_size}")
+        return
+    if eps < 0.0:
+        raise ValueError(f"L2 eps must be >= 0, got {eps}")
+    if step_size <= 0.0:
+        raise ValueError(f"step size must be > 0, got {step_size}")
+    if input_shape is not None and eps > _l2_diameter(input_shape) + 1e-9:
+        raise ValueError(f"L2 eps {eps} exceeds the diameter {_l2_diameter(input_shape):.4g} of the pixel cube "
+                         f"for inputs of shape {tuple(input_shape)}: the ball would contain every image")
+
+
+def default_step_size(eps: float, steps: int, norm: Norm = "linf") -> float:
+    """Madry et al.'s rule, 2.5 * eps / steps: enough to cross the ball and come back.
+
+    Linf steps are capped at 1, which changes nothing: no pixel can move further in [0, 1].
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    step = 2.5 * eps / steps
+    return min(step, 1.0) if norm == "linf" else step
+
+
+# --------------------------------------------------------------------------------------------- PGD core
+
+def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
 
 def _project(delta: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
     if norm == "linf":
         return delta.clamp(-eps, eps)
-    flat = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (delta.dim() - 1)))
-    return delta * (eps / flat).clamp(max=1.0)
+    return delta * (eps / _per_example_norm(delta)).clamp(max=1.0)
 
 
 def _ascent(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
     if norm == "linf":
         return grad.sign()
-    flat = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
-    return grad / flat
+    return grad / _per_example_norm(grad)
 
 
 def _random_start(x: torch.Tensor, eps: float, norm: Norm, generator: torch.Generator | None) -> torch.Tensor:
@@ -52,28 +125,423 @@ def _random_start(x: torch.Tensor, eps: float, norm: Norm, generator: torch.Gene
     return direction * radius * eps
 
 
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
-        norm: Norm = "linf", random_start: bool = True, loss_fn: LossFn | None = None,
-        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Projected gradient ascent on ``loss_fn`` (cross-entropy by default) inside the eps-ball.
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, target, reduction="none")
 
-    Returns adversarial pixels (detached, in [0, 1]); the model's mode is left unchanged.
-    """
-    check_budget(eps, step_size, steps)
-    loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target, reduction="sum"))
-    x = x.detach()
-    delta = _random_start(x, eps, norm, generator) if random_start else torch.zeros_like(x)
-    delta = ((x + delta).clamp(0, 1) - x).detach()
+
+def _objective(loss_fn: LossFn, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scalar to differentiate, per-example values or None): losses may be per-example or summed."""
+    loss = loss_fn(logits, y)
+    if loss.dim() == 0:
+        return loss, None
+    if loss.shape != (logits.shape[0],):
+        raise ValueError(f"loss_fn must return a scalar or one value per example, got shape {tuple(loss.shape)}")
+    return loss.sum(), loss
+
+
+def _pgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
+             norm: Norm, random_start: bool, loss_fn: LossFn, generator: torch.Generator | None) -> torch.Tensor:
+    """One PGD run; the iterate is the adversarial image itself (fewer ops than a separate delta)."""
+    if norm == "linf":  # the Linf ball intersected with [0, 1] is a box: one clamp projects onto both
+        low, high = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
+    if random_start:
+        adv = (x + _random_start(x, eps, norm, generator)).clamp_(0.0, 1.0)
+    else:
+        adv = x.clone()
     for _ in range(steps):
-        delta.requires_grad_(True)
+        adv.requires_grad_(True)
         with torch.enable_grad():
-            loss = loss_fn(model(x + delta), y)
-            (grad,) = torch.autograd.grad(loss, delta)
-        delta = _project(delta.detach() + step_size * _ascent(grad, norm), eps, norm)
-        delta = ((x + delta).clamp(0, 1) - x).detach()
-    return (x + delta).detach()
+            total, _ = _objective(loss_fn, model(adv), y)
+            (grad,) = torch.autograd.grad(total, adv)
+        adv = adv.detach().add_(_ascent(grad, norm), alpha=step_size)
+        if norm == "linf":
+            adv = torch.maximum(adv, low, out=adv)
+            adv = torch.minimum(adv, high, out=adv)
+        else:
+            adv = (x + _project(adv - x, eps, norm)).clamp_(0.0, 1.0)
+    return adv.detach()
+
+
+@torch.no_grad()
+def _score(model: nn.Module, adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-example loss, fooled) at the final iterate; scalar losses fall back to cross-entropy."""
+    logits = model(adv)
+    _, per_example = _objective(loss_fn, logits, y)
+    if per_example is None:
+        per_example = _cross_entropy(logits, y)
+    return per_example.float(), logits.argmax(dim=1) != y
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float | None, steps: int,
+        norm: Norm = "linf", random_start: bool = True, loss_fn: LossFn | None = None,
+        generator: torch.Generator | None = None, restarts: int = 1) -> torch.Tensor:
+    """Projected gradient ascent on ``loss_fn`` (cross-entropy by default) inside the eps-ball and [0, 1].
+
+    Returns adversarial pixels (detached); the model's mode is left unchanged (use eval mode).
+    ``step_size=None`` applies ``default_step_size``. ``loss_fn(logits, y)`` may return a scalar or
+    one value per example (the gradient is taken of their sum).
+
+    With ``restarts > 1`` (needs ``random_start``) the result is the per-example worst case: an
+    example counts as broken if any restart fools it, and keeps the image of the first restart
+    that does; otherwise the restart with the highest loss (per-example ``loss_fn`` values, or
+    cross-entropy when ``loss_fn`` returns a scalar). Later restarts only run on examples not yet
+    fooled, and the first restart is exactly a single run with the same generator.
+    """
+    if step_size is None:
+        step_size = default_step_size(eps, steps, norm)
+    check_budget(eps, step_size, steps, norm, tuple(x.shape[1:]) if x.dim() > 1 else None)
+    if not _is_int(restarts) or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    if restarts > 1 and not random_start:
+        raise ValueError("restarts > 1 need random_start=True: restarts from the clean image all give the same result")
+    loss_fn = loss_fn or _cross_entropy
+    x = x.detach()
+    best = _pgd_run(model, x, y, eps, step_size, steps, norm, random_start, loss_fn, generator)
+    if restarts == 1 or x.shape[0] == 0:
+        return best
+    score, fooled = _score(model, best, y, loss_fn)
+    for _ in range(restarts - 1):
+        active = (~fooled).nonzero().squeeze(1)
+        if active.numel() == 0:
+            break
+        adv = _pgd_run(model, x[active], y[active], eps, step_size, steps, norm, True, loss_fn, generator)
+        new_score, new_fooled = _score(model, adv, y[active], loss_fn)
+        better = new_fooled | (new_score > score[active])
+        chosen = active[better]
+        best[chosen] = adv[better]
+        score[chosen] = new_score[better]
+        fooled[chosen] = new_fooled[better]
+    return best
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
     """Fast gradient sign method: one full-size Linf step from the clean image."""
     return pgd(model, x, y, eps=eps, step_size=max(eps, 1e-12), steps=1, norm="linf", random_start=False)
+
+
+# --------------------------------------------------------------------------------------------- CW
+
+def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example Carlini-Wagner margin max_{j != y} z_j - z_y: positive exactly when misclassified.
+
+    Unlike cross-entropy it does not saturate on confident predictions, which is why CW-PGD is a
+    useful second opinion on models whose softmax is flat or overconfident.
+    """
+    true = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return others.amax(dim=1) - true
+
+
+def cw_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20,
+            step_size: float | None = None, random_start: bool = True, restarts: int = 1,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Linf PGD on the CW margin loss ("CW-20" in the SpecFormer paper with the default 20 steps).
+
+    Step size defaults to ``default_step_size`` (2.5 * eps / steps). Use eval mode.
+    """
+    return pgd(model, x, y, eps, step_size, steps, norm="linf", random_start=random_start, loss_fn=cw_margin,
+               generator=generator, restarts=restarts)
+
+
+# --------------------------------------------------------------------------------------------- AutoAttack
+
+def _torchattacks() -> Any:
+    try:
+        import torchattacks
+    except ImportError as err:  # a dev extra today; evaluation with AutoAttack needs it
+        raise ImportError("AutoAttack needs the package 'torchattacks' (>= 3.5), which is not installed: "
+                          "pip install 'torchattacks>=3.5' (or install specformer-deploy with its dev extra)") from err
+    return torchattacks
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int(model(x[:1]).shape[-1])
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "Linf",
+               n_classes: int | None = None, version: str = "standard", seed: int = 0) -> torch.Tensor:
+    """AutoAttack (Croce & Hein 2020) through torchattacks: APGD-CE, APGD-T, FAB-T, Square (standard).
+
+    ``n_classes`` must be the model's real number of classes (APGD-T and FAB-T target the top
+    n_classes - 1 other classes; torchattacks' default of 10 silently weakens, or breaks, other
+    models); ``None`` reads it from the model's output, a wrong value is an error. torchattacks
+    runs the model in eval mode and restores its mode. Its seeding of the global RNG is contained:
+    the caller's RNG state is unchanged afterwards. Examples it cannot break come back clean.
+    """
+    canonical = {"linf": "Linf", "l2": "L2"}.get(norm.lower())
+    if canonical is None:
+        raise ValueError(f"AutoAttack norm must be 'Linf' or 'L2', got {norm!r}")
+    if version not in ("standard", "plus", "rand"):
+        raise ValueError(f"AutoAttack version must be 'standard', 'plus' or 'rand', got {version!r}")
+    check_budget(eps, max(eps, 1e-12) if canonical == "Linf" else 1.0, 1, canonical.lower(), tuple(x.shape[1:]))
+    if x.shape[0] == 0:
+        return x.detach().clone()
+    actual = _num_classes(model, x)
+    if n_classes is None:
+        n_classes = actual
+    elif n_classes != actual:
+        raise ValueError(f"n_classes={n_classes} but the model outputs {actual} logits: pass the real number")
+    if n_classes < 2:
+        raise ValueError(f"AutoAttack needs at least 2 classes, got {n_classes}")
+    ta = _torchattacks()
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        attack = ta.AutoAttack(model, norm=canonical, eps=eps, version=version, n_classes=n_classes, seed=seed)
+        return attack(x.detach(), y.detach()).detach()
+
+
+# --------------------------------------------------------------------------------------------- specs
+
+def format_eps(eps: float) -> str:
+    """``8/255`` when eps is a whole number of 255ths (the usual way to state it), else a short decimal."""
+    k = eps * 255
+    if 0 < k < 255 and abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return f"{eps:.6g}"
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack with its budget; build it with ``parse_attack`` or directly (it validates itself).
+
+    ``step_size=None`` means ``default_step_size(eps, steps)`` (FGSM: eps). ``steps`` is fixed for
+    fgsm (1) and AutoAttack (its own schedule; kept at 100 for the record).
+    """
+
+    name: str
+    eps: float
+    steps: int | None = None  # None: DEFAULT_STEPS[name]
+    step_size: float | None = None
+    restarts: int = 1
+
+    def __post_init__(self) -> None:
+        if self.name not in ATTACKS:
+            raise ValueError(f"unknown attack {self.name!r}; choose one of {', '.join(ATTACKS)}")
+        if self.steps is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS[self.name])
+        if not _is_int(self.steps) or self.steps < 1 or self.steps > MAX_STEPS:
+            raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {self.steps!r}")
+        if self.name in _FIXED_STEPS and self.steps != DEFAULT_STEPS[self.name]:
+            raise ValueError(f"{self.name} takes no step count (it always uses {DEFAULT_STEPS[self.name]})")
+        if not _is_int(self.restarts) or not (1 <= self.restarts <= MAX_RESTARTS):
+            raise ValueError(f"restarts must be an integer in [1, {MAX_RESTARTS}], got {self.restarts!r}")
+        if self.restarts > 1 and self.name in _FIXED_STEPS:
+            raise ValueError(f"{self.name} takes no restarts")
+        if not math.isfinite(self.eps) or self.eps <= 0:
+            raise ValueError(f"eps must be a finite number > 0 (for clean accuracy use no attack), got {self.eps}")
+        if self.norm == "linf" and self.eps > 1:
+            hint = f"; did you mean {self.eps:g}/255?" if self.eps <= 255 else ""
+            raise ValueError(f"Linf eps {self.eps:g} is outside (0, 1]: pixels lie in [0, 1]{hint}")
+        check_budget(self.eps, self.resolved_step_size, self.steps, self.norm)
+
+    @property
+    def norm(self) -> Norm:
+        return ATTACKS[self.name]
+
+    @property
+    def resolved_step_size(self) -> float:
+        if self.step_size is not None:
+            return self.step_size
+        if self.name == "fgsm":
+            return self.eps
+        return default_step_size(self.eps, self.steps, self.norm)
+
+    @property
+    def label(self) -> str:
+        """Human-readable, e.g. ``PGD-20 (Linf, eps 8/255)`` or ``CW-20 x5 restarts``."""
+        base = {"fgsm": "FGSM", "pgd": "PGD", "pgd-l2": "PGD", "cw": "CW", "autoattack": "AutoAttack",
+                "autoattack-l2": "AutoAttack"}[self.name]
+        steps = "" if self.name in _FIXED_STEPS else f"-{self.steps}"
+        restarts = f" x{self.restarts} restarts" if self.restarts > 1 else ""
+        norm = "Linf" if self.norm == "linf" else "L2"
+        return f"{base}{steps}{restarts} ({norm}, eps {format_eps(self.eps)})"
+
+    def __str__(self) -> str:
+        """The spec string; ``parse_attack(str(spec))`` gives back an equal spec (step size aside)."""
+        parts = [self.name, format_eps(self.eps) if "/" in format_eps(self.eps) else repr(self.eps)]
+        if self.name not in _FIXED_STEPS:
+            parts.append(str(self.steps))
+            if self.restarts > 1:
+                parts.append(str(self.restarts))
+        return ":".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        step = None if self.name.startswith("autoattack") else self.resolved_step_size  # AutoAttack: its own
+        return {**asdict(self), "norm": self.norm, "resolved_step_size": step,
+                "spec": str(self), "label": self.label}
+
+
+def _parse_number(text: str, what: str, spec: str) -> float:
+    """``0.0314``, ``8/255`` (a fraction of two numbers); anything else is a ValueError naming ``spec``."""
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except ZeroDivisionError:
+        raise ValueError(f"attack {spec!r}: {what} {text!r} divides by zero") from None
+    except ValueError:
+        raise ValueError(f"attack {spec!r}: {what} {text!r} is not a number or a fraction like 8/255") from None
+    if not math.isfinite(value):
+        raise ValueError(f"attack {spec!r}: {what} must be finite, got {text!r}")
+    return value
+
+
+def _parse_int(text: str, what: str, spec: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"attack {spec!r}: {what} must be a whole number, got {text!r}") from None
+
+
+def parse_attack(spec: str, input_shape: tuple[int, ...] | None = None) -> AttackSpec:
+    """Parse ``NAME:EPS[:STEPS[:RESTARTS]]``, e.g. ``pgd:8/255:20``, ``pgd-l2:0.5:10:5``, ``cw:8/255``.
+
+    Names: fgsm, pgd (Linf), pgd-l2, cw (Linf PGD on the CW margin), autoattack (Linf),
+    autoattack-l2. EPS is a pixel-space radius, ``8/255`` or ``0.0314``; Linf eps must lie in
+    (0, 1]. L2 eps must be > 0 and, when ``input_shape`` (one example, ``(C, H, W)``) is given,
+    at most the pixel cube's diameter sqrt(C*H*W); otherwise that bound is checked when the
+    attack runs. STEPS defaults to ``DEFAULT_STEPS`` (pgd 10, cw 20); fgsm and AutoAttack take
+    none. The step size is ``default_step_size`` = 2.5 * eps / STEPS (Madry et al.).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("empty attack spec; expected NAME:EPS[:STEPS[:RESTARTS]], e.g. pgd:8/255:20")
+    parts = [p.strip() for p in spec.strip().split(":")]
+    name = parts[0].lower()
+    if name not in ATTACKS:
+        raise ValueError(f"attack {spec!r}: unknown name {parts[0]!r}; choose one of {', '.join(ATTACKS)} "
+                         "(format NAME:EPS[:STEPS[:RESTARTS]])")
+    if len(parts) < 2 or not parts[1]:
+        raise ValueError(f"attack {spec!r}: missing EPS; expected {name}:EPS, e.g. {name}:8/255")
+    if len(parts) > 4:
+        raise ValueError(f"attack {spec!r}: too many fields; expected NAME:EPS[:STEPS[:RESTARTS]]")
+    if len(parts) > 2 and name in _FIXED_STEPS:
+        raise ValueError(f"attack {spec!r}: {name} takes only NAME:EPS (no steps or restarts)")
+    eps = _parse_number(parts[1], "EPS", spec)
+    steps = _parse_int(parts[2], "STEPS", spec) if len(parts) > 2 else DEFAULT_STEPS[name]
+    restarts = _parse_int(parts[3], "RESTARTS", spec) if len(parts) > 3 else 1
+    try:
+        parsed = AttackSpec(name=name, eps=eps, steps=steps, restarts=restarts)
+        if input_shape is not None:
+            check_budget(parsed.eps, parsed.resolved_step_size, parsed.steps, parsed.norm, input_shape)
+    except ValueError as err:
+        raise ValueError(f"attack {spec!r}: {err}") from None
+    return parsed
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+
+def run_attack(model: nn.Module, spec: AttackSpec | str, x: torch.Tensor, y: torch.Tensor,
+               num_classes: int | None = None, generator: torch.Generator | None = None, seed: int = 0) -> torch.Tensor:
+    """Adversarial images for ``spec`` (an ``AttackSpec`` or a spec string); use eval mode.
+
+    ``num_classes`` is only used by AutoAttack (``None``: read from the model). ``generator``
+    drives PGD's random starts; ``seed`` AutoAttack's.
+    """
+    if isinstance(spec, str):
+        spec = parse_attack(spec)
+    if spec.name == "fgsm":
+        if spec.step_size is None:
+            return fgsm(model, x, y, spec.eps)
+        return pgd(model, x, y, spec.eps, spec.step_size, 1, "linf", random_start=False)
+    if spec.name in ("pgd", "pgd-l2"):
+        return pgd(model, x, y, spec.eps, spec.resolved_step_size, spec.steps, norm=spec.norm, random_start=True,
+                   generator=generator, restarts=spec.restarts)
+    if spec.name == "cw":
+        return cw_linf(model, x, y, spec.eps, steps=spec.steps, step_size=spec.resolved_step_size,
+                       restarts=spec.restarts, generator=generator)
+    return autoattack(model, x, y, spec.eps, norm=spec.norm, n_classes=num_classes, seed=seed)
+
+
+@dataclass
+class RobustAccuracy:
+    """Accuracy under one attack. ``float(result)`` is the accuracy."""
+
+    spec: str | None  # None: clean accuracy
+    correct: int
+    clean_correct: int
+    total: int
+    seconds: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+    @property
+    def clean_accuracy(self) -> float:
+        return self.clean_correct / self.total if self.total else float("nan")
+
+    def __float__(self) -> float:
+        return self.accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "accuracy": self.accuracy, "clean_accuracy": self.clean_accuracy}
+
+
+Data = Union[DataLoader, Dataset, "tuple[torch.Tensor, torch.Tensor]", Iterable["tuple[torch.Tensor, torch.Tensor]"]]
+
+
+def _batches(data: Data, batch_size: int) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int | None]:
+    """(batches, total examples if known) for tensors, a Dataset, a DataLoader or any iterable of batches."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{x.shape[0]} images but {y.shape[0]} labels")
+        return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)), x.shape[0]
+    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        return iter(DataLoader(data, batch_size=batch_size, shuffle=False)), len(data)  # type: ignore[arg-type]
+    total = None
+    if isinstance(data, DataLoader):
+        try:
+            total = len(data.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    return iter(data), total
+
+
+def robust_accuracy(model: nn.Module, data: Data, spec: AttackSpec | str | None, num_classes: int | None = None,
+                    batch_size: int = 128, device: torch.device | str | None = None, seed: int = 0,
+                    progress: Progress | None = None) -> RobustAccuracy:
+    """Accuracy of ``model`` under ``spec`` (clean accuracy when ``spec`` is None), batch by batch.
+
+    ``data``: ``(images, labels)`` tensors (split into ``batch_size`` chunks), a Dataset, a
+    DataLoader or any iterable of ``(images, labels)`` batches; pixels in [0, 1]. An example counts
+    as robust when it is classified correctly both clean and attacked (RobustBench's rule), so
+    only clean-correct examples are attacked. Put the model in eval mode first (a model in train
+    mode triggers a warning: dropout would make the attack and the verdict random). ``seed`` fixes
+    PGD's random starts and AutoAttack's. ``progress(done, total, correct)`` is called after each
+    batch (``total`` is None when the data has no length).
+    """
+    if isinstance(spec, str):
+        spec = parse_attack(spec)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if model.training:
+        warnings.warn("robust_accuracy on a model in train mode: call model.eval() first", stacklevel=2)
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batches, total = _batches(data, batch_size)
+    correct = clean_correct = done = 0
+    started = time.perf_counter()
+    for index, (x, y) in enumerate(batches):
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad():
+            ok = model(x).argmax(dim=1) == y
+        clean_correct += int(ok.sum())
+        if spec is not None and bool(ok.any()):
+            keep = ok.nonzero().squeeze(1)
+            adv = run_attack(model, spec, x[keep], y[keep], num_classes=num_classes, generator=generator,
+                             seed=seed + index)
+            with torch.no_grad():
+                ok[keep] = model(adv).argmax(dim=1) == y[keep]
+        correct += int(ok.sum())
+        done += int(y.shape[0])
+        if progress is not None:
+            progress(done, total, correct)
+    return RobustAccuracy(spec=None if spec is None else str(spec), correct=correct, clean_correct=clean_correct,
+                          total=done, seconds=time.perf_counter() - started)
