@@ -64,6 +64,9 @@ def train(
     seed: int = typer.Option(0, help="Seed for initialization, data order and augmentation."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     pretrained: Optional[Path] = typer.Option(None, help="Local weights (.safetensors or torch file) to start from."),
+    mlp_act: str = typer.Option("gelu", help="MLP activation: gelu (timm's), relu or clipped-relu (learned threshold "
+                                            "per unit); ReLU-family MLPs get local MLP bounds in certificates."),
+    sparsity_weight: float = typer.Option(0.0, help="Weight of the activation sparsity loss (relu/clipped-relu)."),
     out: Path = typer.Option(Path("runs/latest"), help="Run directory to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout at the end."),
@@ -85,7 +88,8 @@ def train(
                       cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing, msvp=msvp, lambda_q=lambda_q,
                       lambda_k=lambda_k, lambda_v=lambda_v, n_power_iterations=n_power_iterations,
                       adversarial=adversarial, adv_eps=adv_eps, adv_step=adv_step, adv_steps=adv_steps, seed=seed,
-                      device=device, pretrained=str(pretrained) if pretrained else None)
+                      device=device, pretrained=str(pretrained) if pretrained else None, mlp_act=mlp_act,
+                      sparsity_weight=sparsity_weight)
     try:
         summary = run_training(cfg, out, resume=resume, console=err_console)
     except (CheckpointError, DataError, ModelError, UnsupportedAttentionError, ValueError) as err:

@@ -43,33 +43,47 @@ class ExportError(RuntimeError):
 
 
 class CertifiableModel(nn.Module):
-    """Pixels -> ``(logits, attn_input_norms)``.
+    """Pixels -> ``(logits, attn_input_norms[, mlp_inputs])``.
 
     ``attn_input_norms[b, l]`` is the Frobenius norm of image ``b``'s tokens at the input of
     attention layer ``l`` (the output of that block's first LayerNorm): the ``||X0||_F`` that
-    the certificates need, computed inside the graph so serving needs no torch for it.
+    the certificates need, computed inside the graph so serving needs no torch for it. With
+    ``mlp_inputs=True`` (ReLU-family MLPs), the tokens at each MLP's input ``[b, l, N, d]`` are
+    returned too: the local MLP bound needs the pre-activation intervals, not just a norm.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, mlp_inputs: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.mlp_inputs = mlp_inputs
         self._taps: list[torch.Tensor] = []
+        self._mlp_taps: list[torch.Tensor] = []
         net = getattr(model, "net", model)
         for index, block in enumerate(net.blocks):
             norm = getattr(block, "norm1", None)
             if norm is None:
                 raise ExportError(f"block {index} ({type(block).__name__}) has no norm1 before its attention")
             norm.register_forward_hook(self._record)
+            if mlp_inputs:
+                block.norm2.register_forward_hook(self._record_mlp)
 
     def _record(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         self._taps.append(output)
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _record_mlp(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        self._mlp_taps.append(output)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self._taps.clear()
+        self._mlp_taps.clear()
         logits = self.model(pixels)
         norms = torch.stack([tap.flatten(1).norm(dim=1) for tap in self._taps], dim=1)
+        outputs: tuple[torch.Tensor, ...] = (logits, norms)
+        if self.mlp_inputs:
+            outputs = outputs + (torch.stack(self._mlp_taps, dim=1),)
         self._taps.clear()
-        return logits, norms
+        self._mlp_taps.clear()
+        return outputs
 
     def tokens_per_layer(self, pixels: torch.Tensor) -> list[int]:
         """``N`` (tokens at each attention layer's input), read off one forward pass."""
@@ -117,6 +131,34 @@ def _weight_references(model: nn.Module, arrays: dict[str, np.ndarray]) -> list[
             entry[key] = ref
         layers.append(entry)
     return layers
+
+
+def _mlp_references(model: nn.Module, arrays: dict[str, np.ndarray], activation: str,
+                    exported_inputs: bool) -> dict[str, Any]:
+    """Where each MLP's weights live, for local MLP bounds computed from the ONNX file alone."""
+    from .mlp import mlp_modules
+
+    if activation == "gelu":
+        return {"activation": activation, "local_bounds": False}
+    if not exported_inputs:
+        return {"activation": activation, "local_bounds": False,
+                "reason": "layers have different token counts, so MLP inputs are not exported"}
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = []
+    for mlp in mlp_modules(model):
+        prefix = names[id(mlp)]
+        entry: dict[str, Any] = {}
+        for key, param in (("fc1", mlp.fc1.weight), ("fc2", mlp.fc2.weight)):
+            entry[key] = _find_initializer(arrays, f"{prefix}.{key}.weight", param.detach().cpu().numpy())
+        bias = mlp.fc1.bias
+        entry["fc1_bias"] = (_find_initializer(arrays, f"{prefix}.fc1.bias", bias.detach().cpu().numpy())["initializer"]
+                             if bias is not None else None)
+        threshold = getattr(mlp.act, "threshold", None)
+        entry["threshold"] = (_find_initializer(arrays, f"{prefix}.act.threshold",
+                                                threshold.detach().cpu().numpy())["initializer"]
+                              if threshold is not None else None)
+        layers.append(entry)
+    return {"activation": activation, "local_bounds": True, "layers": layers}
 
 
 def _sigma_table(sigmas: torch.Tensor, names: str) -> dict[str, list[list[float]]]:
@@ -170,9 +212,9 @@ def _check_parity(onnx_path: Path, wrapper: CertifiableModel, pixels: torch.Tens
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    logits_ort, norms_ort = session.run(["logits", "attn_input_norms"], {"pixels": pixels.numpy()})
+    logits_ort, norms_ort = session.run(["logits", "attn_input_norms"], {"pixels": pixels.numpy()})[:2]
     with torch.no_grad():
-        logits, norms = (t.numpy() for t in wrapper(pixels))
+        logits, norms = (t.numpy() for t in wrapper(pixels)[:2])
     report = {"images": int(pixels.shape[0]), "source": "run test set",
               "max_abs_logit_diff": float(np.abs(logits_ort - logits).max()),
               "max_abs_norm_diff": float(np.abs(norms_ort - norms).max()),
@@ -201,9 +243,11 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
         raise CheckpointError(f"{files.config} lacks the 'data' section of a specformer-deploy run")
     if sum(p.numel() * p.element_size() for p in model.parameters()) > _MAX_SINGLE_FILE_BYTES:
         raise ExportError("the model's weights exceed 1.9 GB: a single-file ONNX export is not possible")
-    wrapper = CertifiableModel(model).eval()
     pixels = _parity_inputs(config)
-    tokens = wrapper.tokens_per_layer(pixels)
+    mlp_act = config["model"].get("mlp_act", "gelu")
+    tokens = CertifiableModel(model).tokens_per_layer(pixels)
+    wrapper = CertifiableModel(model, mlp_inputs=mlp_act != "gelu" and len(set(tokens)) == 1).eval()
+    outputs = ["logits", "attn_input_norms"] + (["mlp_inputs"] if wrapper.mlp_inputs else [])
 
     step("tracing with torch.export")
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -218,7 +262,7 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
         step("translating to ONNX")
         kwargs: dict[str, Any] = {"opset_version": opset} if opset is not None else {}
         torch.onnx.export(program, (pixels[:2],), str(tmp_onnx), input_names=["pixels"],
-                          output_names=["logits", "attn_input_norms"], external_data=False, optimize=False,
+                          output_names=outputs, external_data=False, optimize=False,
                           verbose=False, **kwargs)
         step("checking ONNX Runtime parity")
         parity = _check_parity(tmp_onnx, wrapper, pixels)
@@ -261,6 +305,7 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
             "spectral_power_iteration": _power_estimates(model, files, config),
             "attention_weights": _weight_references(model, arrays),
             "parity": parity,
+            "mlp": _mlp_references(model, arrays, mlp_act, wrapper.mlp_inputs),
         }
         metadata["integrity"] = {"weights_sha256": weights_digest(arrays), "tensor_sha256": tensor_digests(arrays),
                                  "graph_sha256": graph_digest(proto), "metadata_sha256": metadata_digests(metadata)}

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .heads import attention_layers
+from .mlp import apply_mlp_activation
 
 __all__ = ["ModelConfig", "NormalizedClassifier", "PRESETS", "DEFAULT_MODEL", "resolve_model_config", "build_model",
            "load_pretrained", "ModelError"]
@@ -49,6 +50,7 @@ class ModelConfig:
     num_classes: int
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    mlp_act: str = "gelu"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,7 +74,7 @@ class NormalizedClassifier(nn.Module):
 
 
 def resolve_model_config(name: str, num_classes: int, img_size: int | None = None,
-                         patch_size: int | None = None) -> ModelConfig:
+                         patch_size: int | None = None, mlp_act: str = "gelu") -> ModelConfig:
     """Turn a preset or timm model name plus run options into a full ``ModelConfig``."""
     if name in PRESETS:
         arch, kwargs = PRESETS[name]
@@ -99,7 +101,7 @@ def resolve_model_config(name: str, num_classes: int, img_size: int | None = Non
     else:
         mean, std = [0.5] * 3, [0.5] * 3
     return ModelConfig(name=name, arch=arch, kwargs=kwargs, img_size=size, num_classes=num_classes,
-                       mean=[float(m) for m in mean], std=[float(s) for s in std])
+                       mean=[float(m) for m in mean], std=[float(s) for s in std], mlp_act=mlp_act)
 
 
 def build_model(config: ModelConfig) -> NormalizedClassifier:
@@ -108,6 +110,10 @@ def build_model(config: ModelConfig) -> NormalizedClassifier:
         net = timm.create_model(config.arch, pretrained=False, num_classes=config.num_classes, **config.kwargs)
     except TypeError as err:
         raise ModelError(f"timm model {config.arch!r} does not accept these options {config.kwargs}: {err}") from err
+    try:
+        apply_mlp_activation(net, config.mlp_act)
+    except ValueError as err:
+        raise ModelError(str(err)) from err
     model = NormalizedClassifier(net, config.mean, config.std)
     list(attention_layers(model))  # raises a clear error for unsupported attention
     return model

@@ -88,6 +88,7 @@ class SpecformerRuntime:
             raise IntegrityError(f"{self.path} has no specformer metadata: export it with `specformer-deploy export`")
         if verify:
             self._verify(proto)
+        self._mlp = self._mlp_weights(proto)
         del proto
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -111,12 +112,49 @@ class SpecformerRuntime:
         if changed:
             raise IntegrityError(f"{self.path}: metadata changed after export: {', '.join(changed)}")
 
+    def _mlp_weights(self, proto) -> list[dict[str, Any]] | None:
+        """fc1/fc2 weights (and thresholds) of ReLU-family MLPs, read once for local MLP bounds."""
+        info = self.meta.get("mlp") or {}
+        if not info.get("local_bounds"):
+            return None
+        arrays = initializer_arrays(proto)
+
+        def oriented(ref: dict[str, Any]) -> np.ndarray:
+            array = arrays[ref["initializer"]]
+            return array.T if ref.get("transposed") else array
+
+        layers = []
+        for entry in info["layers"]:
+            fc1 = oriented(entry["fc1"])
+            layers.append({"w1": fc1.astype(np.float64), "w2": oriented(entry["fc2"]).astype(np.float64),
+                           "b1": arrays[entry["fc1_bias"]].astype(np.float64) if entry["fc1_bias"] else
+                           np.zeros(fc1.shape[0]),
+                           "threshold": np.maximum(arrays[entry["threshold"]], 0.0) if entry["threshold"] else None})
+        return layers
+
+    def mlp_certificate(self, mlp_inputs: np.ndarray, radius: float) -> list[dict[str, Any]]:
+        """Local vs global Lipschitz bounds of each MLP over the Frobenius ball of ``radius``."""
+        from .bounds import mlp_local_bound
+
+        activation = self.meta["mlp"]["activation"]
+        out = []
+        for layer, (weights, tokens) in enumerate(zip(self._mlp or [], mlp_inputs)):
+            result = mlp_local_bound(tokens, weights["w1"], weights["b1"], weights["w2"], radius, activation,
+                                     weights["threshold"])
+            out.append({"layer": layer, **result})
+        return out
+
     # -- inference -------------------------------------------------------------------------
     def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``[B, 3, S, S]`` pixels -> ``(logits [B, C], attn_input_norms [B, L])``."""
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         logits, norms = self.session.run(["logits", "attn_input_norms"], {"pixels": pixels})
         return logits, norms
+
+    def infer_mlp_inputs(self, pixels: np.ndarray) -> np.ndarray | None:
+        if self._mlp is None:
+            return None
+        return self.session.run(["mlp_inputs"], {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
 
     def prediction(self, logits: np.ndarray, top_k: int = 5) -> dict[str, Any]:
         shifted = np.exp(logits - logits.max())
@@ -145,6 +183,10 @@ class SpecformerRuntime:
         logits, norms = self.infer(pixels)
         answers = [{"prediction": self.prediction(logits[i], top_k), "certificate": self.certificate(norms[i], delta0)}
                    for i in range(len(logits))]
+        mlp_inputs = self.infer_mlp_inputs(pixels)
+        if mlp_inputs is not None:
+            for i, answer in enumerate(answers):
+                answer["certificate"]["mlp"] = self.mlp_certificate(mlp_inputs[i], delta0)
         if probe is not None:
             labels = logits.argmax(axis=1)
             for i, result in enumerate(self.probe(pixels, labels, probe)):

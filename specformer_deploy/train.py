@@ -32,6 +32,7 @@ from .attacks import check_budget, pgd
 from .checkpoint import CheckpointError, RunFiles, atomic_write, atomic_write_text, read_metrics
 from .data import load_dataset
 from .models import DEFAULT_MODEL, ModelConfig, build_model, load_pretrained, resolve_model_config
+from .mlp import activation_sparsity
 from .msvp import MSVP, MSVPConfig, exact_spectral_norms
 
 __all__ = ["TrainConfig", "train", "resolve_device", "evaluate_accuracy", "load_run_model", "FORMAT_VERSION"]
@@ -71,6 +72,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     pretrained: str | None = None
+    mlp_act: str = "gelu"
+    sparsity_weight: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -88,6 +91,10 @@ class TrainConfig:
         if self.adversarial:
             check_budget(self.adv_eps, self.adv_step, self.adv_steps)
         MSVPConfig(self.lambda_q, self.lambda_k, self.lambda_v, self.n_power_iterations)
+        if not (self.sparsity_weight >= 0):
+            raise ValueError(f"--sparsity-weight must be >= 0, got {self.sparsity_weight}")
+        if self.sparsity_weight > 0 and self.mlp_act == "gelu":
+            raise ValueError("--sparsity-weight needs --mlp-act relu or clipped-relu (units that can be constant)")
 
     @property
     def msvp_config(self) -> MSVPConfig:
@@ -116,6 +123,12 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _sparsity(model: nn.Module, weight: float) -> contextlib.AbstractContextManager:
+    if weight > 0:
+        return activation_sparsity(model)
+    return contextlib.nullcontext([])
 
 
 @torch.no_grad()
@@ -174,9 +187,10 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, console: C
     device = resolve_device(cfg.device)
 
     _seed(cfg.seed)
-    probe = resolve_model_config(cfg.model, num_classes=2, img_size=cfg.img_size, patch_size=cfg.patch_size)
+    probe = resolve_model_config(cfg.model, num_classes=2, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                                 mlp_act=cfg.mlp_act)
     bundle = load_dataset(cfg.dataset, probe.img_size, cfg.data_dir)
-    model_cfg = resolve_model_config(cfg.model, bundle.num_classes, cfg.img_size, cfg.patch_size)
+    model_cfg = resolve_model_config(cfg.model, bundle.num_classes, cfg.img_size, cfg.patch_size, cfg.mlp_act)
     _seed(cfg.seed)
     model = build_model(model_cfg)
     if cfg.pretrained and checkpoint is None:
@@ -245,9 +259,11 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, console: C
                 target = y
                 if mixup is not None:
                     x, target = mixup(x, y)
-                with _autocast(device):
+                with _autocast(device), _sparsity(model, cfg.sparsity_weight) as activations:
                     loss = criterion(model(x), target)
                 penalty = msvp.penalty() if msvp is not None else torch.zeros((), device=device)
+                if activations:
+                    penalty = penalty + cfg.sparsity_weight * torch.stack(activations).sum().float()
                 optimizer.zero_grad(set_to_none=True)
                 (loss + penalty).backward()
                 optimizer.step()
