@@ -163,7 +163,10 @@ def audit_file(path: str | Path, heads: int | None = None) -> AuditReport:
         if meta_now.get(key) != stored_meta_digests.get(key):
             report.problems.append(f"metadata value specformer.{key} changed after export")
 
-    # 3. Spectral norms, head by head.
+    # 3. What the certificates read besides per-head sigmas: ||W_O|| per layer and ||b_q|| per head.
+    _check_certificate_inputs(report, arrays, layers, meta)
+
+    # 4. Spectral norms, head by head.
     stored = meta.get("spectral", {})
     report.stored_sigmas = {f"sigma_{n}": stored.get(f"sigma_{n}") for n in PROJECTIONS}
     for name in PROJECTIONS:
@@ -183,6 +186,33 @@ def audit_file(path: str | Path, heads: int | None = None) -> AuditReport:
     if report.problems:
         report.exit_code, report.verdict = EXIT_INCONSISTENT, "inconsistent"
     return report
+
+
+def _check_certificate_inputs(report: AuditReport, arrays: dict[str, np.ndarray], layers: list[dict[str, Any]],
+                              meta: dict[str, Any]) -> None:
+    stored_o = meta.get("spectral", {}).get("sigma_o_full")
+    if stored_o is not None:
+        whole = [(arrays[l["o"]["initializer"]].T if l["o"].get("transposed") else arrays[l["o"]["initializer"]])
+                 for l in layers]
+        recomputed = [float(s[0]) for s in spectral_norms([w[None] for w in whole])]
+        for layer, (a, b) in enumerate(zip(stored_o, recomputed)):
+            if not np.isclose(a, b, rtol=SIGMA_RTOL, atol=1e-9):
+                report.problems.append(f"||W_O|| of layer {layer}: metadata {a:.6g}, recomputed {b:.6g}")
+    stored_b = meta.get("bias_q_norm")
+    if stored_b is None:
+        return
+    head_dim = int(meta["head_dim"])
+    for layer, entry in enumerate(layers):
+        ref = entry.get("q_bias")
+        if ref is None:
+            now = np.zeros(len(stored_b[layer]))
+        else:
+            start, stop = ref["range"]
+            now = np.linalg.norm(arrays[ref["initializer"]][start:stop].astype(np.float64).reshape(-1, head_dim), axis=1)
+        bad = ~np.isclose(np.asarray(stored_b[layer], dtype=np.float64), now, rtol=SIGMA_RTOL, atol=1e-9)
+        for head in np.nonzero(bad)[0]:
+            report.problems.append(f"||b_q|| of layer {layer} head {head}: metadata {stored_b[layer][head]:.6g}, "
+                                   f"recomputed {now[head]:.6g}")
 
 
 def _audit_plain(path: Path, arrays: dict[str, np.ndarray], heads: int | None) -> AuditReport:

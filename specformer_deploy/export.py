@@ -129,6 +129,12 @@ def _weight_references(model: nn.Module, arrays: dict[str, np.ndarray]) -> list[
             ref = _find_initializer(arrays, full, params[full].detach().cpu().numpy())
             ref["cols" if key == "o" else "rows"] = [start, stop]
             entry[key] = ref
+        q_param, q_start, q_stop = heads.slices()["q"]
+        bias_name = f"{prefix}.{q_param.removesuffix('weight')}bias"
+        entry["q_bias"] = None
+        if bias_name in params:
+            found = _find_initializer(arrays, bias_name, params[bias_name].detach().cpu().numpy())
+            entry["q_bias"] = {"initializer": found["initializer"], "range": [q_start, q_stop]}
         layers.append(entry)
     return layers
 

@@ -213,3 +213,18 @@ def test_export_errors_are_clear(tmp_path: Path, exported_pair) -> None:
     wrong = _cli("export", str(exported_pair["msvp"]["run"]), "--out", str(tmp_path / "m.txt"))
     assert wrong.returncode == 2 and ".onnx" in wrong.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_changed_query_bias_is_caught_as_a_certificate_input(exported_pair, tmp_path: Path) -> None:
+    src = Path(exported_pair["msvp"]["onnx"])
+    head_dim = read_metadata(onnx.load(str(src)))["head_dim"]
+
+    def edit(proto: onnx.ModelProto) -> None:
+        init = next(i for i in proto.graph.initializer if i.name == "model.net.blocks.0.attn.qkv.bias")
+        array = numpy_helper.to_array(init).copy()
+        array[head_dim + 1] += 3.0  # head 1's query bias
+        init.CopyFrom(numpy_helper.from_array(array, init.name))
+
+    report = audit_file(_rewrite(src, tmp_path / "bias.onnx", edit))
+    assert report.exit_code == 1
+    assert any(p.startswith("||b_q|| of layer 0 head 1:") for p in report.problems)
