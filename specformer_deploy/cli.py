@@ -208,6 +208,63 @@ def audit(
 
 
 @app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="A run directory, or an exported .onnx with model.pt2 beside it."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset (default: the one the model was trained on)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Directory for cifar10/cifar100/imagefolder."),
+    protocol: str = typer.Option("standard", help="standard: clean, FGSM 2/255, PGD-2 2/255; adversarial: clean, "
+                                                  "CW-20, PGD-20, PGD-100 at 8/255 (the paper's protocols)."),
+    attack: Optional[list[str]] = typer.Option(None, help="NAME:EPS[:STEPS[:RESTARTS]] instead of the protocol, "
+                                                          "repeatable: fgsm, pgd, pgd-l2, cw, autoattack, "
+                                                          "autoattack-l2; EPS like 8/255."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate the first N test images only."),
+    batch_size: int = typer.Option(128, min=1, help="Attack batch size."),
+    seed: int = typer.Option(0, help="Seed of random starts."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    json_output: bool = typer.Option(False, "--json", help='Print {"clean": acc, "<attack>": acc, ...} on stdout.'),
+) -> None:
+    """Accuracy under attack, in the layout of the paper's Tables 1/2 (accuracies in [0, 1])."""
+    from rich.progress import Progress
+
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .evaluate import PROTOCOLS, evaluate_model, load_attack_model
+    from .train import resolve_device
+
+    if protocol not in PROTOCOLS:
+        _fail(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    specs = list(attack) if attack else PROTOCOLS[protocol]
+    try:
+        target = resolve_device(device)
+        net, info = load_attack_model(model, target)
+        with Progress(console=err_console, transient=True) as progress:
+            tasks: dict[str, int] = {}
+
+            def update(key: str, done: int, total: int) -> None:
+                if key not in tasks:
+                    tasks[key] = progress.add_task(key, total=total)
+                progress.update(tasks[key], completed=done)
+
+            results = evaluate_model(net, info, specs, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
+                                     limit=limit, batch_size=batch_size, seed=seed, device=target, on_progress=update)
+    except (CheckpointError, DataError, ValueError) as err:
+        _fail(str(err))
+    if json_output:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    from rich.table import Table
+
+    details = results["details"]
+    table = Table(title=f"{model} on {details['dataset']} ({details['images']} test images; {details['source']})")
+    table.add_column("Model")
+    keys = [k for k in results if k != "details"]
+    for key in keys:
+        table.add_column(details["attacks"][key]["label"], justify="right")
+    table.add_row(str(model), *[f"{100 * results[k]:.2f}" for k in keys])
+    Console(width=max(120, Console().width)).print(table)
+
+
+@app.command()
 def certify(
     model: Path = typer.Argument(..., help="An exported .onnx file (model.pt2 beside it for probes)."),
     images: list[Path] = typer.Argument(..., help="PNG/JPEG files; resized to the model's input size."),

@@ -31,7 +31,7 @@ from .onnx_meta import (FORMAT_VERSION, graph_digest, initializer_arrays, metada
                         weights_digest, write_metadata)
 from .train import load_run_model
 
-__all__ = ["CertifiableModel", "ExportError", "export_run", "PARITY_TOLERANCE"]
+__all__ = ["CertifiableModel", "ExportError", "export_run", "load_exported_logits", "PARITY_TOLERANCE"]
 
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 64
@@ -97,6 +97,31 @@ class CertifiableModel(nn.Module):
             for handle in handles:
                 handle.remove()
         return shapes
+
+
+class ExportedLogits(nn.Module):
+    """The logits of a reloaded ``model.pt2`` (which returns ``(logits, attn_input_norms, ...)``).
+
+    The program was traced in eval mode and cannot switch modes (``eval()`` on it raises), so
+    ``train()``/``eval()`` only set this wrapper's flag.
+    """
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+        self.training = False
+
+    def train(self, mode: bool = True) -> "ExportedLogits":
+        self.training = mode
+        return self
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.program(pixels)[0]
+
+
+def load_exported_logits(pt2: str | Path) -> ExportedLogits:
+    """Reload ``model.pt2`` for input gradients (attacks, probes): same trace as the ONNX file."""
+    return ExportedLogits(torch.export.load(str(pt2)).module())
 
 
 def _find_initializer(arrays: dict[str, np.ndarray], name: str, value: np.ndarray) -> dict[str, Any]:

@@ -204,22 +204,12 @@ class SpecformerRuntime:
     # -- probe -----------------------------------------------------------------------------
     def _logits_model(self):
         if self._probe_model is None:
-            import torch
-
             pt2 = self.path.with_suffix(".pt2")
             if not pt2.is_file():
                 raise FileNotFoundError(f"the probe needs {pt2} (written by export beside the .onnx)")
-            program = torch.export.load(str(pt2)).module()
+            from .export import load_exported_logits
 
-            class Logits(torch.nn.Module):
-                def __init__(self, inner: torch.nn.Module) -> None:
-                    super().__init__()
-                    self.inner = inner
-
-                def forward(self, x: torch.Tensor) -> torch.Tensor:
-                    return self.inner(x)[0]
-
-            self._probe_model = Logits(program)
+            self._probe_model = load_exported_logits(pt2)
         return self._probe_model
 
     def probe(self, pixels: np.ndarray, labels: np.ndarray, request: ProbeRequest) -> list[dict[str, Any]]:
