@@ -57,6 +57,16 @@ def rayleigh_sigma(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.T
     return torch.bmm(torch.bmm(u.detach().unsqueeze(1), w), v.detach().unsqueeze(-1)).view(-1)
 
 
+def _copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``t.copy_(s)`` for every pair, fused into one launch where torch offers it."""
+    with torch.no_grad():
+        if hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(targets, sources)
+        else:  # pragma: no cover - older torch
+            for target, source in zip(targets, sources):
+                target.copy_(source)
+
+
 class MSVP(nn.Module):
     """Power-iteration state and penalty for every attention layer of a timm ViT.
 
@@ -100,22 +110,32 @@ class MSVP(nn.Module):
 
         With ``update`` (default: ``self.training``) the persistent vectors first take
         ``n_power_iterations`` steps on the current weights, as Algorithm 1 does once per step.
+        Layers of equal shape are stacked into one batch, so a step costs a fixed handful of
+        kernels whatever the depth (on a GPU, launches rather than FLOPs dominate this work).
         """
         update = self.training if update is None else update
-        out = []
+        heads = [self.layer_heads(i).qkv for i in range(self.num_layers)]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, w in enumerate(heads):
+            groups.setdefault(tuple(w.shape), []).append(index)
+        out: list[torch.Tensor | None] = [None] * self.num_layers
         with torch.autocast(device_type=self.lambdas.device.type, enabled=False):
-            for index in range(self.num_layers):
-                w = self.layer_heads(index).qkv
-                three, n_heads, head_dim, dim = w.shape
-                w = w.reshape(three * n_heads, head_dim, dim).float()
-                u, v = self.vectors(index)
+            for (three, n_heads, head_dim, dim), members in groups.items():
+                w = torch.stack([heads[i] for i in members]).float().reshape(-1, head_dim, dim)
+                us = [getattr(self, f"u_{i}") for i in members]
+                vs = [getattr(self, f"v_{i}") for i in members]
+                u = torch.cat([b.reshape(-1, head_dim) for b in us])
+                v = torch.cat([b.reshape(-1, dim) for b in vs])
                 if update:
-                    power_iteration_(w.detach(), u.view(-1, head_dim), v.view(-1, dim),
-                                     self.config.n_power_iterations)
-                # Clones keep autograd's saved tensors safe from the next in-place update.
-                sigma = rayleigh_sigma(w, u.view(-1, head_dim).clone(), v.view(-1, dim).clone())
-                out.append(sigma.view(three, n_heads))
-        return torch.stack(out)
+                    power_iteration_(w.detach(), u, v, self.config.n_power_iterations)
+                    rows = three * n_heads
+                    _copy_all(us + vs, [c.view_as(b) for c, b in zip(u.split(rows) + v.split(rows), us + vs)])
+                sigma = rayleigh_sigma(w, u, v).view(len(members), three, n_heads)
+                if len(groups) == 1:
+                    return sigma
+                for position, index in enumerate(members):
+                    out[index] = sigma[position]
+        return torch.stack(out)  # type: ignore[arg-type]
 
     def penalty(self, sigmas: torch.Tensor | None = None) -> torch.Tensor:
         """``sum_{l,h} (lambda_q sigma_q^2 + lambda_k sigma_k^2 + lambda_v sigma_v^2)``."""
