@@ -40,7 +40,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = ["paper_head_bound", "attention_head_bound", "layer_bound", "paper_bound_from_norms",
-           "head_bound_from_norms", "layer_certificates", "mlp_local_bound"]
+           "head_bound_from_norms", "layer_certificates", "certificate_arrays", "CertificateConstants",
+           "mlp_local_bound"]
 
 
 def _array(x: ArrayLike) -> np.ndarray:
@@ -115,30 +116,49 @@ def layer_bound(head_bounds: ArrayLike, sigma_o: float) -> float:
     return float(sigma_o * np.sqrt(np.sum(_array(head_bounds) ** 2)))
 
 
-def layer_certificates(input_norms: ArrayLike, delta0: float, meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-layer certificates for one image from its ``attn_input_norms`` and the export metadata.
+class CertificateConstants:
+    """What the certificates need from the export metadata, as arrays, read once per model."""
 
-    ``meta`` is the decoded ``specformer.*`` metadata: tokens per layer, head dim, per-head sigmas
-    (exact SVD at export), query-bias norms and the whole-matrix ``||W_O||`` per layer.
+    def __init__(self, meta: dict[str, Any]) -> None:
+        spectral = meta["spectral"]
+        self.tokens = np.asarray(meta["tokens"], dtype=np.float64)  # [L]
+        self.head_dim = int(meta["head_dim"])
+        self.sigma_q, self.sigma_k, self.sigma_v = (np.asarray(spectral[f"sigma_{n}"], dtype=np.float64) for n in "qkv")
+        bias = meta.get("bias_q_norm")
+        self.bias_q = np.asarray(bias, dtype=np.float64) if bias is not None else np.zeros_like(self.sigma_q)
+        self.sigma_o = np.asarray(spectral["sigma_o_full"], dtype=np.float64)  # [L]
+
+
+def certificate_arrays(input_norms: ArrayLike, delta0: float, constants: CertificateConstants) -> dict[str, np.ndarray]:
+    """Per-image, per-layer certificates for a batch at once: ``input_norms`` is ``[B, L]``.
+
+    Returns ``bound``, ``paper_bound`` (``[B, L]``), ``paper_bound_valid`` (``[B, L]`` bool) and
+    ``head_bounds`` (``[B, L, H]``), by the formulas of ``head_bound_from_norms`` and
+    ``paper_bound_from_norms`` broadcast over images, layers and heads.
     """
-    norms = _array(input_norms).reshape(-1)
-    spectral = meta["spectral"]
-    head_dim = int(meta["head_dim"])
-    bias = meta.get("bias_q_norm")
-    out = []
-    for layer, x_norm in enumerate(norms):
-        tokens = int(meta["tokens"][layer])
-        sq, sk, sv = (np.asarray(spectral[f"sigma_{n}"][layer], dtype=np.float64) for n in "qkv")
-        bq = np.asarray(bias[layer], dtype=np.float64) if bias is not None else np.zeros_like(sq)
-        heads = head_bound_from_norms(tokens, x_norm, delta0, sq, sk, sv, head_dim, bq)
-        paper_heads, paper_valid = paper_bound_from_norms(tokens, x_norm, delta0, sq, sk, sv)
-        paper_valid = paper_valid & ((bq == 0) | (paper_heads >= heads))
-        sigma_o = float(spectral["sigma_o_full"][layer])
-        out.append({"layer": layer, "tokens": tokens, "input_norm": float(x_norm),
-                    "bound": layer_bound(heads, sigma_o), "paper_bound": layer_bound(paper_heads, sigma_o),
-                    "paper_bound_valid": bool(np.all(paper_valid)),
-                    "head_bounds": [float(h) for h in heads]})
-    return out
+    c = constants
+    norms = _array(input_norms)
+    b = (norms + delta0)[:, :, None]  # [B, L, 1]
+    n = c.tokens[None, :, None]
+    root_d = math.sqrt(c.head_dim)
+    heads = np.sqrt(n) * c.sigma_v * (c.sigma_q * c.sigma_k * b**2 / root_d + c.sigma_k * c.bias_q * b / (2 * root_d)
+                                       + 1.0)
+    paper_heads = n * (n + 1) * b**2 * (c.sigma_v * c.sigma_q * c.sigma_k + c.sigma_v)
+    valid = ((n + 1) * b**2 >= 1.0) & ((c.bias_q == 0) | (paper_heads >= heads))
+    return {"bound": c.sigma_o * np.sqrt((heads**2).sum(axis=2)),
+            "paper_bound": c.sigma_o * np.sqrt((paper_heads**2).sum(axis=2)),
+            "paper_bound_valid": valid.all(axis=2), "head_bounds": heads}
+
+
+def layer_certificates(input_norms: ArrayLike, delta0: float, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-layer certificates for one image from its ``attn_input_norms`` and the export metadata."""
+    constants = CertificateConstants(meta)
+    norms = _array(input_norms).reshape(1, -1)
+    arrays = certificate_arrays(norms, delta0, constants)
+    return [{"layer": layer, "tokens": int(constants.tokens[layer]), "input_norm": float(norms[0, layer]),
+             "bound": float(arrays["bound"][0, layer]), "paper_bound": float(arrays["paper_bound"][0, layer]),
+             "paper_bound_valid": bool(arrays["paper_bound_valid"][0, layer]),
+             "head_bounds": arrays["head_bounds"][0, layer].tolist()} for layer in range(norms.shape[1])]
 
 
 def mlp_local_bound(x0: ArrayLike, w1: ArrayLike, b1: ArrayLike, w2: ArrayLike, radius: float,

@@ -15,12 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from .bounds import layer_certificates
+from .bounds import CertificateConstants, certificate_arrays
 from .onnx_meta import initializer_arrays, metadata_digests, read_metadata, weights_digest
 
 __all__ = ["SpecformerRuntime", "IntegrityError", "ProbeRequest", "RequestError", "LIMITS", "cuda_usable"]
 
 LIMITS = {"max_steps": 100, "max_delta0": 1e4, "max_top_k": 100, "max_eps_linf": 1.0, "max_batch_probe": 64}
+
+
+_SCOPE = ("each attention layer's local Lipschitz constant over the Frobenius ball of radius delta0 around that "
+          "layer's input tokens")
 
 
 class IntegrityError(RuntimeError):
@@ -100,6 +104,7 @@ class SpecformerRuntime:
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         self.providers = self.session.get_providers()
         self.image_size = int(self.meta["image_size"])
+        self.constants = CertificateConstants(self.meta)
         self.class_names = list(self.meta["class_names"])
         self._probe_model = None
 
@@ -151,40 +156,51 @@ class SpecformerRuntime:
         logits, norms = self.session.run(["logits", "attn_input_norms"], {"pixels": pixels})
         return logits, norms
 
-    def infer_mlp_inputs(self, pixels: np.ndarray) -> np.ndarray | None:
-        if self._mlp is None:
-            return None
-        return self.session.run(["mlp_inputs"], {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
+    def predictions(self, logits: np.ndarray, top_k: int = 5) -> list[dict[str, Any]]:
+        """Softmax probabilities and the top-k classes of each image (``logits`` is ``[B, C]``)."""
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = shifted / shifted.sum(axis=1, keepdims=True)
+        k = max(1, min(top_k, probs.shape[1]))
+        order = np.argsort(-probs, axis=1)[:, :k]
+        names = self.class_names
+        out = []
+        for row, ranked in zip(probs.tolist(), order.tolist()):
+            label = ranked[0]
+            out.append({"label": label, "class": names[label], "probability": row[label],
+                        "top_k": [{"label": i, "class": names[i], "probability": row[i]} for i in ranked]})
+        return out
 
-    def prediction(self, logits: np.ndarray, top_k: int = 5) -> dict[str, Any]:
-        shifted = np.exp(logits - logits.max())
-        probs = shifted / shifted.sum()
-        order = np.argsort(-probs)[: max(1, min(top_k, len(probs)))]
-        label = int(order[0])
-        return {"label": label, "class": self.class_names[label], "probability": float(probs[label]),
-                "top_k": [{"label": int(i), "class": self.class_names[i], "probability": float(probs[i])}
-                          for i in order]}
-
-    def certificate(self, norms: np.ndarray, delta0: float) -> dict[str, Any]:
-        layers = layer_certificates(norms, delta0, self.meta)
-        return {"norm": "l2", "delta0": delta0,
-                "scope": "each attention layer's local Lipschitz constant over the Frobenius ball of radius delta0 "
-                         "around that layer's input tokens",
-                "layers": layers,
-                "bound": max(layer["bound"] for layer in layers),
-                "paper_bound": max(layer["paper_bound"] for layer in layers),
-                "paper_bound_valid": all(layer["paper_bound_valid"] for layer in layers),
-                "spectral": "exact SVD at export, sha256 verified"}
+    def certificates(self, norms: np.ndarray, delta0: float) -> list[dict[str, Any]]:
+        """The certificate of each image (``norms`` is ``[B, L]``), computed for the batch at once."""
+        arrays = certificate_arrays(norms, delta0, self.constants)
+        tokens = self.constants.tokens.astype(int).tolist()
+        bound, paper = arrays["bound"].tolist(), arrays["paper_bound"].tolist()
+        valid, heads, inputs = arrays["paper_bound_valid"].tolist(), arrays["head_bounds"].tolist(), norms.tolist()
+        out = []
+        for i in range(len(bound)):
+            layers = [{"layer": l, "tokens": tokens[l], "input_norm": inputs[i][l], "bound": bound[i][l],
+                       "paper_bound": paper[i][l], "paper_bound_valid": valid[i][l], "head_bounds": heads[i][l]}
+                      for l in range(len(tokens))]
+            out.append({"norm": "l2", "delta0": delta0, "scope": _SCOPE, "layers": layers, "bound": max(bound[i]),
+                        "paper_bound": max(paper[i]), "paper_bound_valid": all(valid[i]),
+                        "spectral": "exact SVD at export, sha256 verified"})
+        return out
 
     def answer(self, pixels: np.ndarray, *, delta0: float = 0.01, top_k: int = 5,
-               probe: ProbeRequest | None = None) -> list[dict[str, Any]]:
-        """One answer per image of the batch (DESIGN.md's served JSON)."""
+               probe: ProbeRequest | None = None, certificate: bool = True) -> list[dict[str, Any]]:
+        """One answer per image of the batch (DESIGN.md's served JSON); ``certificate=False``
+        answers the prediction alone (the baseline that the certificate's cost is measured against)."""
         self.check_options(delta0, top_k, probe)
-        logits, norms = self.infer(pixels)
-        answers = [{"prediction": self.prediction(logits[i], top_k), "certificate": self.certificate(norms[i], delta0)}
-                   for i in range(len(logits))]
-        mlp_inputs = self.infer_mlp_inputs(pixels)
-        if mlp_inputs is not None:
+        mlp = certificate and self._mlp is not None
+        names = ["logits", "attn_input_norms"] + (["mlp_inputs"] if mlp else [])
+        outputs = self.session.run(names, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})
+        logits, norms = outputs[0], outputs[1]
+        answers = [{"prediction": p} for p in self.predictions(logits, top_k)]
+        if certificate:
+            for answer, cert in zip(answers, self.certificates(norms, delta0)):
+                answer["certificate"] = cert
+        if mlp:
+            mlp_inputs = outputs[2]
             for i, answer in enumerate(answers):
                 answer["certificate"]["mlp"] = self.mlp_certificate(mlp_inputs[i], delta0)
         if probe is not None:
