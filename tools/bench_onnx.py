@@ -31,6 +31,9 @@ process may use). After untimed warm-up calls, each repetition times one block o
 one block of eager calls on the same input, the order alternating between repetitions, so slow
 drifts of the machine (other processes, thermal, allocator state) hit both alike. A block holds
 enough calls to last at least ``--min-block-s`` (counted per backend from the warm-up calls).
+Up to ``--reps`` repetitions are run, fewer (but at least ``--min-reps``) once ``--budget-s``
+seconds have been spent on that model and batch, so the default run stays within a few minutes
+on two cores even when the machine is busy; the table gives the count actually run.
 Reported per (model, batch): median and best images/s of each backend, the ratio of the medians
 (the headline), and the median/min/max of the per-repetition paired ratios (a noise
 indicator). The 1-minute load average before and after is recorded: on a shared machine it
@@ -87,7 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated presets or timm ViT names")
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--reps", type=int, default=15, help="timed repetitions (each: one ORT block + one eager block)")
+    parser.add_argument("--reps", type=int, default=15,
+                        help="timed repetitions (each: one ORT block + one eager block)")
+    parser.add_argument("--budget-s", type=float, default=20.0,
+                        help="per model and batch: stop repeating after this many seconds once --min-reps are done")
+    parser.add_argument("--min-reps", type=int, default=5, help="repetitions done whatever --budget-s says")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls per backend, model and batch")
     parser.add_argument("--min-block-s", type=float, default=0.2,
                         help="each timed block repeats the call enough times to last at least this long")
@@ -105,8 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
     if not args.models or not args.batches or args.batches[0] < 1:
         parser.error("--models needs at least one name and --batches integers >= 1")
-    if args.reps < 1 or args.warmup < 0 or args.threads < 1 or args.min_block_s < 0:
-        parser.error("--reps and --threads must be >= 1, --warmup and --min-block-s >= 0")
+    if args.reps < 1 or args.min_reps < 1 or args.warmup < 0 or args.threads < 1 or args.min_block_s < 0:
+        parser.error("--reps, --min-reps and --threads must be >= 1, --warmup and --min-block-s >= 0")
+    args.min_reps = min(args.min_reps, args.reps)
     return args
 
 
@@ -186,13 +194,16 @@ def compare(session, wrapper: CertifiableModel, pixels: torch.Tensor, args: argp
             single["eager"].append(block(run_eager, 1))
         calls = {name: max(1, math.ceil(args.min_block_s / max(min(ts), 1e-9))) for name, ts in single.items()}
         times: dict[str, list[float]] = {"ort": [], "eager": []}
+        deadline = time.perf_counter() + args.budget_s
         for rep in range(args.reps):
+            if rep >= args.min_reps and time.perf_counter() > deadline:
+                break
             order = ("ort", "eager") if rep % 2 == 0 else ("eager", "ort")
             for name in order:
                 times[name].append(block(run_ort if name == "ort" else run_eager, calls[name]))
     rate = {name: [calls[name] * batch / t for t in ts] for name, ts in times.items()}
     paired = [o / e for o, e in zip(rate["ort"], rate["eager"])]
-    out: dict[str, Any] = {"batch": batch, "calls_per_block": calls, "reps": args.reps, "check": check}
+    out: dict[str, Any] = {"batch": batch, "calls_per_block": calls, "reps": len(paired), "check": check}
     for name in ("ort", "eager"):
         out[name] = {"images_per_s_median": statistics.median(rate[name]), "images_per_s_best": max(rate[name]),
                      "ms_per_call_median": 1000 * statistics.median(times[name]) / calls[name],
@@ -230,7 +241,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path, status) -> dict[
         "export_s": export_s, "batches": [],
     }
     for batch in args.batches:
-        status.update(f"timing {name} at batch {batch} ({args.reps} interleaved repetitions)...")
+        status.update(f"timing {name} at batch {batch} (up to {args.reps} interleaved repetitions)...")
         pixels = torch.rand(batch, 3, cfg.img_size, cfg.img_size, generator=gen)
         result["batches"].append(compare(session, wrapper, pixels, args))
     return result
@@ -257,7 +268,8 @@ def render(result: dict[str, Any], console) -> None:
                 f"{row['eager']['images_per_s_median']:.1f} ({row['eager']['images_per_s_best']:.1f})",
                 f"{row['ort']['ms_per_call_median']:.3f}", f"{row['eager']['ms_per_call_median']:.3f}",
                 f"[bold]{row['ratio_of_medians']:.2f}x[/]", f"{pr['median']:.2f} [{pr['min']:.2f}, {pr['max']:.2f}]",
-                "[green]met[/]" if ok else "[red]missed[/]", f"{row['calls_per_block']['ort']}/{row['calls_per_block']['eager']} x {row['reps']}",
+                "[green]met[/]" if ok else "[red]missed[/]",
+                f"{row['calls_per_block']['ort']}/{row['calls_per_block']['eager']} x {row['reps']}",
                 f"{row['check']['max_abs_logit_diff']:.1e}")
     console.print(table)
     for model in result["models"]:
@@ -270,12 +282,13 @@ def render(result: dict[str, Any], console) -> None:
     busy = [v for v in load.values() if v is not None and v > env["threads"] + 0.5]
     if busy:
         console.print(f"[yellow]the load average ({max(busy):.1f}) exceeded the {env['threads']} threads used: other "
-                      "processes competed for the cores, so these figures (eager's most, since its OpenMP threads "
-                      "wait on each other at every op) are not those of an idle machine[/]")
+                      "processes competed for the cores, so these figures are not those of an idle machine "
+                      "(threads that wait on each other at every op suffer most from that)[/]")
     bad = [f"{m['model']}@{r['batch']}" for m in result["models"] for r in m["batches"]
            if not r["check"]["predictions_equal"] or r["check"]["max_abs_logit_diff"] > 1e-3]
     if bad:
-        console.print(f"[red]ORT and eager outputs disagree for {', '.join(bad)}: the comparison is not like for like[/]")
+        console.print(f"[red]ORT and eager outputs disagree for {', '.join(bad)}: the comparison is not like "
+                      "for like[/]")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -289,7 +302,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {
         "config": {"models": args.models, "batches": args.batches, "num_classes": args.num_classes,
-                   "reps": args.reps, "warmup": args.warmup, "min_block_s": args.min_block_s,
+                   "reps": args.reps, "min_reps": args.min_reps, "budget_s": args.budget_s, "warmup": args.warmup,
+                   "min_block_s": args.min_block_s,
                    "threads": args.threads, "seed": args.seed, "weights": "random init",
                    "ort": {"provider": "CPUExecutionProvider", "graph_optimization_level": "default (ORT_ENABLE_ALL)",
                            "intra_op_num_threads": args.threads},
