@@ -265,6 +265,33 @@ def evaluate(
 
 
 @app.command()
+def package(
+    model: Path = typer.Argument(..., help="An exported .onnx file (model.pt2 beside it)."),
+    name: str = typer.Option(..., help="Model name: the archive is STORE/NAME.mar, served at /predictions/NAME."),
+    store: Path = typer.Option(Path("model_store"), help="Model store directory."),
+    workers: int = typer.Option(1, min=1, help="Workers per model (model-config.yaml minWorkers/maxWorkers)."),
+    batch_size: int = typer.Option(8, min=1, help="TorchServe batch size."),
+    max_batch_delay: int = typer.Option(5, min=0, help="Milliseconds to wait for a batch to fill."),
+    response_timeout: int = typer.Option(60, min=1, help="Seconds before TorchServe gives up on a request."),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Build a TorchServe archive (torch-model-archiver) with the specformer handler."""
+    from .package import PackageError, package_model
+
+    config = {"minWorkers": workers, "maxWorkers": workers, "batchSize": batch_size,
+              "maxBatchDelay": max_batch_delay, "responseTimeout": response_timeout}
+    try:
+        archive = package_model(model, name, store, model_config=config)
+    except PackageError as err:
+        _fail(str(err))
+    if json_output:
+        typer.echo(json.dumps({"archive": str(archive), "name": name, "model_config": config}))
+    else:
+        err_console.print(f"[green]packaged[/] {archive}; serve it with: torchserve --start --ncs --model-store "
+                          f"{store} --ts-config {store}/config.properties --models {name}={name}.mar")
+
+
+@app.command()
 def certify(
     model: Path = typer.Argument(..., help="An exported .onnx file (model.pt2 beside it for probes)."),
     images: list[Path] = typer.Argument(..., help="PNG/JPEG files; resized to the model's input size."),

@@ -18,7 +18,8 @@ import numpy as np
 from .bounds import CertificateConstants, certificate_arrays
 from .onnx_meta import initializer_arrays, metadata_digests, read_metadata, weights_digest
 
-__all__ = ["SpecformerRuntime", "IntegrityError", "ProbeRequest", "RequestError", "LIMITS", "cuda_usable"]
+__all__ = ["SpecformerRuntime", "IntegrityError", "ProbeRequest", "RequestError", "LIMITS", "cuda_usable",
+           "check_options"]
 
 LIMITS = {"max_steps": 100, "max_delta0": 1e4, "max_top_k": 100, "max_eps_linf": 1.0, "max_batch_probe": 64}
 
@@ -63,6 +64,16 @@ class ProbeRequest:
     def step_size(self) -> float:
         """Madry et al.'s rule ``2.5 eps / steps`` (FGSM takes one full step)."""
         return self.eps if self.attack == "fgsm" else 2.5 * self.eps / self.steps
+
+
+def check_options(delta0: float, top_k: int, probe: ProbeRequest | None, image_size: int) -> None:
+    """Reject options outside their documented ranges (``LIMITS``) before any work is done."""
+    if not (isinstance(delta0, (int, float)) and math.isfinite(delta0) and 0 <= delta0 <= LIMITS["max_delta0"]):
+        raise RequestError(f"delta0 must be a number in [0, {LIMITS['max_delta0']:g}], got {delta0}")
+    if not (isinstance(top_k, int) and 1 <= top_k <= LIMITS["max_top_k"]):
+        raise RequestError(f"top_k must be an integer in [1, {LIMITS['max_top_k']}], got {top_k}")
+    if probe is not None:
+        probe.validate(image_size)
 
 
 def cuda_usable() -> bool:
@@ -210,12 +221,7 @@ class SpecformerRuntime:
         return answers
 
     def check_options(self, delta0: float, top_k: int, probe: ProbeRequest | None) -> None:
-        if not (isinstance(delta0, (int, float)) and math.isfinite(delta0) and 0 <= delta0 <= LIMITS["max_delta0"]):
-            raise RequestError(f"delta0 must be a number in [0, {LIMITS['max_delta0']:g}], got {delta0}")
-        if not (isinstance(top_k, int) and 1 <= top_k <= LIMITS["max_top_k"]):
-            raise RequestError(f"top_k must be an integer in [1, {LIMITS['max_top_k']}], got {top_k}")
-        if probe is not None:
-            probe.validate(self.image_size)
+        check_options(delta0, top_k, probe, self.image_size)
 
     # -- probe -----------------------------------------------------------------------------
     def _logits_model(self):

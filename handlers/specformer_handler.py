@@ -1,0 +1,89 @@
+"""TorchServe handler: predictions with local Lipschitz certificates and an on-demand PGD probe.
+
+Thin on purpose: request parsing lives in ``specformer_deploy.serving``, the model and the
+mathematics in ``specformer_deploy.runtime`` (the same code `specformer-deploy certify` runs),
+so the server's numbers equal the command line's. Each request gets its own status: a bad
+request in a batch fails alone with a 4xx JSON error, its neighbours are answered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ts.torch_handler.base_handler import BaseHandler
+
+logger = logging.getLogger(__name__)
+
+
+class SpecformerHandler(BaseHandler):
+    """Serves an ONNX export of specformer-deploy with ONNX Runtime."""
+
+    def initialize(self, context: Any) -> None:
+        from specformer_deploy.images import MAX_IMAGE_PIXELS
+        from specformer_deploy.runtime import IntegrityError, SpecformerRuntime
+
+        properties = context.system_properties
+        model_dir = Path(properties.get("model_dir"))
+        manifest = context.manifest or {}
+        serialized = (manifest.get("model") or {}).get("serializedFile") or "model.onnx"
+        gpu_id = properties.get("gpu_id")
+        options = ((getattr(context, "model_yaml_config", None) or {}).get("handler") or {})
+        self.max_image_pixels = int(options.get("max_image_pixels", MAX_IMAGE_PIXELS))
+        threads = int(options.get("threads_per_worker", max(1, (os.cpu_count() or 1) // 2)))
+        try:
+            self.runtime = SpecformerRuntime(model_dir / serialized, device_id=None if gpu_id is None else int(gpu_id),
+                                             threads=threads)
+        except IntegrityError as err:
+            logger.error("specformer: refusing to start: %s", err)
+            raise
+        logger.info("specformer: loaded %s on %s (%d threads), weights sha256 verified", serialized,
+                    self.runtime.providers[0], threads)
+        self.initialized = True
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
+        from specformer_deploy.serving import ClientError, parse_request
+
+        answers: list[Any] = [None] * len(data)
+        groups: dict[tuple, list[tuple[int, Any]]] = {}
+        for index, request in enumerate(data):
+            try:
+                body = request.get("data")
+                if body is None:
+                    body = request.get("body")
+                if body is None and request:
+                    raise ClientError(400, "no request body found: send image bytes with Content-Type "
+                                           "application/octet-stream or image/png|jpeg, or JSON with Content-Type "
+                                           "application/json (a form-encoded body is not an image)")
+                headers = context.get_all_request_header(index) or {}
+                parsed = parse_request(body, headers, self.runtime.image_size, self.max_image_pixels)
+                groups.setdefault(parsed.group_key, []).append((index, parsed))
+            except ClientError as err:
+                answers[index] = self._error(context, index, err.status, err.message)
+            except Exception as err:  # noqa: BLE001 - never let one request take the batch down
+                logger.exception("specformer: unexpected error parsing request %d", index)
+                answers[index] = self._error(context, index, 500, f"internal error: {type(err).__name__}")
+        for (delta0, top_k, certificate, probe), members in groups.items():
+            import numpy as np
+
+            try:
+                pixels = np.stack([parsed.pixels for _, parsed in members])
+                results = self.runtime.answer(pixels, delta0=delta0, top_k=top_k, probe=probe,
+                                              certificate=certificate)
+                for (index, _), result in zip(members, results):
+                    answers[index] = json.dumps(result)
+                    context.set_response_content_type(index, "application/json")
+            except Exception as err:  # noqa: BLE001
+                logger.exception("specformer: inference failed for %d request(s)", len(members))
+                for index, _ in members:
+                    answers[index] = self._error(context, index, 500, f"internal error: {type(err).__name__}")
+        return answers
+
+    @staticmethod
+    def _error(context: Any, index: int, status: int, message: str) -> str:
+        context.set_response_status(code=status, phrase=message[:200], idx=index)
+        context.set_response_content_type(index, "application/json")
+        return json.dumps({"error": message, "status": status})
