@@ -7,9 +7,15 @@ STAMP := $(VENV)/.installed
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean check-java
 
-setup: $(STAMP)
+setup: $(STAMP) check-java
+
+# TorchServe (the serving tests and the demo) runs on Java 17.
+check-java:
+	@java -version 2>&1 | grep -q 'version "17' || { \
+	  echo "TorchServe needs Java 17 (found: $$(java -version 2>&1 | head -n 1 || echo none))."; \
+	  echo "Install it with: sudo apt-get install -y openjdk-17-jre-headless"; exit 1; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +29,10 @@ demo: setup
 	$(VENV)/bin/specformer-deploy train --out $(DEMO_OUT)
 	$(VENV)/bin/specformer-deploy export $(DEMO_OUT) --out $(DEMO_OUT)/export/model.onnx
 	$(VENV)/bin/specformer-deploy audit $(DEMO_OUT)/export/model.onnx --plot $(DEMO_OUT)/export/sigma_per_layer.png
+	$(PY) tools/sample_image.py $(DEMO_OUT)/digit.png
+	$(VENV)/bin/specformer-deploy certify $(DEMO_OUT)/export/model.onnx $(DEMO_OUT)/digit.png --probe pgd --eps 0.03
+	$(PY) tools/serve_local.py --onnx $(DEMO_OUT)/export/model.onnx --name digits --root $(DEMO_OUT)/torchserve \
+	  --image $(DEMO_OUT)/digit.png
 
 test: setup
 	$(PY) -m pytest -q

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 import torch
 from onnx import numpy_helper
 

@@ -8,112 +8,32 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from specformer_deploy.images import decode_image
-from specformer_deploy.package import package_model
 from specformer_deploy.runtime import ProbeRequest, SpecformerRuntime
 
 pytestmark = [pytest.mark.serving, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "tools"))
 from load_test import default_image, run_load  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, root: Path, onnx_path: str) -> None:
-        self.root = root
-        self.onnx = onnx_path
-        self.ports = {"inference": _free_port(), "management": _free_port(), "metrics": _free_port()}
-        self.url = f"http://127.0.0.1:{self.ports['inference']}"
-        self.mgmt = f"http://127.0.0.1:{self.ports['management']}"
-
-    def start(self) -> None:
-        store = self.root / "store"
-        package_model(self.onnx, "digits", store, model_config={"maxBatchDelay": 20})
-        config = (ROOT / "model_store" / "config.properties").read_text()
-        for kind, port in self.ports.items():
-            default = {"inference": 8080, "management": 8081, "metrics": 8082}[kind]
-            config = config.replace(f"127.0.0.1:{default}", f"127.0.0.1:{port}")
-        (self.root / "config.properties").write_text(config)
-        env = {**os.environ, "LOG_LOCATION": str(self.root / "logs"), "METRICS_LOCATION": str(self.root / "logs"),
-               "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-        # torchserve --start daemonizes Java, which inherits stdout/stderr: give it a file, not a pipe.
-        (self.root / "logs").mkdir(exist_ok=True)
-        with open(self.root / "logs" / "start.log", "wb") as log:
-            subprocess.run([str(BIN / "torchserve"), "--start", "--ncs", "--model-store", str(store), "--ts-config",
-                            str(self.root / "config.properties"), "--models", "digits=digits.mar"],
-                           cwd=self.root, env=env, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=120)
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if (self.root / "key_file.json").exists() and self.ready():
-                return
-            time.sleep(1)
-        raise RuntimeError(f"torchserve did not become ready; logs in {self.root / 'logs'}")
-
-    def stop(self) -> None:
-        subprocess.run([str(BIN / "torchserve"), "--stop"], cwd=self.root, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=120)
-
-    def key(self, kind: str) -> str:
-        return json.loads((self.root / "key_file.json").read_text())[kind]["key"]
-
-    def model_status(self) -> dict:
-        request = urllib.request.Request(f"{self.mgmt}/models/digits",
-                                         headers={"Authorization": f"Bearer {self.key('management')}"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())[0]
-
-    def ready(self) -> bool:
-        try:
-            workers = self.model_status()["workers"]
-        except (urllib.error.URLError, OSError, KeyError, json.JSONDecodeError):
-            return False
-        return bool(workers) and all(w["status"] == "READY" for w in workers)
-
-    def post(self, body: bytes, content_type: str = "application/json", headers: dict | None = None,
-             token: bool = True) -> tuple[int, dict]:
-        all_headers = {"Content-Type": content_type, **(headers or {})}
-        if token:
-            all_headers["Authorization"] = f"Bearer {self.key('inference')}"
-        request = urllib.request.Request(f"{self.url}/predictions/digits", data=body, method="POST",
-                                         headers=all_headers)
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            text = err.read()
-            try:
-                return err.code, json.loads(text)
-            except json.JSONDecodeError:
-                return err.code, {"raw": text.decode(errors="replace")}
+from serve_local import LocalTorchServe  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(exported_pair, tmp_path_factory):
     if shutil.which("java") is None:
         pytest.fail("TorchServe needs Java 17 (apt-get install -y openjdk-17-jre-headless)")
-    server = Server(tmp_path_factory.mktemp("torchserve"), exported_pair["msvp"]["onnx"])
+    server = LocalTorchServe(tmp_path_factory.mktemp("torchserve"), exported_pair["msvp"]["onnx"],
+                             model_config={"maxBatchDelay": 20})
     try:
         server.start()
         yield server

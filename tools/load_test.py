@@ -35,14 +35,14 @@ MODES = {
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def default_image() -> bytes:
-    """A PNG of the first digit of the built-in test set (16x16), so no file is needed."""
+def default_image(index: int = 0) -> bytes:
+    """A PNG of a digit of the built-in test set (16x16), so no file is needed."""
     import numpy as np
     from PIL import Image
 
     from specformer_deploy.data import load_dataset
 
-    pixels = load_dataset("digits", 16).test[0][0].numpy().transpose(1, 2, 0)
+    pixels = load_dataset("digits", 16).test[index][0].numpy().transpose(1, 2, 0)
     buffer = io.BytesIO()
     Image.fromarray((pixels * 255).round().astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
