@@ -24,10 +24,6 @@ __all__ = ["SpecformerRuntime", "IntegrityError", "ProbeRequest", "RequestError"
 LIMITS = {"max_steps": 100, "max_delta0": 1e4, "max_top_k": 100, "max_eps_linf": 1.0, "max_batch_probe": 64}
 
 
-_SCOPE = ("each attention layer's local Lipschitz constant over the Frobenius ball of radius delta0 around that "
-          "layer's input tokens")
-
-
 class IntegrityError(RuntimeError):
     """The ONNX file's weights or metadata do not match their export-time digests."""
 
@@ -181,18 +177,25 @@ class SpecformerRuntime:
                         "top_k": [{"label": i, "class": names[i], "probability": row[i]} for i in ranked]})
         return out
 
-    def certificates(self, norms: np.ndarray, delta0: float) -> list[dict[str, Any]]:
-        """The certificate of each image (``norms`` is ``[B, L]``), computed for the batch at once."""
+    def certificates(self, norms: np.ndarray, delta0: float, with_heads: bool = False) -> list[dict[str, Any]]:
+        """The certificate of each image (``norms`` is ``[B, L]``), computed for the batch at once.
+
+        Each layer's ``bound`` is its local Lipschitz constant over the Frobenius ball of radius
+        ``delta0`` around that layer's input tokens; ``with_heads`` adds the per-head bounds."""
         arrays = certificate_arrays(norms, delta0, self.constants)
         tokens = self.constants.tokens.astype(int).tolist()
         bound, paper = arrays["bound"].tolist(), arrays["paper_bound"].tolist()
-        valid, heads, inputs = arrays["paper_bound_valid"].tolist(), arrays["head_bounds"].tolist(), norms.tolist()
+        valid, inputs = arrays["paper_bound_valid"].tolist(), norms.tolist()
+        heads = arrays["head_bounds"].tolist() if with_heads else None
         out = []
         for i in range(len(bound)):
             layers = [{"layer": l, "tokens": tokens[l], "input_norm": inputs[i][l], "bound": bound[i][l],
-                       "paper_bound": paper[i][l], "paper_bound_valid": valid[i][l], "head_bounds": heads[i][l]}
+                       "paper_bound": paper[i][l], "paper_bound_valid": valid[i][l]}
                       for l in range(len(tokens))]
-            out.append({"norm": "l2", "delta0": delta0, "scope": _SCOPE, "layers": layers, "bound": max(bound[i]),
+            if with_heads:
+                for l, layer in enumerate(layers):
+                    layer["head_bounds"] = heads[i][l]
+            out.append({"norm": "l2", "delta0": delta0, "layers": layers, "bound": max(bound[i]),
                         "paper_bound": max(paper[i]), "paper_bound_valid": all(valid[i]),
                         "spectral": "exact SVD at export, sha256 verified"})
         return out
