@@ -31,7 +31,8 @@ from .onnx_meta import (FORMAT_VERSION, graph_digest, initializer_arrays, metada
                         weights_digest, write_metadata)
 from .train import load_run_model
 
-__all__ = ["CertifiableModel", "ExportError", "export_run", "load_exported_logits", "PARITY_TOLERANCE"]
+__all__ = ["CertifiableModel", "ExportError", "export_run", "write_graph_files", "load_exported_logits",
+           "PARITY_TOLERANCE"]
 
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 64
@@ -85,18 +86,19 @@ class CertifiableModel(nn.Module):
         self._mlp_taps.clear()
         return outputs
 
-    def tokens_per_layer(self, pixels: torch.Tensor) -> list[int]:
-        """``N`` (tokens at each attention layer's input), read off one forward pass."""
-        shapes: list[int] = []
-        net = getattr(self.model, "net", self.model)
-        handles = [b.norm1.register_forward_hook(lambda m, a, o: shapes.append(int(o.shape[1]))) for b in net.blocks]
-        try:
-            with torch.no_grad():
-                self.model(pixels[:1])
-        finally:
-            for handle in handles:
-                handle.remove()
-        return shapes
+
+def tokens_per_layer(model: nn.Module, pixels: torch.Tensor) -> list[int]:
+    """``N`` (tokens at each attention layer's input), read off one forward pass."""
+    shapes: list[int] = []
+    net = getattr(model, "net", model)
+    handles = [b.norm1.register_forward_hook(lambda m, a, o: shapes.append(int(o.shape[1]))) for b in net.blocks]
+    try:
+        with torch.no_grad():
+            model(pixels[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
 
 
 class ExportedLogits(nn.Module):
@@ -260,6 +262,24 @@ def _check_parity(onnx_path: Path, wrapper: CertifiableModel, pixels: torch.Tens
 Step = Callable[[str], None]
 
 
+def write_graph_files(wrapper: nn.Module, example: torch.Tensor, onnx_out: Path, pt2_out: Path | None = None,
+                      outputs: list[str] | None = None, opset: int | None = None) -> None:
+    """Trace ``wrapper`` once (dynamic batch), save the program as ``.pt2`` and translate it to ONNX.
+
+    One trace for both files, ONNX-level optimisation off (names and layouts kept), one file
+    without external data; see the module docstring for why.
+    """
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        program = torch.export.export(wrapper, (example[:2],), dynamic_shapes=({0: batch},), strict=False)
+    if pt2_out is not None:
+        torch.export.save(program, str(pt2_out))
+    kwargs: dict[str, Any] = {"opset_version": opset} if opset is not None else {}
+    torch.onnx.export(program, (example[:2],), str(onnx_out), input_names=["pixels"],
+                      output_names=outputs or ["logits", "attn_input_norms"], external_data=False, optimize=False,
+                      verbose=False, **kwargs)
+
+
 def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
                step: Step | None = None) -> dict[str, Any]:
     """Export ``run_dir`` to ``out`` (.onnx) and ``out.with_suffix('.pt2')``; returns a summary."""
@@ -276,25 +296,17 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
         raise ExportError("the model's weights exceed 1.9 GB: a single-file ONNX export is not possible")
     pixels = _parity_inputs(config)
     mlp_act = config["model"].get("mlp_act", "gelu")
-    tokens = CertifiableModel(model).tokens_per_layer(pixels)
+    tokens = tokens_per_layer(model, pixels)
     wrapper = CertifiableModel(model, mlp_inputs=mlp_act != "gelu" and len(set(tokens)) == 1).eval()
     outputs = ["logits", "attn_input_norms"] + (["mlp_inputs"] if wrapper.mlp_inputs else [])
 
-    step("tracing with torch.export")
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    with torch.no_grad():
-        program = torch.export.export(wrapper, (pixels[:2],), dynamic_shapes=({0: batch},), strict=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     pt2 = out.with_suffix(".pt2")
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp_dir:
         tmp_onnx, tmp_pt2 = Path(tmp_dir) / "model.onnx", Path(tmp_dir) / "model.pt2"
-        torch.export.save(program, str(tmp_pt2))
-        step("translating to ONNX")
-        kwargs: dict[str, Any] = {"opset_version": opset} if opset is not None else {}
-        torch.onnx.export(program, (pixels[:2],), str(tmp_onnx), input_names=["pixels"],
-                          output_names=outputs, external_data=False, optimize=False,
-                          verbose=False, **kwargs)
+        step("tracing with torch.export and translating to ONNX")
+        write_graph_files(wrapper, pixels, tmp_onnx, tmp_pt2, outputs, opset)
         step("checking ONNX Runtime parity")
         parity = _check_parity(tmp_onnx, wrapper, pixels)
 

@@ -139,12 +139,10 @@ def load_average() -> float | None:
 
 
 def export_onnx(wrapper: CertifiableModel, example: torch.Tensor, out: Path) -> None:
-    """The ONNX translation step of ``export_run``, same calls and options (metadata not written)."""
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    with torch.no_grad():
-        program = torch.export.export(wrapper, (example[:2],), dynamic_shapes=({0: batch},), strict=False)
-    torch.onnx.export(program, (example[:2],), str(out), input_names=["pixels"], output_names=OUTPUTS,
-                      external_data=False, optimize=False, verbose=False)
+    """The ONNX translation step of ``export_run`` (the same function; metadata not written)."""
+    from specformer_deploy.export import write_graph_files
+
+    write_graph_files(wrapper, example, out, outputs=list(OUTPUTS))
 
 
 def make_session(path: Path, threads: int):
