@@ -45,7 +45,7 @@ class LocalTorchServe:
         self.url = f"http://127.0.0.1:{self.ports['inference']}"
         self.mgmt = f"http://127.0.0.1:{self.ports['management']}"
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
         store = self.root / "store"
         from specformer_deploy.package import package_model
 
@@ -63,6 +63,8 @@ class LocalTorchServe:
             subprocess.run([str(BIN / "torchserve"), "--start", "--ncs", "--model-store", str(store), "--ts-config",
                             str(self.root / "config.properties"), "--models", f"{self.name}={self.name}.mar"],
                            cwd=self.root, env=env, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=120)
+        if not wait:
+            return
         deadline = time.time() + 240
         while time.time() < deadline:
             if (self.root / "key_file.json").exists() and self.ready():
