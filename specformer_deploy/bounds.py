@@ -127,6 +127,11 @@ class CertificateConstants:
         bias = meta.get("bias_q_norm")
         self.bias_q = np.asarray(bias, dtype=np.float64) if bias is not None else np.zeros_like(self.sigma_q)
         self.sigma_o = np.asarray(spectral["sigma_o_full"], dtype=np.float64)  # [L]
+        # Theorem 4.3 covers softmax dot-product attention only (and ConViT's GPSA, see heads.py).
+        self.certified = np.array([layer.get("certified", True) for layer in meta.get("attention_weights", [])]
+                                  or [True] * len(self.tokens))
+        self.kinds = [layer.get("attention", "dot") for layer in meta.get("attention_weights", [])] or \
+            ["dot"] * len(self.tokens)
 
 
 def certificate_arrays(input_norms: ArrayLike, delta0: float, constants: CertificateConstants) -> dict[str, np.ndarray]:

@@ -67,6 +67,8 @@ def train(
     mlp_act: str = typer.Option("gelu", help="MLP activation: gelu (timm's), relu or clipped-relu (learned threshold "
                                             "per unit); ReLU-family MLPs get local MLP bounds in certificates."),
     sparsity_weight: float = typer.Option(0.0, help="Weight of the activation sparsity loss (relu/clipped-relu)."),
+    attention: str = typer.Option("dot", help="dot (timm's softmax attention), or a paper baseline: l2 (Kim et al. "
+                                             "2021), lipnorm (LipschitzNorm), scsa (LipsFormer)."),
     out: Path = typer.Option(Path("runs/latest"), help="Run directory to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout at the end."),
@@ -89,7 +91,7 @@ def train(
                       lambda_k=lambda_k, lambda_v=lambda_v, n_power_iterations=n_power_iterations,
                       adversarial=adversarial, adv_eps=adv_eps, adv_step=adv_step, adv_steps=adv_steps, seed=seed,
                       device=device, pretrained=str(pretrained) if pretrained else None, mlp_act=mlp_act,
-                      sparsity_weight=sparsity_weight)
+                      sparsity_weight=sparsity_weight, attention=attention)
     try:
         summary = run_training(cfg, out, resume=resume, console=err_console)
     except (CheckpointError, DataError, ModelError, UnsupportedAttentionError, ValueError) as err:
@@ -352,6 +354,10 @@ def _print_answers(answers: list[dict]) -> None:
         for column in ("layer", "N", "||X0||_F", "bound (always valid)", "paper bound", "paper valid"):
             table.add_column(column, justify="right")
         for layer in cert["layers"]:
+            if layer["bound"] is None:
+                table.add_row(str(layer["layer"]), str(layer["tokens"]), f"{layer['input_norm']:.3f}",
+                              "n/a", "n/a", "n/a (not dot-product attention)")
+                continue
             table.add_row(str(layer["layer"]), str(layer["tokens"]), f"{layer['input_norm']:.3f}",
                           f"{layer['bound']:.4g}", f"{layer['paper_bound']:.4g}",
                           "yes" if layer["paper_bound_valid"] else "[red]NO[/]")

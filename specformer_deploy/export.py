@@ -25,7 +25,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import CheckpointError, RunFiles
 from .data import load_dataset
-from .heads import attention_layers, layer_heads
+from .heads import attention_layers, layer_heads, query_bias
 from .msvp import MSVP, MSVPConfig, exact_spectral_norms
 from .onnx_meta import (FORMAT_VERSION, graph_digest, initializer_arrays, metadata_digests, tensor_digests,
                         weights_digest, write_metadata)
@@ -141,16 +141,14 @@ def _find_initializer(arrays: dict[str, np.ndarray], name: str, value: np.ndarra
 
 
 def _weight_references(model: nn.Module, arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    from timm.models.convit import GPSA
-
     module_names = {id(m): n for n, m in model.named_modules()}
     params = dict(model.named_parameters())
     layers = []
     for index, attn in enumerate(attention_layers(model)):
         heads = layer_heads(attn)
         prefix = module_names[id(attn)]
-        entry: dict[str, Any] = {"layer": index, "module": prefix,
-                                 "attention": "gpsa" if isinstance(attn, GPSA) else "dot"}
+        entry: dict[str, Any] = {"layer": index, "module": prefix, "attention": heads.kind,
+                                 "certified": heads.certified}
         for key, (param, start, stop) in heads.slices().items():
             full = f"{prefix}.{param}"
             ref = _find_initializer(arrays, full, params[full].detach().cpu().numpy())
@@ -210,12 +208,8 @@ def _query_bias_norms(model: nn.Module) -> list[list[float]]:
     out = []
     for attn in attention_layers(model):
         heads = layer_heads(attn)
-        fused = attn.qkv if hasattr(attn, "qkv") else attn.qk
-        if fused.bias is None:
-            out.append([0.0] * heads.num_heads)
-        else:
-            bias = fused.bias.double()[: heads.num_heads * heads.head_dim].view(heads.num_heads, heads.head_dim)
-            out.append([float(b) for b in bias.norm(dim=1)])
+        bias = query_bias(attn, heads)
+        out.append([0.0] * heads.num_heads if bias is None else [float(b) for b in bias.double().norm(dim=1)])
     return out
 
 

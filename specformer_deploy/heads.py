@@ -15,7 +15,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["LayerHeads", "UnsupportedAttentionError", "attention_layers", "layer_heads", "SUPPORTED_ATTENTION"]
+__all__ = ["LayerHeads", "UnsupportedAttentionError", "attention_layers", "layer_heads", "query_bias",
+           "SUPPORTED_ATTENTION"]
 
 
 class UnsupportedAttentionError(TypeError):
@@ -26,10 +27,13 @@ def _supported_types() -> dict[str, type]:
     from timm.layers.attention import Attention
     from timm.models.convit import GPSA, MHSA
 
-    return {"timm Attention": Attention, "ConViT GPSA": GPSA, "ConViT MHSA": MHSA}
+    from .attention_variants import L2Attention
+
+    return {"timm Attention": Attention, "ConViT GPSA": GPSA, "ConViT MHSA": MHSA, "L2 attention": L2Attention}
 
 
-SUPPORTED_ATTENTION = ("timm.layers.Attention (ViT, DeiT, ...)", "timm.models.convit.GPSA", "timm.models.convit.MHSA")
+SUPPORTED_ATTENTION = ("timm.layers.Attention (ViT, DeiT, ...)", "timm.models.convit.GPSA", "timm.models.convit.MHSA",
+                       "specformer_deploy.attention_variants (l2, lipnorm, scsa)")
 
 
 @dataclass
@@ -38,30 +42,29 @@ class LayerHeads:
 
     ``qkv``: ``[3, H, D_h, d]`` (Q, K, V; each head's block as out x in).
     ``o``: ``[H, d_out, D_h]`` (each head's block of W_O).
-    ``qkv_names``/``o_name``: parameter names relative to the attention module, for export/audit.
+    ``refs``: ``{q|k|v|o: (param name relative to the module, start, stop)}``, for export/audit.
+    ``kind``: ``dot`` (timm), ``gpsa`` (ConViT) or a baseline of ``attention_variants``.
     """
 
     qkv: torch.Tensor
     o: torch.Tensor
     num_heads: int
     head_dim: int
-    qkv_names: tuple[str, ...]
-    o_name: str
+    refs: dict[str, tuple[str, int, int]]
+    kind: str = "dot"
 
     def slices(self) -> dict[str, tuple[str, int, int]]:
         """Where each projection lives: ``{q|k|v|o: (param name, start, stop)}``.
 
         Q/K/V are row ranges of an ``[out, in]`` weight, O is a column range of ``proj.weight``.
         """
-        width = self.num_heads * self.head_dim
-        if len(self.qkv_names) == 1:  # fused qkv
-            fused = self.qkv_names[0]
-            out = {name: (fused, i * width, (i + 1) * width) for i, name in enumerate("qkv")}
-        else:  # GPSA: qk fused, v separate
-            qk, v = self.qkv_names
-            out = {"q": (qk, 0, width), "k": (qk, width, 2 * width), "v": (v, 0, width)}
-        out["o"] = (self.o_name, 0, width)
-        return out
+        return dict(self.refs)
+
+    @property
+    def certified(self) -> bool:
+        """Whether Theorem 4.3's softmax dot-product analysis applies (GPSA mixes in a constant
+        positional attention with weight <= 1, which the same proof covers)."""
+        return self.kind in ("dot", "gpsa")
 
 
 def _o_heads(proj: nn.Linear, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -78,20 +81,46 @@ def layer_heads(attn: nn.Module) -> LayerHeads:
         if getattr(attn, "gate", None) is not None:
             raise UnsupportedAttentionError("gated attention (timm Attention(gated=True)) is not covered by MSVP's bounds")
         qkv = weight.view(3, num_heads, head_dim, weight.shape[1])
-        return LayerHeads(qkv, _o_heads(attn.proj, num_heads, head_dim), num_heads, head_dim,
-                          ("qkv.weight",), "proj.weight")
+        width = num_heads * head_dim
+        refs = {name: ("qkv.weight", i * width, (i + 1) * width) for i, name in enumerate("qkv")}
+        refs["o"] = ("proj.weight", 0, width)
+        return LayerHeads(qkv, _o_heads(attn.proj, num_heads, head_dim), num_heads, head_dim, refs,
+                          getattr(attn, "attention_kind", "dot"))
     if isinstance(attn, types["ConViT GPSA"]):
         num_heads = attn.num_heads
         dim = attn.qk.weight.shape[1]
         head_dim = attn.qk.weight.shape[0] // (2 * num_heads)
         qk = attn.qk.weight.view(2, num_heads, head_dim, dim)
         v = attn.v.weight.view(1, num_heads, head_dim, dim)
-        return LayerHeads(torch.cat([qk, v]), _o_heads(attn.proj, num_heads, head_dim), num_heads, head_dim,
-                          ("qk.weight", "v.weight"), "proj.weight")
+        width = num_heads * head_dim
+        refs = {"q": ("qk.weight", 0, width), "k": ("qk.weight", width, 2 * width), "v": ("v.weight", 0, width),
+                "o": ("proj.weight", 0, width)}
+        return LayerHeads(torch.cat([qk, v]), _o_heads(attn.proj, num_heads, head_dim), num_heads, head_dim, refs,
+                          "gpsa")
+    if isinstance(attn, types["L2 attention"]):
+        num_heads, head_dim = attn.num_heads, attn.head_dim
+        dim = attn.q.weight.shape[1]
+        q = attn.q.weight.view(1, num_heads, head_dim, dim)
+        v = attn.v.weight.view(1, num_heads, head_dim, dim)
+        width = num_heads * head_dim
+        refs = {"q": ("q.weight", 0, width), "k": ("q.weight", 0, width), "v": ("v.weight", 0, width),
+                "o": ("proj.weight", 0, width)}  # W_K is W_Q (tied)
+        return LayerHeads(torch.cat([q, q, v]), _o_heads(attn.proj, num_heads, head_dim), num_heads, head_dim,
+                          refs, "l2")
     raise UnsupportedAttentionError(
         f"attention module {type(attn).__module__}.{type(attn).__name__} is not supported; "
         f"supported: {', '.join(SUPPORTED_ATTENTION)}"
     )
+
+
+def query_bias(attn: nn.Module, heads: LayerHeads) -> torch.Tensor | None:
+    """The query bias as ``[H, D_h]`` (None without one); the always-valid bound needs its norm."""
+    param, start, stop = heads.refs["q"]
+    module = attn.get_submodule(param.rsplit(".", 1)[0])
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        return None
+    return bias[start:stop].view(heads.num_heads, heads.head_dim)
 
 
 def attention_layers(model: nn.Module) -> Iterator[nn.Module]:

@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from .attention_variants import apply_attention_variant
 from .heads import attention_layers
 from .mlp import apply_mlp_activation
 
@@ -51,6 +52,7 @@ class ModelConfig:
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     mlp_act: str = "gelu"
+    attention: str = "dot"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,7 +76,7 @@ class NormalizedClassifier(nn.Module):
 
 
 def resolve_model_config(name: str, num_classes: int, img_size: int | None = None,
-                         patch_size: int | None = None, mlp_act: str = "gelu") -> ModelConfig:
+                         patch_size: int | None = None, mlp_act: str = "gelu", attention: str = "dot") -> ModelConfig:
     """Turn a preset or timm model name plus run options into a full ``ModelConfig``."""
     if name in PRESETS:
         arch, kwargs = PRESETS[name]
@@ -101,7 +103,8 @@ def resolve_model_config(name: str, num_classes: int, img_size: int | None = Non
     else:
         mean, std = [0.5] * 3, [0.5] * 3
     return ModelConfig(name=name, arch=arch, kwargs=kwargs, img_size=size, num_classes=num_classes,
-                       mean=[float(m) for m in mean], std=[float(s) for s in std], mlp_act=mlp_act)
+                       mean=[float(m) for m in mean], std=[float(s) for s in std], mlp_act=mlp_act,
+                       attention=attention)
 
 
 def build_model(config: ModelConfig) -> NormalizedClassifier:
@@ -111,6 +114,7 @@ def build_model(config: ModelConfig) -> NormalizedClassifier:
     except TypeError as err:
         raise ModelError(f"timm model {config.arch!r} does not accept these options {config.kwargs}: {err}") from err
     try:
+        apply_attention_variant(net, config.attention)
         apply_mlp_activation(net, config.mlp_act)
     except ValueError as err:
         raise ModelError(str(err)) from err

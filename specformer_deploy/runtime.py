@@ -187,16 +187,26 @@ class SpecformerRuntime:
         bound, paper = arrays["bound"].tolist(), arrays["paper_bound"].tolist()
         valid, inputs = arrays["paper_bound_valid"].tolist(), norms.tolist()
         heads = arrays["head_bounds"].tolist() if with_heads else None
+        certified, kinds = self.constants.certified.tolist(), self.constants.kinds
         out = []
         for i in range(len(bound)):
-            layers = [{"layer": l, "tokens": tokens[l], "input_norm": inputs[i][l], "bound": bound[i][l],
-                       "paper_bound": paper[i][l], "paper_bound_valid": valid[i][l]}
-                      for l in range(len(tokens))]
-            if with_heads:
-                for l, layer in enumerate(layers):
-                    layer["head_bounds"] = heads[i][l]
-            out.append({"norm": "l2", "delta0": delta0, "layers": layers, "bound": max(bound[i]),
-                        "paper_bound": max(paper[i]), "paper_bound_valid": all(valid[i]),
+            layers = []
+            for l in range(len(tokens)):
+                layer: dict[str, Any] = {"layer": l, "tokens": tokens[l], "input_norm": inputs[i][l]}
+                if certified[l]:
+                    layer.update(bound=bound[i][l], paper_bound=paper[i][l], paper_bound_valid=valid[i][l])
+                    if with_heads:
+                        layer["head_bounds"] = heads[i][l]
+                else:
+                    layer.update(bound=None, paper_bound=None, paper_bound_valid=None, applicable=False,
+                                 reason=f"{kinds[l]} attention is not softmax dot-product attention: "
+                                        "Theorem 4.3 does not apply")
+                layers.append(layer)
+            ok = [l for l in range(len(tokens)) if certified[l]]
+            out.append({"norm": "l2", "delta0": delta0, "layers": layers,
+                        "bound": max(bound[i][l] for l in ok) if ok else None,
+                        "paper_bound": max(paper[i][l] for l in ok) if ok else None,
+                        "paper_bound_valid": all(valid[i][l] for l in ok) if ok else None,
                         "spectral": "exact SVD at export, sha256 verified"})
         return out
 

@@ -74,6 +74,7 @@ class TrainConfig:
     pretrained: str | None = None
     mlp_act: str = "gelu"
     sparsity_weight: float = 0.0
+    attention: str = "dot"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -188,9 +189,10 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, console: C
 
     _seed(cfg.seed)
     probe = resolve_model_config(cfg.model, num_classes=2, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                                 mlp_act=cfg.mlp_act)
+                                 mlp_act=cfg.mlp_act, attention=cfg.attention)
     bundle = load_dataset(cfg.dataset, probe.img_size, cfg.data_dir)
-    model_cfg = resolve_model_config(cfg.model, bundle.num_classes, cfg.img_size, cfg.patch_size, cfg.mlp_act)
+    model_cfg = resolve_model_config(cfg.model, bundle.num_classes, cfg.img_size, cfg.patch_size, cfg.mlp_act,
+                                     cfg.attention)
     _seed(cfg.seed)
     model = build_model(model_cfg)
     if cfg.pretrained and checkpoint is None:
