@@ -300,7 +300,7 @@ def certify(
     delta0: float = typer.Option(0.01, help="Radius of the Frobenius ball around each attention layer's input."),
     top_k: int = typer.Option(5, help="How many classes to list."),
     probe: Optional[str] = typer.Option(None, help="Also run a real attack: pgd or fgsm (gradients from model.pt2)."),
-    eps: float = typer.Option(2 / 255, help="Probe radius in pixel space."),
+    eps: str = typer.Option("2/255", help="Probe radius in pixel space: a number or a fraction like 8/255."),
     steps: int = typer.Option(10, help="Probe steps (PGD), at most 100."),
     norm: str = typer.Option("linf", help="Probe norm: linf or l2."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON answer per image on stdout."),
@@ -313,6 +313,12 @@ def certify(
     """
     from .images import ImageError, decode_image
     from .runtime import IntegrityError, ProbeRequest, RequestError, SpecformerRuntime
+    from .serving import ClientError, parse_fraction
+
+    try:
+        eps_value = parse_fraction("eps", eps)
+    except ClientError as err:
+        _fail(err.message)
 
     try:
         runtime = SpecformerRuntime(model)
@@ -326,7 +332,7 @@ def certify(
             _fail(f"image {path} does not exist")
         except ImageError as err:
             _fail(f"{path}: {err}")
-    request = ProbeRequest(probe, eps, steps, norm) if probe else None
+    request = ProbeRequest(probe, eps_value, steps, norm) if probe else None
     try:
         import numpy as np
 

@@ -26,7 +26,7 @@ import numpy as np
 from .images import ImageError, MAX_IMAGE_PIXELS, decode_image, pixels_from_array
 from .runtime import ProbeRequest, RequestError, check_options
 
-__all__ = ["ClientError", "ParsedRequest", "parse_request", "OPTIONS"]
+__all__ = ["ClientError", "ParsedRequest", "parse_request", "parse_fraction", "OPTIONS"]
 
 OPTIONS = ("delta0", "top_k", "certificate", "probe", "eps", "steps", "norm")
 _DEFAULTS: dict[str, Any] = {"delta0": 0.01, "top_k": 5, "certificate": True, "probe": None, "eps": 2 / 255,
@@ -87,7 +87,7 @@ def _boolean(name: str, value: Any) -> bool:
     raise ClientError(400, f"option {name} must be true or false, got {value!r}")
 
 
-def _fraction(name: str, value: Any) -> float:
+def parse_fraction(name: str, value: Any) -> float:
     """Numbers, or strings like ``8/255`` (how epsilons are usually written)."""
     if isinstance(value, str) and "/" in value:
         num, _, den = value.partition("/")
@@ -114,7 +114,7 @@ def _options(raw: Mapping[str, Any]) -> dict[str, Any]:
         elif name in ("top_k", "steps"):
             opts[name] = _number(name, value, int)
         elif name == "eps":
-            opts[name] = _fraction(name, value)
+            opts[name] = parse_fraction(name, value)
         elif name == "certificate":
             opts[name] = _boolean(name, value)
         else:
