@@ -42,6 +42,12 @@ Examples::
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from bench_io import emit_json, load_average  # noqa: E402
+
 import argparse
 import math
 import os
@@ -125,9 +131,6 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     return env
 
-
-def load_average() -> float | None:
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -285,15 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["load_average_1m"]["after"] = load_average()
     result["wall_time_s"] = time.perf_counter() - started
     render(result, console)
-    if args.json is not None:
-        import json
-
-        text = json.dumps(result, indent=2)
-        if json_to_stdout:
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-            console.print(f"JSON written to {args.json}")
+    emit_json(result, args.json, console)
     return result
 
 

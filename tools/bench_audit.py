@@ -51,6 +51,12 @@ Examples::
 # torch-free process that is timed; the parent imports torch lazily, only to export.
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from bench_io import emit_json  # noqa: E402
+
 import argparse
 import json
 import os
@@ -401,13 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["load_average_1m"]["after"] = load()
     result["wall_time_s"] = time.perf_counter() - started
     render(result, console)
-    if args.json is not None:
-        text = json.dumps(result, indent=2)
-        if json_to_stdout:
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-            console.print(f"JSON written to {args.json}")
+    emit_json(result, args.json, console)
     return result
 
 

@@ -51,11 +51,16 @@ Examples::
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from bench_io import emit_json  # noqa: E402
+
 import argparse
 import contextlib
 import copy
 import gc
-import json
 import math
 import os
 import platform
@@ -538,13 +543,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not result["finite_losses"]:
         console.print("[yellow]warning: a training loss became non-finite; timings may not be representative "
                       "(lower --lr)[/yellow]")
-    if args.json is not None:
-        text = json.dumps(result, indent=2)
-        if json_to_stdout:
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-            console.print(f"wrote {args.json}")
+    emit_json(result, args.json, console)
     return result
 
 

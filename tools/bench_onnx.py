@@ -48,10 +48,15 @@ Examples::
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from bench_io import emit_json, load_average  # noqa: E402
+
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import platform
@@ -133,9 +138,6 @@ def environment(threads: int) -> dict[str, Any]:
         env["cpu_affinity"] = len(os.sched_getaffinity(0))
     return env
 
-
-def load_average() -> float | None:
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def export_onnx(wrapper: CertifiableModel, example: torch.Tensor, out: Path) -> None:
@@ -317,13 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["load_average_1m"]["after"] = load_average()
     result["wall_time_s"] = time.perf_counter() - started
     render(result, console)
-    if args.json is not None:
-        text = json.dumps(result, indent=2)
-        if json_to_stdout:
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-            console.print(f"JSON written to {args.json}")
+    emit_json(result, args.json, console)
     return result
 
 
