@@ -152,8 +152,8 @@ def worker(path: str, reps: int) -> dict[str, Any]:
         file_meta = {"package_version": meta.get("package_version"), "format_version": meta.get("format_version"),
                      "sigma_o_full": "sigma_o_full" in meta.get("spectral", {}),
                      "bias_q_norm": "bias_q_norm" in meta}
-        blocks = timed("head_blocks", lambda: [head_blocks(arrays, layer, heads, head_dim)
-                                               for layer in meta["attention_weights"]])
+        blocks = timed("head_blocks", lambda found: [head_blocks(found, layer, heads, head_dim)
+                                                     for layer in meta["attention_weights"]], arrays)
         timed("spectral_norms (SVD)", spectral_norms, [b[n] for b in blocks for n in audit.PROJECTIONS])
         timed("weights_digest", weights_digest, arrays)
         timed("graph_digest", graph_digest, proto)
