@@ -43,11 +43,9 @@ def load_attack_model(path: str | Path, device: torch.device | str = "cpu") -> t
         raise ValueError(f"{path} is neither a run directory nor an .onnx file")
     if not path.is_file():
         raise ValueError(f"{path} does not exist")
-    import onnx
+    from .onnx_meta import read_metadata_file
 
-    from .onnx_meta import read_metadata
-
-    meta = read_metadata(onnx.load(str(path), load_external_data=False))
+    meta = read_metadata_file(path)
     if "model" not in meta:
         raise ValueError(f"{path} has no specformer metadata: export it with `specformer-deploy export`")
     pt2 = path.with_suffix(".pt2")

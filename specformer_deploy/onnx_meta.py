@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["PREFIX", "FORMAT_VERSION", "read_metadata", "write_metadata", "tensor_digests", "weights_digest",
+__all__ = ["PREFIX", "FORMAT_VERSION", "read_metadata", "read_metadata_file", "write_metadata", "tensor_digests",
+           "weights_digest",
            "graph_digest", "metadata_digests", "initializer_arrays", "head_blocks", "spectral_norms"]
 
 PREFIX = "specformer."
@@ -38,6 +40,11 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
             except json.JSONDecodeError:
                 out[prop.key[len(PREFIX):]] = prop.value
     return out
+
+
+def read_metadata_file(path: str | Path) -> dict[str, Any]:
+    """``read_metadata`` of an ONNX file on disk (weights stay unparsed beyond the protobuf)."""
+    return read_metadata(onnx.load(str(path), load_external_data=False))
 
 
 def write_metadata(model: onnx.ModelProto, values: dict[str, Any]) -> None:

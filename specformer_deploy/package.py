@@ -56,11 +56,9 @@ def package_model(onnx_path: str | Path, name: str, store: str | Path = "model_s
         raise PackageError(f"--name must be letters, digits, '-' or '_', got {name!r}")
     if not HANDLER.is_file():
         raise PackageError(f"the handler {HANDLER} is missing (install the project from its source tree)")
-    import onnx
+    from .onnx_meta import read_metadata_file
 
-    from .onnx_meta import read_metadata
-
-    meta = read_metadata(onnx.load(str(onnx_path), load_external_data=False))
+    meta = read_metadata_file(onnx_path)
     if "class_names" not in meta:
         raise PackageError(f"{onnx_path} has no specformer metadata: export it with `specformer-deploy export`")
     archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
