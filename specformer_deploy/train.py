@@ -9,6 +9,7 @@ state. So a run resumed after a kill replays exactly the epochs it lost.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import random
 import time
@@ -25,12 +26,15 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.scheduler import CosineLRScheduler
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import __version__
 from .attacks import check_budget, pgd
 from .checkpoint import CheckpointError, RunFiles, atomic_write, atomic_write_text, read_metrics
 from .data import load_dataset
+from .distributed import (DistContext, agree, all_reduce_sums, broadcast_object, elastic_restart_count,
+                          init_distributed, per_rank_batch, resolve_device, shutdown, sync_from_rank0)
 from .models import DEFAULT_MODEL, ModelConfig, build_model, load_pretrained, resolve_model_config
 from .mlp import activation_sparsity
 from .msvp import MSVP, MSVPConfig, exact_spectral_norms
@@ -75,6 +79,7 @@ class TrainConfig:
     mlp_act: str = "gelu"
     sparsity_weight: float = 0.0
     attention: str = "dot"
+    compile: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -102,18 +107,10 @@ class TrainConfig:
         return MSVPConfig(self.lambda_q, self.lambda_k, self.lambda_v, self.n_power_iterations)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no usable CUDA device is present; use --device cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
-
-
-def _seed(seed: int, epoch: int = -1) -> int:
-    value = (seed * 100_003 + epoch + 1) % (2**31)
+def _seed(seed: int, epoch: int = -1, rank: int = 0) -> int:
+    """Seed every generator from (seed, epoch, rank); rank 0 of any world draws what a single
+    process draws, the other ranks draw their own Mixup/CutMix and PGD noise."""
+    value = (seed * 100_003 + epoch + 1 + rank * 1_000_003) % (2**31)
     torch.manual_seed(value)
     np.random.seed(value)
     random.seed(value)
@@ -133,11 +130,16 @@ def _sparsity(model: nn.Module, weight: float) -> contextlib.AbstractContextMana
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, dataset, device: torch.device, batch_size: int = 256) -> float:
-    """Clean top-1 accuracy in eval mode."""
+def evaluate_accuracy(model: nn.Module, dataset, device: torch.device, batch_size: int = 256,
+                      ctx: DistContext | None = None) -> float:
+    """Clean top-1 accuracy in eval mode; under torchrun each rank scores every world_size-th
+    image and the counts are summed, so the figure is the whole test set's."""
+    ctx = ctx or DistContext(device=device)
     was_training = model.training
     model.eval()
     correct = total = 0
+    if ctx.distributed:
+        dataset = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
     for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         x, y = x.to(device), y.to(device)
         with _autocast(device):
@@ -145,6 +147,7 @@ def evaluate_accuracy(model: nn.Module, dataset, device: torch.device, batch_siz
         correct += int((pred == y).sum())
         total += int(y.numel())
     model.train(was_training)
+    correct, total = all_reduce_sums(ctx, [correct, total])
     return correct / max(total, 1)
 
 
@@ -171,32 +174,102 @@ def _save_epoch(files: RunFiles, model: nn.Module, msvp: MSVP | None, optimizer:
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, console: Console | None = None,
-          show_progress: bool = True, on_epoch_end: EpochCallback | None = None) -> dict[str, Any]:
-    """Train (or resume) a run in ``out``; returns the run summary."""
-    console = console or Console(stderr=True)
-    files = RunFiles(out)
+def _plan_run(files: RunFiles, cfg: TrainConfig, resume: bool) -> dict[str, Any]:
+    """Rank 0's decision: a fresh run, or a resume (asked for, or implied by a torchrun
+    restart after a worker died) with the stored config and checkpoint."""
+    restarted = elastic_restart_count() > 0
+    if restarted and not resume and files.checkpoint.exists():
+        resume = True  # torchrun --max-restarts brought us back: continue where the group died
     if resume:
         stored = files.read_config()
-        cfg = TrainConfig(**stored["train"])
-        checkpoint = files.load_checkpoint()
-    else:
-        if files.checkpoint.exists() or files.config.exists():
-            raise CheckpointError(f"{files.root} already holds a run; pass --resume to continue it or choose another --out")
-        checkpoint = None
-    cfg.validate()
-    device = resolve_device(cfg.device)
+        return {"train": stored["train"], "checkpoint": files.load_checkpoint(), "restarted": restarted}
+    if files.checkpoint.exists() or (files.config.exists() and not restarted):
+        raise CheckpointError(f"{files.root} already holds a run; pass --resume to continue it or choose another --out")
+    return {"train": asdict(cfg), "checkpoint": None, "restarted": restarted}
 
-    _seed(cfg.seed)
-    probe = resolve_model_config(cfg.model, num_classes=2, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                                 mlp_act=cfg.mlp_act, attention=cfg.attention)
-    bundle = load_dataset(cfg.dataset, probe.img_size, cfg.data_dir)
-    model_cfg = resolve_model_config(cfg.model, bundle.num_classes, cfg.img_size, cfg.patch_size, cfg.mlp_act,
-                                     cfg.attention)
-    _seed(cfg.seed)
-    model = build_model(model_cfg)
-    if cfg.pretrained and checkpoint is None:
-        load_pretrained(model, cfg.pretrained)
+
+def _run_options(cfg: TrainConfig, out: Path, resume: bool) -> dict[str, Any]:
+    """What every rank must agree on: the options, the run directory and the library versions
+    (a node with another torch or timm would silently compute something else)."""
+    import timm
+
+    return {**asdict(cfg), "out": str(out), "resume": resume, "torch": torch.__version__, "timm": timm.__version__,
+            "specformer_deploy": __version__}
+
+
+def _drift_metrics(ctx: DistContext, model: nn.Module, msvp: MSVP | None) -> dict[str, Any]:
+    """How far each replica strayed from rank 0 this epoch (0.0 means identical). The MSVP
+    vectors are then reset to rank 0's, so they stay identical even on mixed hardware."""
+    weights = sync_from_rank0(ctx, model, parameters=True, copy=False)
+    vectors = sync_from_rank0(ctx, msvp) if msvp is not None else 0.0
+    return {"world_size": ctx.world_size, "max_weight_drift": weights, "max_vector_drift": vectors}
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, console: Console | None = None,
+          show_progress: bool = True, on_epoch_end: EpochCallback | None = None) -> dict[str, Any]:
+    """Train (or resume) a run in ``out``; returns the run summary.
+
+    Under ``torchrun`` every rank calls this: the model is wrapped in DistributedDataParallel,
+    each rank reads its share of every global batch (``DistributedSampler``), and rank 0 alone
+    writes the run directory and shows progress.
+    """
+    device_name = cfg.device
+    if resume:  # a resumed run keeps its device unless config.json is unreadable (reported below)
+        with contextlib.suppress(Exception):
+            device_name = RunFiles(out).read_config()["train"]["device"]
+    ctx = init_distributed(device_name)
+    try:
+        return _train(ctx, cfg, Path(out), resume, console or Console(stderr=True), show_progress and ctx.is_main,
+                      on_epoch_end)
+    finally:
+        shutdown(ctx)
+
+
+def _train(ctx: DistContext, cfg: TrainConfig, out: Path, resume: bool, console: Console, show_progress: bool,
+           on_epoch_end: EpochCallback | None) -> dict[str, Any]:
+    files = RunFiles(out)
+    error = None
+    try:
+        cfg.validate()
+        per_rank_batch(cfg.batch_size, ctx.world_size, cfg.use_mixup)
+    except ValueError as err:
+        error = str(err)
+    agree(ctx, _run_options(cfg, out, resume), error)
+
+    plan: dict[str, Any] | str = ""
+    if ctx.is_main:
+        try:
+            plan = _plan_run(files, cfg, resume)
+        except CheckpointError as err:
+            plan = str(err)
+    plan = broadcast_object(ctx, plan)
+    if isinstance(plan, str):
+        raise CheckpointError(plan)
+    cfg = TrainConfig(**plan["train"])
+    checkpoint = plan["checkpoint"]
+    cfg.validate()
+    device = ctx.device
+    local_batch = per_rank_batch(cfg.batch_size, ctx.world_size, cfg.use_mixup)
+
+    bundle = model = model_cfg = None
+    try:
+        _seed(cfg.seed)
+        probe = resolve_model_config(cfg.model, num_classes=2, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                                     mlp_act=cfg.mlp_act, attention=cfg.attention)
+        bundle = load_dataset(cfg.dataset, probe.img_size, cfg.data_dir)
+        model_cfg = resolve_model_config(cfg.model, bundle.num_classes, cfg.img_size, cfg.patch_size, cfg.mlp_act,
+                                         cfg.attention)
+        _seed(cfg.seed)
+        model = build_model(model_cfg)
+        if cfg.pretrained and checkpoint is None:
+            load_pretrained(model, cfg.pretrained)
+        error = None
+    except Exception as err:  # noqa: BLE001 - reported on every rank below, then re-raised here
+        if not ctx.distributed:
+            raise
+        error = f"{type(err).__name__}: {err}"
+    agree(ctx, {}, error)
+    assert bundle is not None and model is not None and model_cfg is not None
     model.to(device)
     msvp = None
     if cfg.msvp:
@@ -205,11 +278,13 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, console: C
     run_config = {"format_version": FORMAT_VERSION, "package_version": __version__, "train": asdict(cfg),
                   "model": model_cfg.to_dict(), "data": {"dataset": bundle.name, "class_names": bundle.class_names,
                                                          "train_size": len(bundle.train), "test_size": len(bundle.test)}}
-    if checkpoint is None:
+    if checkpoint is None and ctx.is_main:
         atomic_write_text(files.config, json.dumps(run_config, indent=2) + "\n")
 
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(bundle.train) // cfg.batch_size if cfg.use_mixup else -(-len(bundle.train) // cfg.batch_size)
+    # Every step takes a full global batch (the incomplete last one is dropped, as timm's loaders
+    # do): so N processes see exactly the batches one process sees, whatever N.
+    steps_per_epoch = len(bundle.train) // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"the training set ({len(bundle.train)} images) is smaller than one batch ({cfg.batch_size})")
     total_steps = steps_per_epoch * cfg.epochs
@@ -232,9 +307,23 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, console: C
         if msvp is not None:
             msvp.load_state_dict(checkpoint["msvp"])
         start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
-        metrics = read_metrics(files.metrics)[:start_epoch]
-        console.print(f"resuming {files.root} at epoch {start_epoch + 1}/{cfg.epochs}")
+        metrics = broadcast_object(ctx, read_metrics(files.metrics)[:start_epoch] if ctx.is_main else None)
+        why = " after a torchrun restart" if plan["restarted"] else ""
+        if ctx.is_main:
+            console.print(f"resuming {files.root} at epoch {start_epoch + 1}/{cfg.epochs}{why}")
     scheduler.step_update(step)
+
+    # What runs the forward passes: the model itself, compiled by torch.compile on request,
+    # wrapped in DDP when there are several ranks. Attacks and evaluation use the undistributed
+    # module (same weights), so their backward passes trigger no gradient all-reduce.
+    forward_model: nn.Module = torch.compile(model) if cfg.compile else model
+    attack_model = forward_model
+    if ctx.distributed:
+        forward_model = DistributedDataParallel(forward_model, device_ids=[device.index] if device.type == "cuda"
+                                                else None)
+    if ctx.is_main and ctx.distributed:
+        console.print(f"distributed: {ctx.world_size} processes ({ctx.backend}), {local_batch} images per process "
+                      f"per step, global batch {cfg.batch_size}")
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -243,26 +332,30 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, console: C
         task = progress.add_task("train", total=total_steps, completed=step, info="")
         for epoch in range(start_epoch, cfg.epochs):
             epoch_seed = _seed(cfg.seed, epoch)
-            loader = DataLoader(bundle.train, batch_size=cfg.batch_size, shuffle=True, drop_last=mixup is not None,
-                                generator=torch.Generator().manual_seed(epoch_seed))
+            sampler = DistributedSampler(bundle.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                         seed=epoch_seed)
+            loader = DataLoader(bundle.train, batch_size=local_batch, sampler=sampler, drop_last=True)
+            _seed(cfg.seed, epoch, ctx.rank)
             model.train()
             if msvp is not None:
                 msvp.train()
             started = time.perf_counter()
             loss_sum = penalty_sum = 0.0
             batches = 0
-            for x, y in loader:
+            for x, y in itertools.islice(loader, steps_per_epoch):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if cfg.adversarial:
                     model.eval()
                     with _autocast(device):
-                        x = pgd(model, x, y, cfg.adv_eps, cfg.adv_step, cfg.adv_steps)
+                        x = pgd(attack_model, x, y, cfg.adv_eps, cfg.adv_step, cfg.adv_steps)
                     model.train()
                 target = y
                 if mixup is not None:
                     x, target = mixup(x, y)
                 with _autocast(device), _sparsity(model, cfg.sparsity_weight) as activations:
-                    loss = criterion(model(x), target)
+                    loss = criterion(forward_model(x), target)
+                # The penalty reads the same parameters outside DDP's forward; its gradient joins
+                # the loss's before DDP averages, and is equal on every rank (equal weights).
                 penalty = msvp.penalty() if msvp is not None else torch.zeros((), device=device)
                 if activations:
                     penalty = penalty + cfg.sparsity_weight * torch.stack(activations).sum().float()
@@ -277,27 +370,31 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, console: C
                 progress.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}",
                                 info=f"loss {loss_sum / batches:.4f}")
             train_time = time.perf_counter() - started
-            accuracy = evaluate_accuracy(model, bundle.test, device)
+            loss_sum, penalty_sum, batches = all_reduce_sums(ctx, [loss_sum, penalty_sum, batches])
+            accuracy = evaluate_accuracy(model, bundle.test, device, ctx=ctx)
             record: dict[str, Any] = {
                 "epoch": epoch + 1, "step": step, "loss": loss_sum / max(batches, 1),
                 "penalty": penalty_sum / max(batches, 1), "lr": optimizer.param_groups[0]["lr"],
                 "test_accuracy": accuracy, "time_s": round(train_time, 3),
                 "max_sigma": _sigma_summary(exact_spectral_norms(model)),
             }
+            if ctx.distributed:
+                record["replicas"] = _drift_metrics(ctx, model, msvp)
             if msvp is not None:
                 record["max_sigma_power_iteration"] = _sigma_summary(msvp.sigmas(update=False).detach())
             metrics.append(record)
-            _save_epoch(files, model, msvp, optimizer, epoch + 1, step, metrics)
-            progress.console.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} "
-                                   f"test acc {accuracy:.4f} max sigma q/k/v "
-                                   f"{max(record['max_sigma']['q']):.3f}/{max(record['max_sigma']['k']):.3f}/"
-                                   f"{max(record['max_sigma']['v']):.3f} ({train_time:.1f}s)")
+            if ctx.is_main:
+                _save_epoch(files, model, msvp, optimizer, epoch + 1, step, metrics)
+                progress.console.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} "
+                                       f"test acc {accuracy:.4f} max sigma q/k/v "
+                                       f"{max(record['max_sigma']['q']):.3f}/{max(record['max_sigma']['k']):.3f}/"
+                                       f"{max(record['max_sigma']['v']):.3f} ({train_time:.1f}s)")
             if on_epoch_end is not None:
                 on_epoch_end(record)
 
     last = metrics[-1]
     return {"out": str(files.root), "model": model_cfg.name, "dataset": bundle.name, "epochs": cfg.epochs,
-            "device": str(device), "msvp": cfg.msvp, "adversarial": cfg.adversarial,
+            "device": str(device), "world_size": ctx.world_size, "msvp": cfg.msvp, "adversarial": cfg.adversarial,
             "test_accuracy": last["test_accuracy"], "loss": last["loss"],
             "max_sigma": {k: max(v) for k, v in last["max_sigma"].items()},
             "train_time_s": round(sum(m["time_s"] for m in metrics), 3),
