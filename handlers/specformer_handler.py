@@ -4,6 +4,10 @@ Thin on purpose: request parsing lives in ``specformer_deploy.serving``, the mod
 mathematics in ``specformer_deploy.runtime`` (the same code `specformer-deploy certify` runs),
 so the server's numbers equal the command line's. Each request gets its own status: a bad
 request in a batch fails alone with a 4xx JSON error, its neighbours are answered.
+
+Devices: a worker that TorchServe gives a ``gpu_id`` (archives packaged with ``--device-ids``)
+runs ONNX Runtime's CUDA provider on that GPU; where CUDA is not usable it serves on CPU and
+logs one warning line saying why. The device actually used is logged at start.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ class SpecformerHandler(BaseHandler):
         model_dir = Path(properties.get("model_dir"))
         manifest = context.manifest or {}
         serialized = (manifest.get("model") or {}).get("serializedFile") or "model.onnx"
-        gpu_id = properties.get("gpu_id")
-        options = ((getattr(context, "model_yaml_config", None) or {}).get("handler") or {})
+        gpu_id = properties.get("gpu_id")  # TorchServe's pick among model-config.yaml's deviceIds; None on CPU
+        model_yaml = getattr(context, "model_yaml_config", None) or {}
+        options = model_yaml.get("handler") or {}
         self.max_image_pixels = int(options.get("max_image_pixels", MAX_IMAGE_PIXELS))
         threads = int(options.get("threads_per_worker", max(1, (os.cpu_count() or 1) // 2)))
         try:
@@ -40,8 +45,17 @@ class SpecformerHandler(BaseHandler):
         except IntegrityError as err:
             logger.error("specformer: refusing to start: %s", err)
             raise
-        logger.info("specformer: loaded %s on %s (%d threads), weights sha256 verified", serialized,
-                    self.runtime.providers[0], threads)
+        runtime = self.runtime
+        # One warning line when a GPU was asked for and the worker serves on CPU all the same.
+        if gpu_id is not None and runtime.device == "cpu":
+            logger.warning("specformer: gpu_id %s was assigned but ONNX Runtime has no usable CUDA provider here "
+                           "(%s); serving on CPU", gpu_id, runtime.cuda_fallback)
+        elif gpu_id is None and str(model_yaml.get("deviceType", "")).lower() == "gpu":
+            logger.warning("specformer: model-config.yaml asks for GPUs (deviceType gpu, deviceIds %s) but TorchServe "
+                           "assigned this worker no gpu_id (it found no GPU with nvidia-smi, or the deviceIds are "
+                           "not among them); serving on CPU", model_yaml.get("deviceIds"))
+        logger.info("specformer: loaded %s on %s with %s (gpu_id %s, %d threads), weights sha256 verified",
+                    serialized, runtime.device, runtime.providers[0], gpu_id, threads)
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -16,8 +17,9 @@ app = typer.Typer(help="Train ViTs with MSVP (SpecFormer), export, audit, certif
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+def _fail(message: str, code: int = 2, quiet: bool = False) -> None:
+    if not quiet:
+        err_console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
 
 
@@ -42,7 +44,8 @@ def train(
     img_size: Optional[int] = typer.Option(None, help="Image size passed to timm (default: the model's)."),
     patch_size: Optional[int] = typer.Option(None, help="Patch size passed to timm (default: the model's)."),
     epochs: int = typer.Option(50, min=1, help="Training epochs (the default suits the built-in digits)."),
-    batch_size: int = typer.Option(32, min=2, help="Batch size."),
+    batch_size: int = typer.Option(32, min=2, help="Global batch size: under torchrun each of the N processes takes "
+                                                   "batch-size/N images per step."),
     lr: float = typer.Option(0.1, help="Peak SGD learning rate (warm-up then cosine)."),
     weight_decay: float = typer.Option(1e-4, help="SGD weight decay."),
     momentum: float = typer.Option(0.9, help="SGD momentum."),
@@ -62,7 +65,9 @@ def train(
     adv_step: float = typer.Option(2 / 255, help="PGD-AT step size."),
     adv_steps: int = typer.Option(10, min=1, help="PGD-AT steps."),
     seed: int = typer.Option(0, help="Seed for initialization, data order and augmentation."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (under torchrun each process takes GPU LOCAL_RANK)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (first steps are slow while "
+                                                               "it compiles; needs a C++ compiler on CPU)."),
     pretrained: Optional[Path] = typer.Option(None, help="Local weights (.safetensors or torch file) to start from."),
     mlp_act: str = typer.Option("gelu", help="MLP activation: gelu (timm's), relu or clipped-relu (learned threshold "
                                             "per unit); ReLU-family MLPs get local MLP bounds in certificates."),
@@ -77,6 +82,10 @@ def train(
 
     The directory holds model.safetensors, checkpoint.pt, msvp_vectors.safetensors,
     config.json and metrics.jsonl. With --resume every other option is read from config.json.
+
+    Several processes: torchrun --nproc-per-node N -m specformer_deploy train ... (DDP; gloo on
+    CPU, nccl on GPUs; rank 0 writes the run; with torchrun --max-restarts the restarted
+    processes resume from the last checkpoint by themselves).
     """
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -91,13 +100,17 @@ def train(
                       lambda_k=lambda_k, lambda_v=lambda_v, n_power_iterations=n_power_iterations,
                       adversarial=adversarial, adv_eps=adv_eps, adv_step=adv_step, adv_steps=adv_steps, seed=seed,
                       device=device, pretrained=str(pretrained) if pretrained else None, mlp_act=mlp_act,
-                      sparsity_weight=sparsity_weight, attention=attention)
+                      sparsity_weight=sparsity_weight, attention=attention, compile=compile_model)
+    # Under torchrun one process per node reports errors (every rank raises the same one).
+    reports = os.environ.get("LOCAL_RANK", "0") == "0"
     try:
         summary = run_training(cfg, out, resume=resume, console=err_console)
     except (CheckpointError, DataError, ModelError, UnsupportedAttentionError, ValueError) as err:
-        _fail(str(err))
+        _fail(str(err) if reports else "", quiet=not reports)
     except KeyboardInterrupt:
-        _fail(f"interrupted; continue with: specformer-deploy train --resume --out {out}", code=130)
+        _fail(f"interrupted; continue with: specformer-deploy train --resume --out {out}", code=130, quiet=not reports)
+    if os.environ.get("RANK", "0") != "0":
+        return
     if json_output:
         typer.echo(json.dumps(summary, indent=2))
     else:
@@ -271,23 +284,32 @@ def package(
     model: Path = typer.Argument(..., help="An exported .onnx file (model.pt2 beside it)."),
     name: str = typer.Option(..., help="Model name: the archive is STORE/NAME.mar, served at /predictions/NAME."),
     store: Path = typer.Option(Path("model_store"), help="Model store directory."),
-    workers: int = typer.Option(1, min=1, help="Workers per model (model-config.yaml minWorkers/maxWorkers)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Workers per model (model-config.yaml minWorkers/"
+                                          "maxWorkers); default 1, or one per GPU with --device-ids."),
+    device_ids: Optional[str] = typer.Option(None, help="Serve on these GPUs, e.g. 0,1 (deviceType gpu, deviceIds): "
+                                             "TorchServe assigns workers to them round-robin. A worker on a host "
+                                             "without a usable CUDA provider serves on CPU. Default: CPU only."),
     batch_size: int = typer.Option(8, min=1, help="TorchServe batch size."),
     max_batch_delay: int = typer.Option(5, min=0, help="Milliseconds to wait for a batch to fill."),
     response_timeout: int = typer.Option(60, min=1, help="Seconds before TorchServe gives up on a request."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Build a TorchServe archive (torch-model-archiver) with the specformer handler."""
-    from .package import PackageError, package_model
+    from .package import PackageError, model_config_for, package_model, parse_device_ids
 
-    config = {"minWorkers": workers, "maxWorkers": workers, "batchSize": batch_size,
-              "maxBatchDelay": max_batch_delay, "responseTimeout": response_timeout}
+    config = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay, "responseTimeout": response_timeout}
+    if workers is not None:
+        config.update(minWorkers=workers, maxWorkers=workers)
     try:
-        archive = package_model(model, name, store, model_config=config)
+        ids = parse_device_ids(device_ids) if device_ids is not None else None
+        written = model_config_for(config, ids)
+        archive = package_model(model, name, store, model_config=config, device_ids=ids)
     except PackageError as err:
         _fail(str(err))
     if json_output:
-        typer.echo(json.dumps({"archive": str(archive), "name": name, "model_config": config}))
+        typer.echo(json.dumps({"archive": str(archive), "name": name, "device_type": written["deviceType"],
+                               "device_ids": written.get("deviceIds"), "workers": written["maxWorkers"],
+                               "model_config": written}))
     else:
         err_console.print(f"[green]packaged[/] {archive}; serve it with: torchserve --start --ncs --model-store "
                           f"{store} --ts-config {store}/config.properties --models {name}={name}.mar")

@@ -7,17 +7,23 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PackageError", "package_model", "HANDLER", "DEFAULT_MODEL_CONFIG"]
+__all__ = ["PackageError", "package_model", "model_config_for", "parse_device_ids", "HANDLER",
+           "DEFAULT_MODEL_CONFIG"]
 
 HANDLER = Path(__file__).resolve().parents[1] / "handlers" / "specformer_handler.py"
 
 # TorchServe's per-model settings (model-config.yaml); `handler:` is passed to our handler.
+# `deviceType: cpu` is explicit: without it TorchServe 0.12 hands every worker a gpu_id
+# (round-robin over all GPUs it finds with nvidia-smi) whenever the host has GPUs, so the same
+# archive would run on CPU on one host and on GPU on another. GPU archives say so: `deviceIds`.
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "minWorkers": 1,
     "maxWorkers": 1,
+    "deviceType": "cpu",
     "batchSize": 8,
     "maxBatchDelay": 5,  # ms to wait for a batch to fill
     "responseTimeout": 60,  # s; probes are capped (<= 100 steps) to stay far below it
@@ -42,11 +48,56 @@ def _yaml(config: dict[str, Any], indent: int = 0) -> str:
     return "\n".join(lines)
 
 
+def parse_device_ids(text: str) -> list[int]:
+    """``"0,1"`` -> ``[0, 1]``: a comma-separated list of distinct non-negative GPU indices."""
+    parts = [part.strip() for part in str(text).split(",")]
+    if not text or not text.strip() or any(not part for part in parts):
+        raise PackageError(f"--device-ids must be a comma-separated list of GPU indices like 0 or 0,1; got {text!r}")
+    ids = []
+    for part in parts:
+        if not (part.isascii() and part.isdigit()):
+            raise PackageError(f"--device-ids: {part!r} is not a non-negative integer GPU index (as nvidia-smi "
+                               f"numbers them); list the GPUs explicitly, e.g. 0,1; got {text!r}")
+        ids.append(int(part))
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise PackageError(f"--device-ids lists GPU {', '.join(map(str, repeated))} more than once; list each GPU "
+                           "once and use --workers for several workers per GPU")
+    return ids
+
+
+def model_config_for(model_config: dict[str, Any] | None = None,
+                     device_ids: Sequence[int] | None = None) -> dict[str, Any]:
+    """The ``model-config.yaml`` that :func:`package_model` writes.
+
+    Without ``device_ids``: ``deviceType: cpu`` (workers never get a gpu_id). With them:
+    ``deviceType: gpu`` and ``deviceIds``, and one worker per listed GPU unless ``model_config``
+    sets ``minWorkers``/``maxWorkers`` (TorchServe then assigns workers to the listed GPUs
+    round-robin). ``model_config`` entries win over the defaults."""
+    config = {**DEFAULT_MODEL_CONFIG}
+    if device_ids is not None:
+        ids = list(device_ids)
+        valid = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        if not ids or not valid or len(set(ids)) < len(ids):
+            raise PackageError(f"device_ids must be distinct non-negative GPU indices, got {ids}")
+        config.update(deviceType="gpu", deviceIds=ids, minWorkers=len(ids), maxWorkers=len(ids))
+    config.update(model_config or {})
+    for key in ("minWorkers", "maxWorkers"):
+        if not (isinstance(config[key], int) and config[key] >= 1):
+            raise PackageError(f"{key} must be an integer >= 1, got {config[key]!r}")
+    if config["minWorkers"] > config["maxWorkers"]:
+        raise PackageError(f"minWorkers ({config['minWorkers']}) exceeds maxWorkers ({config['maxWorkers']})")
+    return config
+
+
 def package_model(onnx_path: str | Path, name: str, store: str | Path = "model_store", *,
-                  model_config: dict[str, Any] | None = None, version: str = "1.0") -> Path:
+                  model_config: dict[str, Any] | None = None, version: str = "1.0",
+                  device_ids: Sequence[int] | None = None) -> Path:
     """Write ``store/NAME.mar``: the ONNX file, ``model.pt2``, ``index_to_name.json``, the handler
-    and ``model-config.yaml``. Returns the archive's path."""
+    and ``model-config.yaml`` (see :func:`model_config_for` for ``device_ids``). Returns the
+    archive's path."""
     onnx_path = Path(onnx_path)
+    config = model_config_for(model_config, device_ids)
     if not onnx_path.is_file():
         raise PackageError(f"{onnx_path} does not exist")
     pt2 = onnx_path.with_suffix(".pt2")
@@ -64,7 +115,6 @@ def package_model(onnx_path: str | Path, name: str, store: str | Path = "model_s
     archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
-    config = {**DEFAULT_MODEL_CONFIG, **(model_config or {})}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
         serialized = tmp_dir / "model.onnx"

@@ -8,6 +8,7 @@ ONNX Runtime has no input-gradient path.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,15 @@ from .bounds import CertificateConstants, certificate_arrays
 from .onnx_meta import initializer_arrays, metadata_digests, read_metadata, weights_digest
 
 __all__ = ["SpecformerRuntime", "IntegrityError", "ProbeRequest", "RequestError", "LIMITS", "cuda_usable",
-           "check_options"]
+           "cuda_unusable_reason", "check_options", "PROBE_AGREEMENT"]
+
+logger = logging.getLogger(__name__)
 
 LIMITS = {"max_steps": 100, "max_delta0": 1e4, "max_top_k": 100, "max_eps_linf": 1.0, "max_batch_probe": 64}
+
+# The probe's model.pt2 may run on the session's GPU only if its logits there agree with the
+# ONNX session's on the same image to within this fraction of the logit scale (max(1, max|z|)).
+PROBE_AGREEMENT = 1e-3
 
 
 class IntegrityError(RuntimeError):
@@ -72,15 +79,31 @@ def check_options(delta0: float, top_k: int, probe: ProbeRequest | None, image_s
         probe.validate(image_size)
 
 
-def cuda_usable() -> bool:
-    """True when ONNX Runtime has a CUDA provider *and* this machine has an NVIDIA device."""
+def cuda_unusable_reason() -> str | None:
+    """Why ONNX Runtime cannot use CUDA here (``None`` when it has a CUDA provider *and* this
+    machine has an NVIDIA device node)."""
     import onnxruntime as ort
 
-    return "CUDAExecutionProvider" in ort.get_available_providers() and any(Path("/dev").glob("nvidia[0-9]*"))
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        return f"this onnxruntime build has no CUDAExecutionProvider (it has {', '.join(available)}; install " \
+               "onnxruntime-gpu)"
+    if not any(Path("/dev").glob("nvidia[0-9]*")):
+        return "no NVIDIA device (/dev/nvidia*) on this machine"
+    return None
+
+
+def cuda_usable() -> bool:
+    """True when ONNX Runtime has a CUDA provider *and* this machine has an NVIDIA device."""
+    return cuda_unusable_reason() is None
 
 
 class SpecformerRuntime:
-    """Load an exported model, verify its digests, answer requests."""
+    """Load an exported model, verify its digests, answer requests.
+
+    ``device_id`` asks for ONNX Runtime's CUDA provider on that GPU; where CUDA is not usable the
+    session runs on CPU and ``cuda_fallback`` says why. ``device`` is what is actually used
+    (``"cuda:N"`` or ``"cpu"``)."""
 
     def __init__(self, onnx_path: str | Path, *, device_id: int | None = None, threads: int | None = None,
                  verify: bool = True) -> None:
@@ -105,15 +128,40 @@ class SpecformerRuntime:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if device_id is not None and cuda_usable():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        self.session, self.cuda_fallback = None, None
+        if device_id is not None:
+            self.session, self.cuda_fallback = self._cuda_session(options, int(device_id))
+        if self.session is None:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.providers = self.session.get_providers()
+        self.device = f"cuda:{device_id}" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.image_size = int(self.meta["image_size"])
         self.constants = CertificateConstants(self.meta)
         self.class_names = list(self.meta["class_names"])
         self._probe_model = None
+        self.probe_device: str | None = None  # where model.pt2 runs, once the first probe loaded it
+
+    def _cuda_session(self, options, device_id: int):
+        """``(session on GPU device_id, None)``, or ``(None, why not)``."""
+        import onnxruntime as ort
+
+        reason = cuda_unusable_reason()
+        if reason is not None:
+            return None, reason
+        if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from pip's nvidia-* wheels (onnxruntime-gpu >= 1.21)
+            try:
+                ort.preload_dlls()
+            except Exception as err:  # noqa: BLE001 - the session below reports what is really missing
+                logger.debug("onnxruntime.preload_dlls failed: %s", err)
+        try:
+            session = ort.InferenceSession(str(self.path), options, providers=[
+                ("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001
+            return None, f"ONNX Runtime's CUDA provider failed on device {device_id}: {type(err).__name__}: {err}"
+        if session.get_providers()[0] != "CUDAExecutionProvider":
+            return None, (f"ONNX Runtime could not start its CUDA provider on device {device_id} (CUDA or cuDNN "
+                          "libraries missing?) and fell back to CPU")
+        return session, None
 
     def _verify(self, proto) -> None:
         integrity = self.meta["integrity"]
@@ -237,15 +285,52 @@ class SpecformerRuntime:
         check_options(delta0, top_k, probe, self.image_size)
 
     # -- probe -----------------------------------------------------------------------------
-    def _logits_model(self):
+    def _logits_model(self, pixels: np.ndarray | None = None):
+        """``model.pt2``'s logits module, loaded on first use: on the session's GPU when it agrees
+        with the ONNX session there (checked on ``pixels[:1]``, or a grey image), else on CPU."""
         if self._probe_model is None:
             pt2 = self.path.with_suffix(".pt2")
             if not pt2.is_file():
                 raise FileNotFoundError(f"the probe needs {pt2} (written by export beside the .onnx)")
             from .export import load_exported_logits
 
-            self._probe_model = load_exported_logits(pt2)
+            model, device = load_exported_logits(pt2), "cpu"
+            if self.device != "cpu":
+                if pixels is None:
+                    pixels = np.full((1, 3, self.image_size, self.image_size), 0.5, dtype=np.float32)
+                moved, why = self._probe_model_on(model, self.device, pixels[:1])
+                if moved is None:
+                    logger.warning("specformer: the PGD probe runs on cpu, not %s: %s", self.device, why)
+                    model = load_exported_logits(pt2)  # .to() moves in place: start again from a clean copy
+                else:
+                    model, device = moved, self.device
+            self._probe_model, self.probe_device = model, device
         return self._probe_model
+
+    def _probe_model_on(self, model, device: str, pixels: np.ndarray):
+        """``(model moved to device, None)`` when its logits there agree with the ONNX session's on
+        ``pixels`` (within ``PROBE_AGREEMENT`` of the logit scale), else ``(None, why not)``."""
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            return None, "torch has no usable CUDA here (torch.cuda.is_available() is False)"
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        try:
+            with torch.inference_mode(False):  # parameters made under inference mode cannot take gradients
+                moved = model.to(device)
+            with torch.no_grad():
+                logits = moved(torch.from_numpy(pixels).to(device)).float().cpu().numpy()
+        except Exception as err:  # noqa: BLE001 - e.g. device constants baked into the exported graph
+            return None, f"running model.pt2 on {device} failed: {type(err).__name__}: {err}"
+        reference = self.infer(pixels)[0]
+        tolerance = PROBE_AGREEMENT * max(1.0, float(np.abs(reference).max()))
+        difference = float(np.abs(logits - reference).max()) if logits.shape == reference.shape else math.inf
+        if not difference <= tolerance:  # NaN disagrees too
+            return None, (f"model.pt2's logits on {device} differ from ONNX Runtime's by {difference:.3g} "
+                          f"(tolerance {tolerance:.3g})")
+        logger.info("specformer: the PGD probe runs on %s (model.pt2's logits agree with ONNX Runtime's to %.3g)",
+                    device, difference)
+        return moved, None
 
     def probe(self, pixels: np.ndarray, labels: np.ndarray, request: ProbeRequest) -> list[dict[str, Any]]:
         """Attack each image away from its predicted label with gradients from ``model.pt2``; the
@@ -255,20 +340,22 @@ class SpecformerRuntime:
         from .attacks import fgsm, pgd
 
         request.validate(self.image_size)
-        model = self._logits_model()
+        model = self._logits_model(pixels)
+        device = torch.device(self.probe_device or "cpu")
         adversarial = np.empty_like(np.asarray(pixels, dtype=np.float32))
         with torch.inference_mode(False), torch.enable_grad():
             # One image at a time with its own seeded start: the answer for an image does not
-            # depend on which other requests share its batch.
+            # depend on which other requests share its batch. (On a GPU the start comes from that
+            # device's generator: reproducible there, not bitwise the CPU's.)
             for i in range(len(pixels)):
-                x = torch.from_numpy(np.ascontiguousarray(pixels[i: i + 1], dtype=np.float32))
-                y = torch.from_numpy(np.asarray(labels[i: i + 1], dtype=np.int64))
+                x = torch.from_numpy(np.ascontiguousarray(pixels[i: i + 1], dtype=np.float32)).to(device)
+                y = torch.from_numpy(np.asarray(labels[i: i + 1], dtype=np.int64)).to(device)
                 if request.attack == "fgsm":
                     adv = fgsm(model, x, y, request.eps)
                 else:
                     adv = pgd(model, x, y, request.eps, request.step_size, request.steps, norm=request.norm,
-                              random_start=True, generator=torch.Generator().manual_seed(0))
-                adversarial[i] = adv.detach().numpy()[0]
+                              random_start=True, generator=torch.Generator(device=device).manual_seed(0))
+                adversarial[i] = adv.detach().cpu().numpy()[0]
         adv_logits, _ = self.infer(adversarial)
         delta = (adversarial - pixels).reshape(len(pixels), -1)
         results = []

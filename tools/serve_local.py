@@ -6,6 +6,7 @@ through the management API, posts one image with the inference key, prints the a
 always stops TorchServe. Used by ``make demo``; the tests drive the same class.
 
     python tools/serve_local.py --onnx runs/demo/export/model.onnx --name digits [--image digit.png]
+    python tools/serve_local.py --onnx runs/demo/export/model.onnx --device-ids 0,1   # GPU workers
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ class LocalTorchServe:
     """A TorchServe process group rooted in ``root`` (model store, config, logs, key_file.json)."""
 
     def __init__(self, root: Path, onnx_path: str, name: str = "digits", free_ports: bool = True,
-                 model_config: dict | None = None) -> None:
+                 model_config: dict | None = None, device_ids: list[int] | None = None) -> None:
         self.root = Path(root).resolve()
         self.onnx = str(Path(onnx_path).resolve())
         self.name = name
         self.model_config = model_config or {}
+        self.device_ids = device_ids
         self.ports = ({"inference": _free_port(), "management": _free_port(), "metrics": _free_port()} if free_ports
                       else {"inference": 8080, "management": 8081, "metrics": 8082})
         self.url = f"http://127.0.0.1:{self.ports['inference']}"
@@ -49,7 +51,7 @@ class LocalTorchServe:
         store = self.root / "store"
         from specformer_deploy.package import package_model
 
-        package_model(self.onnx, self.name, store, model_config=self.model_config)
+        package_model(self.onnx, self.name, store, model_config=self.model_config, device_ids=self.device_ids)
         config = (ROOT / "model_store" / "config.properties").read_text()
         for kind, port in self.ports.items():
             default = {"inference": 8080, "management": 8081, "metrics": 8082}[kind]
@@ -120,13 +122,20 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=Path("runs/torchserve"), help="store, logs and key_file.json")
     parser.add_argument("--image", type=Path, help="image to send (default: a digit of the built-in test set)")
     parser.add_argument("--probe", action="store_true", help="ask for a PGD probe too")
+    parser.add_argument("--device-ids", help="package for these GPUs, e.g. 0,1 (as `specformer-deploy package`)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "tools"))
     from load_test import default_image
 
     image = args.image.read_bytes() if args.image else default_image()
     args.root.mkdir(parents=True, exist_ok=True)
-    server = LocalTorchServe(args.root, args.onnx, args.name, free_ports=False)
+    from specformer_deploy.package import PackageError, parse_device_ids
+
+    try:
+        device_ids = parse_device_ids(args.device_ids) if args.device_ids is not None else None
+    except PackageError as err:
+        parser.error(str(err))
+    server = LocalTorchServe(args.root, args.onnx, args.name, free_ports=False, device_ids=device_ids)
     try:
         print(f"starting torchserve (store, logs and key_file.json in {args.root}) ...", file=sys.stderr)
         server.start()
