@@ -147,9 +147,15 @@ def agree(ctx: DistContext, options: dict[str, Any], error: str | None = None) -
         return
     gathered: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(gathered, {"options": options, "error": error})
-    failures = [f"rank {rank}: {entry['error']}" for rank, entry in enumerate(gathered) if entry["error"]]
-    if failures:
-        raise DistributedConfigError("a rank failed to start; " + "; ".join(failures))
+    failed: dict[str, list[int]] = {}
+    for rank, entry in enumerate(gathered):
+        if entry["error"]:
+            failed.setdefault(entry["error"], []).append(rank)
+    if failed:
+        if len(failed) == 1 and len(next(iter(failed.values()))) == ctx.world_size:
+            raise DistributedConfigError(next(iter(failed)))  # every rank: the plain message
+        raise DistributedConfigError("; ".join(f"rank {', '.join(map(str, ranks))}: {message}"
+                                               for message, ranks in failed.items()))
     reference = gathered[0]["options"]
     differences = []
     for key in sorted(set().union(*(entry["options"].keys() for entry in gathered))):

@@ -33,6 +33,7 @@ from . import __version__
 from .attacks import check_budget, pgd
 from .checkpoint import CheckpointError, RunFiles, atomic_write, atomic_write_text, read_metrics
 from .data import load_dataset
+from .heads import UnsupportedAttentionError
 from .distributed import (DistContext, agree, all_reduce_sums, broadcast_object, elastic_restart_count,
                           init_distributed, per_rank_batch, resolve_device, shutdown, sync_from_rank0)
 from .models import DEFAULT_MODEL, ModelConfig, build_model, load_pretrained, resolve_model_config
@@ -267,7 +268,7 @@ def _train(ctx: DistContext, cfg: TrainConfig, out: Path, resume: bool, console:
     except Exception as err:  # noqa: BLE001 - reported on every rank below, then re-raised here
         if not ctx.distributed:
             raise
-        error = f"{type(err).__name__}: {err}"
+        error = str(err) if isinstance(err, (ValueError, OSError, UnsupportedAttentionError)) else f"{type(err).__name__}: {err}"
     agree(ctx, {}, error)
     assert bundle is not None and model is not None and model_cfg is not None
     model.to(device)
@@ -309,7 +310,9 @@ def _train(ctx: DistContext, cfg: TrainConfig, out: Path, resume: bool, console:
         start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
         metrics = broadcast_object(ctx, read_metrics(files.metrics)[:start_epoch] if ctx.is_main else None)
         why = " after a torchrun restart" if plan["restarted"] else ""
-        if ctx.is_main:
+        if ctx.is_main and start_epoch >= cfg.epochs:
+            console.print(f"{files.root} has already finished its {cfg.epochs} epochs; nothing to train")
+        elif ctx.is_main:
             console.print(f"resuming {files.root} at epoch {start_epoch + 1}/{cfg.epochs}{why}")
     scheduler.step_update(step)
 

@@ -176,3 +176,17 @@ def test_nodes_started_with_different_options_refuse_to_train(tmp_path: Path) ->
         assert "started with different options" in output, output[-3000:]
         assert "lr (rank 0=0.05, rank 1=0.01)" in output, output[-3000:]
     assert not (out / "config.json").exists()  # nothing was written
+
+
+def test_compiled_model_under_ddp_trains_what_eager_trains(one_process: Path, tmp_path: Path) -> None:
+    """--compile (torch.compile, inductor on CPU) inside DDP: same run up to kernel rounding."""
+    out = tmp_path / "compiled"
+    process = _torchrun(["--standalone"], out, extra=["--compile"])
+    output = _finish(process, timeout=600)
+    assert process.returncode == 0, output[-4000:]
+    eager, compiled = _metrics(one_process), _metrics(out)
+    for a, b in zip(eager, compiled):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["replicas"]["max_weight_drift"] == 0.0
+    # The run directory holds the plain module's weights (no torch.compile `_orig_mod.` prefix).
+    assert _max_diff(load_file(str(one_process / "model.safetensors")), load_file(str(out / "model.safetensors"))) < 1e-3
