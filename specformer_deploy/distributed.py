@@ -95,9 +95,30 @@ def init_distributed(device_name: str, timeout_s: float = 1800.0) -> DistContext
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                                **({"device_id": device} if backend == "nccl" else {}))
+        timeout = timedelta(seconds=timeout_s)
+        store = _restart_store(world_size, timeout)
+        extra: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
+        if store is not None:
+            extra.update(store=store, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, timeout=timeout, **extra)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+
+
+def _restart_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """A key space of its own for a group that torchrun restarted (``--max-restarts``).
+
+    torchrun shares its rendezvous TCPStore with the workers and keeps it across restarts, so
+    the restarted group can read the addresses the dead group published and fail to connect
+    ("Connection refused"; pytorch/pytorch#135712, #167288). Seen here in 2 of 3 restarts.
+    Prefixing the keys with the restart count (what torch itself did before it shared the
+    store) separates the attempts. ``None``: the default store is fine.
+    """
+    restarts = elastic_restart_count()
+    if restarts == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"), world_size, is_master=False,
+                           timeout=timeout)
+    return dist.PrefixStore(f"/specformer_deploy/attempt_{restarts}", client)
 
 
 def resolve_device(name: str) -> torch.device:
