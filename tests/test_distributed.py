@@ -37,12 +37,13 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _torchrun(args: list[str], out: Path, *, nproc: int = 2, extra: list[str] = ()) -> subprocess.Popen:
-    """Start torchrun; its output goes to OUT.log (a pipe nobody reads would fill and block it)."""
+def _torchrun(args: list[str], out: Path, *, nproc: int = 2, extra: list[str] = (),
+              log: Path | None = None) -> subprocess.Popen:
+    """Start torchrun; its output goes to a log file (a pipe nobody reads would fill and block it)."""
     command = [*TORCHRUN, *args, f"--nproc-per-node={nproc}", "-m", "specformer_deploy", "train", *CLI_OPTIONS,
                *extra, "--out", str(out)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(out.with_suffix(".log"), "w")  # noqa: SIM115 - closed by _finish
+    log = open(log or out.with_suffix(".log"), "w")  # noqa: SIM115 - closed by _finish
     process = subprocess.Popen(command, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
     process.log = log  # type: ignore[attr-defined]
     return process
@@ -70,6 +71,12 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp") / "one"
@@ -79,11 +86,17 @@ def one_process(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp") / "two"
-    process = _torchrun(["--standalone"], out)
-    output = _finish(process)
-    assert process.returncode == 0, output[-4000:]
-    assert "distributed: 2 processes (gloo), 16 images per process per step, global batch 32" in output
+    """Two torchrun 'nodes' of one process each, joined by the c10d rendezvous (the multi-node
+    command of the README, on one host)."""
+    root = tmp_path_factory.mktemp("ddp")
+    out = root / "two"
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [_torchrun(["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=equivalence"],
+                       out, nproc=1, log=root / f"node{node}.log") for node in range(2)]
+    outputs = [_finish(node) for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-4000:]
+    assert "distributed: 2 processes (gloo), 16 images per process per step, global batch 32" in "".join(outputs)
     return out
 
 
@@ -154,12 +167,6 @@ def test_killed_rank_is_restarted_by_torchrun_and_resumes(two_processes: Path, t
     assert _max_diff(load_file(str(out / "msvp_vectors.safetensors")),
                      load_file(str(two_processes / "msvp_vectors.safetensors"))) == 0
     assert [m["loss"] for m in _metrics(out)] == [m["loss"] for m in _metrics(two_processes)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_nodes_started_with_different_options_refuse_to_train(tmp_path: Path) -> None:
