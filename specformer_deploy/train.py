@@ -183,7 +183,8 @@ def _plan_run(files: RunFiles, cfg: TrainConfig, resume: bool) -> dict[str, Any]
         resume = True  # torchrun --max-restarts brought us back: continue where the group died
     if resume:
         stored = files.read_config()
-        return {"train": stored["train"], "checkpoint": files.load_checkpoint(), "restarted": restarted}
+        return {"train": stored["train"], "checkpoint": files.load_checkpoint(), "restarted": restarted,
+                "world_size": (stored.get("distributed") or {}).get("world_size", 1)}
     if files.checkpoint.exists() or (files.config.exists() and not restarted):
         raise CheckpointError(f"{files.root} already holds a run; pass --resume to continue it or choose another --out")
     return {"train": asdict(cfg), "checkpoint": None, "restarted": restarted}
@@ -278,7 +279,9 @@ def _train(ctx: DistContext, cfg: TrainConfig, out: Path, resume: bool, console:
 
     run_config = {"format_version": FORMAT_VERSION, "package_version": __version__, "train": asdict(cfg),
                   "model": model_cfg.to_dict(), "data": {"dataset": bundle.name, "class_names": bundle.class_names,
-                                                         "train_size": len(bundle.train), "test_size": len(bundle.test)}}
+                                                         "train_size": len(bundle.train), "test_size": len(bundle.test)},
+                  # Mixup/CutMix and PGD noise are drawn per process: part of what repeats a run.
+                  "distributed": {"world_size": ctx.world_size, "backend": ctx.backend}}
     if checkpoint is None and ctx.is_main:
         atomic_write_text(files.config, json.dumps(run_config, indent=2) + "\n")
 
@@ -314,6 +317,10 @@ def _train(ctx: DistContext, cfg: TrainConfig, out: Path, resume: bool, console:
             console.print(f"{files.root} has already finished its {cfg.epochs} epochs; nothing to train")
         elif ctx.is_main:
             console.print(f"resuming {files.root} at epoch {start_epoch + 1}/{cfg.epochs}{why}")
+            if plan["world_size"] != ctx.world_size:
+                console.print(f"note: the run started with {plan['world_size']} process(es) and resumes with "
+                              f"{ctx.world_size}; the global batches are the same, the per-process Mixup/CutMix "
+                              "and PGD noise are not, so it will not repeat an uninterrupted run exactly")
     scheduler.step_update(step)
 
     # What runs the forward passes: the model itself, compiled by torch.compile on request,

@@ -126,6 +126,11 @@ def test_two_processes_train_what_one_process_trains(one_process: Path, two_proc
                      load_file(str(two_processes / "model.safetensors"))) < 1e-5
     assert _max_diff(load_file(str(one_process / "msvp_vectors.safetensors")),
                      load_file(str(two_processes / "msvp_vectors.safetensors"))) < 1e-4
+    def recorded(run: Path) -> dict:
+        return json.loads((run / "config.json").read_text())["distributed"]
+
+    assert recorded(one_process) == {"world_size": 1, "backend": None}
+    assert recorded(two_processes) == {"world_size": 2, "backend": "gloo"}
     # Rank 0 alone wrote the run directory: no stray temporary files from another rank.
     assert sorted(p.name for p in two_processes.iterdir()) == sorted(p.name for p in one_process.iterdir())
 
