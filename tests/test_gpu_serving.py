@@ -192,6 +192,24 @@ def test_handler_serves_on_cpu_with_one_warning_line(exported_pair, monkeypatch,
     assert any("loaded model.onnx on cpu with CPUExecutionProvider" in r.getMessage() for r in caplog.records)
 
 
+def test_handler_gives_the_probes_torch_ops_the_worker_thread_budget(exported_pair) -> None:
+    """Several workers each running torch with one thread per core oversubscribe the machine
+    (2 workers served probes 5.6x slower than 1 before the handler set this)."""
+    import torch
+
+    onnx = Path(exported_pair["msvp"]["onnx"])
+    context = SimpleNamespace(system_properties={"model_dir": str(onnx.parent), "gpu_id": None},
+                              manifest={"model": {"serializedFile": onnx.name}},
+                              model_yaml_config={"handler": {"threads_per_worker": 1}})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _load_handler()().initialize(context)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 # -- a real TorchServe -------------------------------------------------------------------------
 
 @pytest.mark.serving
