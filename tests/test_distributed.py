@@ -112,7 +112,7 @@ def test_global_batch_is_split_evenly_or_refused() -> None:
 def test_two_processes_train_what_one_process_trains(one_process: Path, two_processes: Path) -> None:
     single, double = _metrics(one_process), _metrics(two_processes)
     assert [m["step"] for m in single] == [m["step"] for m in double] == [44, 88, 132]
-    assert single[-1]["loss"] < single[0]["loss"]  # it learns, so the comparison means something
+    assert single[-1]["loss"] < single[0]["loss"]  # the weights move: two idle runs would agree trivially
     for a, b in zip(single, double):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
         assert b["penalty"] == pytest.approx(a["penalty"], rel=1e-5)
