@@ -132,34 +132,67 @@ class CertificateConstants:
                                   or [True] * len(self.tokens))
         self.kinds = [layer.get("attention", "dot") for layer in meta.get("attention_weights", [])] or \
             ["dot"] * len(self.tokens)
+        self._fold_heads()
+
+    def _fold_heads(self) -> None:
+        """Fold the heads into a few numbers per layer, so that serving a certificate costs a
+        handful of array operations per batch instead of one per head (it is paid per request).
+
+        With ``a = sv sq sk / sqrt(D)``, ``c = sv sk |b_q| / (2 sqrt(D))``, ``v = sv`` per head, the
+        always-valid head bound is ``sqrt(N) (a B^2 + c B + v)``, so ``sum_h bound_h^2 = N poly(B)``
+        with a quartic whose coefficients are sums of products of non-negative numbers (no
+        cancellation). The paper's ``sum_h`` is ``(N (N+1) B^2)^2 sum_h p_h^2``, ``p = sv sq sk + sv``.
+        Its validity holds for every head exactly when ``B`` reaches a per-layer threshold:
+        ``(N+1) B^2 >= 1``, and, for heads with a query bias, ``paper_h - bound_h = alpha B^2 -
+        beta B - gamma >= 0`` with ``beta, gamma >= 0``, i.e. ``B`` at least its positive root
+        (never when ``alpha <= 0`` and ``gamma > 0``).
+        """
+        n = self.tokens[:, None]
+        root_d = math.sqrt(self.head_dim)
+        a = self.sigma_v * self.sigma_q * self.sigma_k / root_d
+        c = self.sigma_v * self.sigma_k * self.bias_q / (2 * root_d)
+        v = self.sigma_v
+        self.bound_poly = np.stack([(a * a).sum(1), 2 * (a * c).sum(1), (c * c + 2 * a * v).sum(1),
+                                    2 * (c * v).sum(1), (v * v).sum(1)])  # [5, L], highest power first
+        p = self.sigma_v * self.sigma_q * self.sigma_k + self.sigma_v
+        self.paper_norm = np.sqrt((p * p).sum(1))  # [L]
+        alpha, beta, gamma = n * (n + 1) * p - np.sqrt(n) * a, np.sqrt(n) * c, np.sqrt(n) * v
+        with np.errstate(divide="ignore", invalid="ignore"):
+            root = (beta + np.sqrt(beta**2 + 4 * alpha * gamma)) / (2 * alpha)
+        root = np.where(alpha > 0, root, np.where(gamma + beta > 0, np.inf, 0.0))
+        root = np.where(self.bias_q == 0, 0.0, root)
+        self.paper_valid_from = np.maximum(1.0 / np.sqrt(self.tokens + 1), root.max(1))  # [L]
 
 
-def certificate_arrays(input_norms: ArrayLike, delta0: float, constants: CertificateConstants) -> dict[str, np.ndarray]:
+def certificate_arrays(input_norms: ArrayLike, delta0: float, constants: CertificateConstants,
+                       with_heads: bool = False) -> dict[str, np.ndarray]:
     """Per-image, per-layer certificates for a batch at once: ``input_norms`` is ``[B, L]``.
 
-    Returns ``bound``, ``paper_bound`` (``[B, L]``), ``paper_bound_valid`` (``[B, L]`` bool) and
-    ``head_bounds`` (``[B, L, H]``), by the formulas of ``head_bound_from_norms`` and
-    ``paper_bound_from_norms`` broadcast over images, layers and heads.
+    Returns ``bound``, ``paper_bound`` (``[B, L]``) and ``paper_bound_valid`` (``[B, L]`` bool),
+    the formulas of ``head_bound_from_norms`` and ``paper_bound_from_norms`` summed over heads
+    (through the per-layer coefficients of ``CertificateConstants``); ``with_heads`` adds
+    ``head_bounds`` (``[B, L, H]``).
     """
     c = constants
-    norms = _array(input_norms)
-    b = (norms + delta0)[:, :, None]  # [B, L, 1]
-    n = c.tokens[None, :, None]
-    root_d = math.sqrt(c.head_dim)
-    heads = np.sqrt(n) * c.sigma_v * (c.sigma_q * c.sigma_k * b**2 / root_d + c.sigma_k * c.bias_q * b / (2 * root_d)
-                                       + 1.0)
-    paper_heads = n * (n + 1) * b**2 * (c.sigma_v * c.sigma_q * c.sigma_k + c.sigma_v)
-    valid = ((n + 1) * b**2 >= 1.0) & ((c.bias_q == 0) | (paper_heads >= heads))
-    return {"bound": c.sigma_o * np.sqrt((heads**2).sum(axis=2)),
-            "paper_bound": c.sigma_o * np.sqrt((paper_heads**2).sum(axis=2)),
-            "paper_bound_valid": valid.all(axis=2), "head_bounds": heads}
+    b = _array(input_norms) + delta0  # [B, L]
+    poly = c.bound_poly
+    sum_squares = (((poly[0] * b + poly[1]) * b + poly[2]) * b + poly[3]) * b + poly[4]
+    out = {"bound": c.sigma_o * np.sqrt(c.tokens * sum_squares),
+           "paper_bound": c.sigma_o * c.tokens * (c.tokens + 1) * (b * b) * c.paper_norm,
+           "paper_bound_valid": b >= c.paper_valid_from}
+    if with_heads:
+        root_d = math.sqrt(c.head_dim)
+        b3 = b[:, :, None]
+        out["head_bounds"] = np.sqrt(c.tokens)[None, :, None] * c.sigma_v * (
+            c.sigma_q * c.sigma_k * b3**2 / root_d + c.sigma_k * c.bias_q * b3 / (2 * root_d) + 1.0)
+    return out
 
 
 def layer_certificates(input_norms: ArrayLike, delta0: float, meta: dict[str, Any]) -> list[dict[str, Any]]:
     """Per-layer certificates for one image from its ``attn_input_norms`` and the export metadata."""
     constants = CertificateConstants(meta)
     norms = _array(input_norms).reshape(1, -1)
-    arrays = certificate_arrays(norms, delta0, constants)
+    arrays = certificate_arrays(norms, delta0, constants, with_heads=True)
     return [{"layer": layer, "tokens": int(constants.tokens[layer]), "input_norm": float(norms[0, layer]),
              "bound": float(arrays["bound"][0, layer]), "paper_bound": float(arrays["paper_bound"][0, layer]),
              "paper_bound_valid": bool(arrays["paper_bound_valid"][0, layer]),

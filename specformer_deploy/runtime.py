@@ -230,7 +230,7 @@ class SpecformerRuntime:
 
         Each layer's ``bound`` is its local Lipschitz constant over the Frobenius ball of radius
         ``delta0`` around that layer's input tokens; ``with_heads`` adds the per-head bounds."""
-        arrays = certificate_arrays(norms, delta0, self.constants)
+        arrays = certificate_arrays(norms, delta0, self.constants, with_heads=with_heads)
         tokens = self.constants.tokens.astype(int).tolist()
         bound, paper = arrays["bound"].tolist(), arrays["paper_bound"].tolist()
         valid, inputs = arrays["paper_bound_valid"].tolist(), norms.tolist()

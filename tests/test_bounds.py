@@ -140,3 +140,56 @@ def test_bad_shapes_and_radii_are_clear_errors() -> None:
         paper_head_bound(np.ones((3, 4)), w, w, w, -1.0)
     with pytest.raises(ValueError, match="delta0"):
         attention_head_bound(np.ones((3, 4)), w, w, w, math.inf)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), layers=st.integers(1, 4), heads=st.integers(1, 6),
+       scale_q=st.sampled_from([1e-3, 1e-1, 1.0, 30.0]), scale_k=st.sampled_from([1e-3, 1.0, 30.0]),
+       bias=st.sampled_from([0.0, 1e-3, 1.0, 10.0, 1e3]), max_tokens=st.sampled_from([3, 200]))
+def test_batched_certificates_equal_the_per_head_formulas(seed, layers, heads, scale_q, scale_k, bias,
+                                                          max_tokens) -> None:
+    """The served form (heads folded into per-layer coefficients and a validity threshold) gives
+    what the per-head formulas give, for inputs on both sides of the paper bound's validity."""
+    from specformer_deploy.bounds import (CertificateConstants, certificate_arrays, head_bound_from_norms,
+                                          paper_bound_from_norms)
+
+    rng = np.random.default_rng(seed)
+    scales = {"q": scale_q, "k": scale_k, "v": 1.0}
+    sigmas = {n: (rng.uniform(0.0, 2.0, (layers, heads)) * scales[n]).tolist() for n in "qkv"}
+    bias_q = (rng.uniform(0, 1, (layers, heads)) * bias * (rng.uniform(size=(layers, heads)) > 0.3)).tolist()
+    tokens = rng.integers(1, max_tokens, layers).tolist()
+    head_dim = int(rng.integers(1, 65))
+    sigma_o = rng.uniform(0.1, 3.0, layers).tolist()
+    meta = {"spectral": {**{f"sigma_{n}": v for n, v in sigmas.items()}, "sigma_o_full": sigma_o},
+            "tokens": tokens, "head_dim": head_dim, "bias_q_norm": bias_q}
+    constants = CertificateConstants(meta)
+    # Input norms from tiny (paper bound invalid) to large, plus the validity threshold itself.
+    norms = np.exp(rng.uniform(np.log(1e-4), np.log(1e3), (7, layers)))
+    delta0 = float(rng.choice([0.0, 0.01, 0.5]))
+    arrays = certificate_arrays(norms, delta0, constants, with_heads=True)
+    outcomes: set[tuple[bool, bool]] = set()
+    for l in range(layers):
+        args = [np.array(sigmas[n][l]) for n in "qkv"]
+        for i in range(len(norms)):
+            per_head = head_bound_from_norms(tokens[l], norms[i, l], delta0, *args, head_dim, np.array(bias_q[l]))
+            paper, valid = paper_bound_from_norms(tokens[l], norms[i, l], delta0, *args)
+            valid_all = bool(np.all(valid & ((np.array(bias_q[l]) == 0) | (paper >= per_head))))
+            assert arrays["bound"][i, l] == pytest.approx(layer_bound(per_head, sigma_o[l]), rel=1e-12)
+            assert arrays["paper_bound"][i, l] == pytest.approx(layer_bound(paper, sigma_o[l]), rel=1e-12)
+            np.testing.assert_allclose(arrays["head_bounds"][i, l], per_head, rtol=1e-12)
+            b = norms[i, l] + delta0
+            if abs(b - constants.paper_valid_from[l]) > 1e-9 * max(b, 1.0):  # not on the boundary itself
+                assert bool(arrays["paper_bound_valid"][i, l]) == valid_all
+                outcomes.add((valid_all, bool(np.all(valid))))
+    # Examples where only the query bias makes the paper's bound invalid count in the suite below.
+    _VALIDITY_OUTCOMES.update(outcomes)
+
+
+_VALIDITY_OUTCOMES: set[tuple[bool, bool]] = set()
+
+
+def test_batched_certificate_examples_cover_every_validity_case() -> None:
+    """Guards the test above: it saw valid bounds, ones invalid for small inputs, and ones that
+    only the query bias made invalid (the case the per-layer threshold's root handles)."""
+    test_batched_certificates_equal_the_per_head_formulas()
+    assert _VALIDITY_OUTCOMES >= {(True, True), (False, False), (False, True)}
