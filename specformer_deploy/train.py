@@ -232,8 +232,9 @@ def _train(ctx: DistContext, cfg: TrainConfig, out: Path, resume: bool, console:
     files = RunFiles(out)
     error = None
     try:
-        cfg.validate()
-        per_rank_batch(cfg.batch_size, ctx.world_size, cfg.use_mixup)
+        if not resume:  # a resumed run's options come from its config.json, checked below
+            cfg.validate()
+            per_rank_batch(cfg.batch_size, ctx.world_size, cfg.use_mixup)
     except ValueError as err:
         error = str(err)
     agree(ctx, _run_options(cfg, out, resume), error)
