@@ -41,7 +41,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not serving"
 
 bench: setup
-	$(PY) tools/bench_msvp.py
+	$(PY) tools/bench/msvp.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,7 +1,7 @@
 """TorchServe handler: predictions with local Lipschitz certificates and an on-demand PGD probe.
 
-Thin on purpose: request parsing lives in ``specformer_deploy.serving``, the model and the
-mathematics in ``specformer_deploy.runtime`` (the same code `specformer-deploy certify` runs),
+Thin on purpose: request parsing lives in ``specformer_deploy.serving.request``, the model and the
+mathematics in ``specformer_deploy.serving.runtime`` (the same code `specformer-deploy certify` runs),
 so the server's numbers equal the command line's. Each request gets its own status: a bad
 request in a batch fails alone with a 4xx JSON error, its neighbours are answered.
 
@@ -27,8 +27,8 @@ class SpecformerHandler(BaseHandler):
     """Serves an ONNX export of specformer-deploy with ONNX Runtime."""
 
     def initialize(self, context: Any) -> None:
-        from specformer_deploy.images import MAX_IMAGE_PIXELS
-        from specformer_deploy.runtime import IntegrityError, SpecformerRuntime
+        from specformer_deploy.serving.images import MAX_IMAGE_PIXELS
+        from specformer_deploy.serving.runtime import IntegrityError, SpecformerRuntime
 
         properties = context.system_properties
         model_dir = Path(properties.get("model_dir"))
@@ -65,7 +65,7 @@ class SpecformerHandler(BaseHandler):
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
-        from specformer_deploy.serving import ClientError, parse_request
+        from specformer_deploy.serving.request import ClientError, parse_request
 
         answers: list[Any] = [None] * len(data)
         groups: dict[tuple, list[tuple[int, Any]]] = {}

@@ -1,3 +1,3 @@
-from .cli import app
+from specformer_deploy.cli import app
 
 app(prog_name="specformer-deploy")

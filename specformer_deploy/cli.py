@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from . import __version__
+from specformer_deploy import __version__
 
 app = typer.Typer(help="Train ViTs with MSVP (SpecFormer), export, audit, certify and serve them.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -87,11 +87,11 @@ def train(
     CPU, nccl on GPUs; rank 0 writes the run; with torchrun --max-restarts the restarted
     processes resume from the last checkpoint by themselves).
     """
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .heads import UnsupportedAttentionError
-    from .models import ModelError
-    from .train import TrainConfig, train as run_training
+    from specformer_deploy.training.checkpoint import CheckpointError
+    from specformer_deploy.training.data import DataError
+    from specformer_deploy.model.heads import UnsupportedAttentionError
+    from specformer_deploy.model.factory import ModelError
+    from specformer_deploy.training.train import TrainConfig, train as run_training
 
     cfg = TrainConfig(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, img_size=img_size,
                       patch_size=patch_size, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -132,8 +132,8 @@ def export(
     import contextlib
     import io
 
-    from .checkpoint import CheckpointError
-    from .export import ExportError, export_run
+    from specformer_deploy.training.checkpoint import CheckpointError
+    from specformer_deploy.artifact.export import ExportError, export_run
 
     exporter_chatter = io.StringIO()
     try:
@@ -190,7 +190,7 @@ def audit(
     truncated, or not an export of this tool (sigmas are still reported when the weights are found).
     Needs onnx and numpy only.
     """
-    from .audit import audit_file
+    from specformer_deploy.artifact.audit import audit_file
 
     report = audit_file(model, heads=heads)
     reports = [report]
@@ -203,7 +203,7 @@ def audit(
     if plot is not None:
         drawable = [r for r in reports if r.sigmas]
         if drawable:
-            from .plots import plot_sigma_per_layer
+            from specformer_deploy.artifact.plots import plot_sigma_per_layer
 
             def label(r) -> str:
                 msvp = (r.model.get("msvp") or {}).get("enabled")
@@ -241,10 +241,10 @@ def evaluate(
     """Accuracy under attack, in the layout of the paper's Tables 1/2 (accuracies in [0, 1])."""
     from rich.progress import Progress
 
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .evaluate import PROTOCOLS, evaluate_model, load_attack_model
-    from .train import resolve_device
+    from specformer_deploy.training.checkpoint import CheckpointError
+    from specformer_deploy.training.data import DataError
+    from specformer_deploy.robustness.evaluate import PROTOCOLS, evaluate_model, load_attack_model
+    from specformer_deploy.training.train import resolve_device
 
     if protocol not in PROTOCOLS:
         _fail(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
@@ -295,7 +295,7 @@ def package(
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Build a TorchServe archive (torch-model-archiver) with the specformer handler."""
-    from .package import PackageError, model_config_for, package_model, parse_device_ids
+    from specformer_deploy.serving.package import PackageError, model_config_for, package_model, parse_device_ids
 
     config = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay, "responseTimeout": response_timeout}
     if workers is not None:
@@ -333,9 +333,9 @@ def certify(
     layers (the paper's Theorem 4.3 with its validity flag, and a form that always holds) and, with
     --probe, a real attack whose adversarial image is classified by the ONNX model.
     """
-    from .images import ImageError, decode_image
-    from .runtime import IntegrityError, ProbeRequest, RequestError, SpecformerRuntime
-    from .serving import ClientError, parse_fraction
+    from specformer_deploy.serving.images import ImageError, decode_image
+    from specformer_deploy.serving.runtime import IntegrityError, ProbeRequest, RequestError, SpecformerRuntime
+    from specformer_deploy.serving.request import ClientError, parse_fraction
 
     try:
         eps_value = parse_fraction("eps", eps)

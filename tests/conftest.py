@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specformer_deploy.models import build_model, resolve_model_config
+from specformer_deploy.model.factory import build_model, resolve_model_config
 
 
 @pytest.fixture(autouse=True)
@@ -28,8 +28,8 @@ def small_convit():
 @pytest.fixture(scope="session")
 def exported_pair(tmp_path_factory):
     """A vanilla and an MSVP run (same seed, 2 epochs on digits), each exported to ONNX."""
-    from specformer_deploy.export import export_run
-    from specformer_deploy.train import TrainConfig, train
+    from specformer_deploy.artifact.export import export_run
+    from specformer_deploy.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("exported")
     out = {}

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specformer_deploy.attacks import (AttackSpec, autoattack, check_budget, cw_linf, cw_margin, default_step_size,
+from specformer_deploy.robustness.attacks import (AttackSpec, autoattack, check_budget, cw_linf, cw_margin, default_step_size,
                                        fgsm, parse_attack, pgd, robust_accuracy, run_attack)
-from specformer_deploy.data import load_dataset
-from specformer_deploy.models import build_model, resolve_model_config
+from specformer_deploy.training.data import load_dataset
+from specformer_deploy.model.factory import build_model, resolve_model_config
 
 torchattacks = pytest.importorskip("torchattacks")
 

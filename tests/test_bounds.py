@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specformer_deploy.bounds import (attention_head_bound, layer_bound, mlp_local_bound, paper_head_bound)
-from specformer_deploy.heads import attention_layers, layer_heads
-from specformer_deploy.lipschitz import attention_inputs, jacobian_norm, local_lower_bound, unfused_attention
+from specformer_deploy.serving.bounds import (attention_head_bound, layer_bound, mlp_local_bound, paper_head_bound)
+from specformer_deploy.model.heads import attention_layers, layer_heads
+from specformer_deploy.robustness.lipschitz import attention_inputs, jacobian_norm, local_lower_bound, unfused_attention
 
 
 def _head(w_q, w_k, w_v, b_q=None, b_k=None, b_v=None):
@@ -73,7 +73,7 @@ def test_the_paper_form_fails_on_small_inputs_and_says_so() -> None:
 
 
 def test_layer_bound_on_a_real_vit_layer_sits_above_exact_and_empirical(tiny_model) -> None:
-    from specformer_deploy.data import load_dataset
+    from specformer_deploy.training.data import load_dataset
 
     model = tiny_model.double().requires_grad_(False)
     stack = unfused_attention(model)
@@ -150,7 +150,7 @@ def test_batched_certificates_equal_the_per_head_formulas(seed, layers, heads, s
                                                           max_tokens) -> None:
     """The served form (heads folded into per-layer coefficients and a validity threshold) gives
     what the per-head formulas give, for inputs on both sides of the paper bound's validity."""
-    from specformer_deploy.bounds import (CertificateConstants, certificate_arrays, head_bound_from_norms,
+    from specformer_deploy.serving.bounds import (CertificateConstants, certificate_arrays, head_bound_from_norms,
                                           paper_bound_from_norms)
 
     rng = np.random.default_rng(seed)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from specformer_deploy.data import DataError, load_dataset
+from specformer_deploy.training.data import DataError, load_dataset
 
 
 def _write_cifar10(root: Path, per_batch: int = 4) -> np.ndarray:

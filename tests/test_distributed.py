@@ -21,8 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from specformer_deploy.distributed import DistributedConfigError, per_rank_batch
-from specformer_deploy.train import TrainConfig, train
+from specformer_deploy.training.distributed import DistributedConfigError, per_rank_batch
+from specformer_deploy.training.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 

@@ -14,11 +14,11 @@ import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
-from specformer_deploy.audit import audit_file
-from specformer_deploy.heads import attention_layers, layer_heads
-from specformer_deploy.msvp import exact_spectral_norms
-from specformer_deploy.onnx_meta import PREFIX, read_metadata
-from specformer_deploy.train import load_run_model
+from specformer_deploy.artifact.audit import audit_file
+from specformer_deploy.model.heads import attention_layers, layer_heads
+from specformer_deploy.training.msvp import exact_spectral_norms
+from specformer_deploy.artifact.onnx_meta import PREFIX, read_metadata
+from specformer_deploy.training.train import load_run_model
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -193,7 +193,7 @@ def test_msvp_model_has_lower_sigmas_and_the_plot_is_a_png(exported_pair, tmp_pa
 
 def test_audit_runs_without_torch(exported_pair) -> None:
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from specformer_deploy.audit import audit_file\n"
+            "from specformer_deploy.artifact.audit import audit_file\n"
             f"r = audit_file({exported_pair['msvp']['onnx']!r})\n"
             "print(r.exit_code, 'torch' in sys.modules and sys.modules['torch'] is not None)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

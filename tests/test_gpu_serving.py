@@ -19,9 +19,9 @@ import torch
 from typer.testing import CliRunner
 
 from specformer_deploy.cli import app
-from specformer_deploy.images import decode_image
-from specformer_deploy.package import PackageError, model_config_for, parse_device_ids
-from specformer_deploy.runtime import ProbeRequest, SpecformerRuntime
+from specformer_deploy.serving.images import decode_image
+from specformer_deploy.serving.package import PackageError, model_config_for, parse_device_ids
+from specformer_deploy.serving.runtime import ProbeRequest, SpecformerRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def pixels(png) -> np.ndarray:
 
 
 def test_runtime_asked_for_a_gpu_serves_on_cpu_and_says_why(exported_pair, pixels, monkeypatch) -> None:
-    import specformer_deploy.runtime as runtime_module
+    import specformer_deploy.serving.runtime as runtime_module
 
     monkeypatch.setattr(runtime_module, "cuda_unusable_reason", lambda: "no NVIDIA device (test)")
     runtime = SpecformerRuntime(exported_pair["msvp"]["onnx"], device_id=1)
@@ -150,7 +150,7 @@ def test_probe_of_a_gpu_session_falls_back_to_cpu_and_logs_why(exported_pair, pi
     labels = cpu.infer(pixels)[0].argmax(axis=1)
     runtime = SpecformerRuntime(exported_pair["msvp"]["onnx"])
     runtime.device = "cuda:0"  # as if ONNX Runtime ran on GPU 0 while torch has no CUDA
-    with caplog.at_level(logging.WARNING, logger="specformer_deploy.runtime"):
+    with caplog.at_level(logging.WARNING, logger="specformer_deploy.serving.runtime"):
         result = runtime.probe(pixels, labels, request)
     assert runtime.probe_device == "cpu"
     assert "the PGD probe runs on cpu, not cuda:0: torch has no usable CUDA here" in caplog.text
@@ -172,7 +172,7 @@ def _load_handler():
 ])
 def test_handler_serves_on_cpu_with_one_warning_line(exported_pair, monkeypatch, caplog, gpu_id, device_type,
                                                      expected) -> None:
-    import specformer_deploy.runtime as runtime_module
+    import specformer_deploy.serving.runtime as runtime_module
 
     monkeypatch.setattr(runtime_module, "cuda_unusable_reason", lambda: "no NVIDIA device (test)")
     onnx = Path(exported_pair["msvp"]["onnx"])

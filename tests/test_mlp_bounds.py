@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from specformer_deploy.data import load_dataset
-from specformer_deploy.export import export_run
-from specformer_deploy.mlp import ClippedReLU, mlp_modules
-from specformer_deploy.runtime import SpecformerRuntime
-from specformer_deploy.train import TrainConfig, load_run_model, train
+from specformer_deploy.training.data import load_dataset
+from specformer_deploy.artifact.export import export_run
+from specformer_deploy.model.mlp import ClippedReLU, mlp_modules
+from specformer_deploy.serving.runtime import SpecformerRuntime
+from specformer_deploy.training.train import TrainConfig, load_run_model, train
 
 
 def test_clipped_relu_threshold_is_used_as_non_negative() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specformer_deploy.heads import UnsupportedAttentionError, attention_layers, layer_heads
-from specformer_deploy.models import ModelError, build_model, resolve_model_config
-from specformer_deploy.msvp import MSVP, MSVPConfig, exact_spectral_norms, power_iteration_
+from specformer_deploy.model.heads import UnsupportedAttentionError, attention_layers, layer_heads
+from specformer_deploy.model.factory import ModelError, build_model, resolve_model_config
+from specformer_deploy.training.msvp import MSVP, MSVPConfig, exact_spectral_norms, power_iteration_
 
 
 def test_power_iteration_matches_svd_on_random_matrices() -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from specformer_deploy.images import decode_image
-from specformer_deploy.runtime import ProbeRequest, SpecformerRuntime
+from specformer_deploy.serving.images import decode_image
+from specformer_deploy.serving.runtime import ProbeRequest, SpecformerRuntime
 
 pytestmark = [pytest.mark.serving, pytest.mark.slow]
 

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from specformer_deploy.checkpoint import CheckpointError
-from specformer_deploy.data import load_dataset
-from specformer_deploy.models import ModelError
-from specformer_deploy.msvp import MSVP
-from specformer_deploy.train import TrainConfig, load_run_model, train
+from specformer_deploy.training.checkpoint import CheckpointError
+from specformer_deploy.training.data import load_dataset
+from specformer_deploy.model.factory import ModelError
+from specformer_deploy.training.msvp import MSVP
+from specformer_deploy.training.train import TrainConfig, load_run_model, train
 
 QUICK = dict(epochs=2, batch_size=32, warmup_epochs=1)
 

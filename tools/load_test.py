@@ -40,7 +40,7 @@ def default_image(index: int = 0) -> bytes:
     import numpy as np
     from PIL import Image
 
-    from specformer_deploy.data import load_dataset
+    from specformer_deploy.training.data import load_dataset
 
     pixels = load_dataset("digits", 16).test[index][0].numpy().transpose(1, 2, 0)
     buffer = io.BytesIO()

@@ -49,7 +49,7 @@ class LocalTorchServe:
 
     def start(self, wait: bool = True) -> None:
         store = self.root / "store"
-        from specformer_deploy.package import package_model
+        from specformer_deploy.serving.package import package_model
 
         package_model(self.onnx, self.name, store, model_config=self.model_config, device_ids=self.device_ids)
         config = (ROOT / "model_store" / "config.properties").read_text()
@@ -129,7 +129,7 @@ def main() -> int:
 
     image = args.image.read_bytes() if args.image else default_image()
     args.root.mkdir(parents=True, exist_ok=True)
-    from specformer_deploy.package import PackageError, parse_device_ids
+    from specformer_deploy.serving.package import PackageError, parse_device_ids
 
     try:
         device_ids = parse_device_ids(args.device_ids) if args.device_ids is not None else None

@@ -23,8 +23,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .images import ImageError, MAX_IMAGE_PIXELS, decode_image, pixels_from_array
-from .runtime import ProbeRequest, RequestError, check_options
+from specformer_deploy.serving.images import ImageError, MAX_IMAGE_PIXELS, decode_image, pixels_from_array
+from specformer_deploy.serving.runtime import ProbeRequest, RequestError, check_options
 
 __all__ = ["ClientError", "ParsedRequest", "parse_request", "parse_fraction", "OPTIONS"]
 

@@ -3,7 +3,7 @@
 
 What it measures
 ----------------
-``specformer_deploy.audit.audit_file(path)`` recomputes, from the ONNX file alone, the exact
+``specformer_deploy.artifact.audit.audit_file(path)`` recomputes, from the ONNX file alone, the exact
 spectral norm of every head's W_Q, W_K, W_V and W_O block (float64 SVDs), the SHA-256 of all
 weights, of the graph and of every metadata value, and compares them with what export stored.
 It is meant to run wherever the model is deployed, with onnx and numpy only; the target
@@ -13,12 +13,12 @@ classes, about 345 MB of float32 weights).
 How the file is made: a ViT-B with random weights (the audit's cost does not depend on their
 values) is written as a run directory in the layout ``train`` writes (``config.json`` +
 ``model.safetensors``; digits as the run's dataset, MSVP off, no metrics) and exported with
-``specformer_deploy.export.export_run``, so the audited file carries the same metadata, digests
+``specformer_deploy.artifact.export.export_run``, so the audited file carries the same metadata, digests
 and weight references as any ``specformer-deploy export`` output (the ONNX Runtime parity check
 on 64 test images included). This takes a few minutes on a small CPU; ``--keep PATH`` writes the
 file to PATH, or reuses PATH when it exists.
 
-How it is timed: in a fresh subprocess that imports only ``specformer_deploy.audit`` (so the
+How it is timed: in a fresh subprocess that imports only ``specformer_deploy.artifact.audit`` (so the
 figures are those of a torch-free process; ``'torch' in sys.modules`` is checked after the
 audits and reported): the import itself, then ``--reps`` repetitions of one ``audit_file`` call
 (first, median, minimum reported) followed by one pass over the audit's stages called one by one
@@ -42,9 +42,9 @@ what the wall time would be on an idle machine, a useful cross-check when the ma
 
 Examples::
 
-    python tools/bench_audit.py --keep /tmp/vit_b.onnx           # export once, keep the file
-    python tools/bench_audit.py --keep /tmp/vit_b.onnx --reps 10 # reuse it
-    python tools/bench_audit.py --keep /tmp/vit_b.onnx --json audit.json
+    python tools/bench/audit.py --keep /tmp/vit_b.onnx           # export once, keep the file
+    python tools/bench/audit.py --keep /tmp/vit_b.onnx --reps 10 # reuse it
+    python tools/bench/audit.py --keep /tmp/vit_b.onnx --json audit.json
 """
 
 # Only the standard library at module level: the worker mode (--worker) of this same file is the
@@ -55,7 +55,7 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from bench_io import emit_json  # noqa: E402
+from common import emit_json  # noqa: E402
 
 import argparse
 import json
@@ -69,7 +69,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 TARGET_S = 2.0
@@ -122,7 +122,7 @@ def worker(path: str, reps: int) -> dict[str, Any]:
     import_s = time.perf_counter() - started
     torch_after_import = "torch" in sys.modules
     import onnx
-    from specformer_deploy.onnx_meta import (graph_digest, head_blocks, initializer_arrays, metadata_digests,
+    from specformer_deploy.artifact.onnx_meta import (graph_digest, head_blocks, initializer_arrays, metadata_digests,
                                              read_metadata, spectral_norms, tensor_digests, weights_digest)
 
     full, full_cpu, report = [], [], None
@@ -197,10 +197,10 @@ def write_random_run(model_name: str, num_classes: int, run_dir: Path, seed: int
     from safetensors.torch import save_file
 
     from specformer_deploy import __version__
-    from specformer_deploy.checkpoint import RunFiles, atomic_write, atomic_write_text
-    from specformer_deploy.data import load_dataset
-    from specformer_deploy.models import build_model, resolve_model_config
-    from specformer_deploy.train import FORMAT_VERSION, TrainConfig
+    from specformer_deploy.training.checkpoint import RunFiles, atomic_write, atomic_write_text
+    from specformer_deploy.training.data import load_dataset
+    from specformer_deploy.model.factory import build_model, resolve_model_config
+    from specformer_deploy.training.train import FORMAT_VERSION, TrainConfig
 
     model_cfg = resolve_model_config(model_name, num_classes)
     torch.manual_seed(seed)
@@ -224,7 +224,7 @@ def export_file(args: argparse.Namespace, target: Path, status) -> dict[str, Any
     import contextlib
     import io
 
-    from specformer_deploy.export import export_run
+    from specformer_deploy.artifact.export import export_run
 
     started = time.perf_counter()
     steps: dict[str, float] = {}
@@ -322,7 +322,7 @@ def render(result: dict[str, Any], console) -> None:
     table.add_row(f"{EXTRA_STAGES[0]}", f"{s['median']:.3f}", f"{s['min']:.3f}", f"{s['max']:.3f}", "",
                   f"{result['stages_cpu'][EXTRA_STAGES[0]]['median']:.3f}")
     table.add_row("first audit_file call", f"{w['audit_s'][0]:.3f}", "", "", "")
-    table.add_row("import specformer_deploy.audit", f"{w['import_s']:.3f}", "", "", "")
+    table.add_row("import specformer_deploy.artifact.audit", f"{w['import_s']:.3f}", "", "", "")
     cli = result["cli"]
     if cli:
         c = summary(cli["wall_s"])

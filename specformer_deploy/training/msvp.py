@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import LayerHeads, attention_layers, layer_heads
+from specformer_deploy.model.heads import LayerHeads, attention_layers, layer_heads
 
 __all__ = ["MSVPConfig", "MSVP", "power_iteration_", "exact_spectral_norms"]
 

@@ -14,8 +14,8 @@ to one worker's batch and the others idle (at concurrency 8 two workers gave 1.0
 On a GPU host pass ``--device-ids 0,1,...``: the archive then asks for one worker per listed
 GPU (TorchServe assigns them round-robin) and ``--workers`` is ignored.
 
-    python tools/bench_workers.py --onnx runs/demo/export/model.onnx --workers 1 2
-    python tools/bench_workers.py --onnx model.onnx --device-ids 0,1,2,3 --workers 4
+    python tools/bench/workers.py --onnx runs/demo/export/model.onnx --workers 1 2
+    python tools/bench/workers.py --onnx model.onnx --device-ids 0,1,2,3 --workers 4
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_io import emit_json, load_average  # noqa: E402
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tools/: load_test, serve_local
+from common import emit_json, load_average  # noqa: E402
 from load_test import MODES, default_image, run_load  # noqa: E402
 from serve_local import LocalTorchServe  # noqa: E402
 

@@ -22,14 +22,15 @@ import onnx
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoint import CheckpointError, RunFiles
-from .data import load_dataset
-from .heads import attention_layers, layer_heads, query_bias
-from .msvp import MSVP, MSVPConfig, exact_spectral_norms
-from .onnx_meta import (FORMAT_VERSION, graph_digest, initializer_arrays, metadata_digests, tensor_digests,
+from specformer_deploy import __version__
+from specformer_deploy.training.checkpoint import CheckpointError, RunFiles
+from specformer_deploy.training.data import load_dataset
+from specformer_deploy.model.heads import attention_layers, layer_heads, query_bias
+from specformer_deploy.training.msvp import MSVP, MSVPConfig, exact_spectral_norms
+from specformer_deploy.artifact.onnx_meta import (FORMAT_VERSION, graph_digest, initializer_arrays, metadata_digests, tensor_digests,
                         weights_digest, write_metadata)
-from .train import load_run_model
+from specformer_deploy.training.train import load_run_model
+from specformer_deploy.artifact.pt2 import ExportedLogits, load_exported_logits  # noqa: F401 - re-exported
 
 __all__ = ["CertifiableModel", "ExportError", "export_run", "write_graph_files", "load_exported_logits",
            "PARITY_TOLERANCE"]
@@ -101,31 +102,6 @@ def tokens_per_layer(model: nn.Module, pixels: torch.Tensor) -> list[int]:
     return shapes
 
 
-class ExportedLogits(nn.Module):
-    """The logits of a reloaded ``model.pt2`` (which returns ``(logits, attn_input_norms, ...)``).
-
-    The program was traced in eval mode and cannot switch modes (``eval()`` on it raises), so
-    ``train()``/``eval()`` only set this wrapper's flag.
-    """
-
-    def __init__(self, program: nn.Module) -> None:
-        super().__init__()
-        self.program = program
-        self.training = False
-
-    def train(self, mode: bool = True) -> "ExportedLogits":
-        self.training = mode
-        return self
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.program(pixels)[0]
-
-
-def load_exported_logits(pt2: str | Path) -> ExportedLogits:
-    """Reload ``model.pt2`` for input gradients (attacks, probes): same trace as the ONNX file."""
-    return ExportedLogits(torch.export.load(str(pt2)).module())
-
-
 def _find_initializer(arrays: dict[str, np.ndarray], name: str, value: np.ndarray) -> dict[str, Any]:
     """The initializer holding ``value`` (by name first, then by content), and its orientation."""
     candidates = [name] + [n for n in arrays if n != name]
@@ -167,7 +143,7 @@ def _weight_references(model: nn.Module, arrays: dict[str, np.ndarray]) -> list[
 def _mlp_references(model: nn.Module, arrays: dict[str, np.ndarray], activation: str,
                     exported_inputs: bool) -> dict[str, Any]:
     """Where each MLP's weights live, for local MLP bounds computed from the ONNX file alone."""
-    from .mlp import mlp_modules
+    from specformer_deploy.model.mlp import mlp_modules
 
     if activation == "gelu":
         return {"activation": activation, "local_bounds": False}

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark PGD throughput: ``specformer_deploy.attacks.pgd`` against ``torchattacks.PGD``, in one run.
+"""Benchmark PGD throughput: ``specformer_deploy.robustness.attacks.pgd`` against ``torchattacks.PGD``, in one run.
 
 What it measures
 ----------------
@@ -34,10 +34,10 @@ competed for the cores). On CUDA each block ends with a synchronize.
 
 Examples::
 
-    python tools/bench_attacks.py                            # specformer-tiny, batch 128, 10 steps
-    python tools/bench_attacks.py --threads 1 --reps 20
-    python tools/bench_attacks.py --model deit_tiny_patch16_224 --batch 32 --reps 5
-    python tools/bench_attacks.py --json bench_attacks.json
+    python tools/bench/attacks.py                            # specformer-tiny, batch 128, 10 steps
+    python tools/bench/attacks.py --threads 1 --reps 20
+    python tools/bench/attacks.py --model deit_tiny_patch16_224 --batch 32 --reps 5
+    python tools/bench/attacks.py --json bench_attacks.json
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from bench_io import emit_json, load_average  # noqa: E402
+from common import emit_json, load_average  # noqa: E402
 
 import argparse
 import math
@@ -60,10 +60,10 @@ from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from specformer_deploy.attacks import format_eps, parse_attack, pgd  # noqa: E402
-from specformer_deploy.models import build_model, resolve_model_config  # noqa: E402
+from specformer_deploy.robustness.attacks import format_eps, parse_attack, pgd  # noqa: E402
+from specformer_deploy.model.factory import build_model, resolve_model_config  # noqa: E402
 
 TARGET_RATIO = 1.0
 
@@ -82,7 +82,7 @@ def _pixel_value(text: str) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Throughput (images/s) of specformer_deploy.attacks.pgd against torchattacks.PGD on the same "
+        description="Throughput (images/s) of specformer_deploy.robustness.attacks.pgd against torchattacks.PGD on the same "
                     "model, inputs and budget (Linf eps, step size, steps), interleaved repetitions.",
         epilog="Target displayed: ours/torchattacks >= 1.0 (ratio of median throughputs). Weights are random.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "alpha": args.alpha, "steps": args.steps, "random_start": args.random_start, "reps": args.reps,
                    "warmup": args.warmup, "min_block_s": args.min_block_s, "threads": args.threads,
                    "device": args.device, "seed": args.seed, "weights": "random init", "model_mode": "eval",
-                   "ours": "specformer_deploy.attacks.pgd(norm='linf')", "torchattacks": "torchattacks.PGD"},
+                   "ours": "specformer_deploy.robustness.attacks.pgd(norm='linf')", "torchattacks": "torchattacks.PGD"},
         "environment": environment(args),
         "target": {"ratio_at_least": TARGET_RATIO},
         "load_average_1m": {"before": load_average()},

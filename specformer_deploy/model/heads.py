@@ -27,13 +27,13 @@ def _supported_types() -> dict[str, type]:
     from timm.layers.attention import Attention
     from timm.models.convit import GPSA, MHSA
 
-    from .attention_variants import L2Attention
+    from specformer_deploy.model.attention_variants import L2Attention
 
     return {"timm Attention": Attention, "ConViT GPSA": GPSA, "ConViT MHSA": MHSA, "L2 attention": L2Attention}
 
 
 SUPPORTED_ATTENTION = ("timm.layers.Attention (ViT, DeiT, ...)", "timm.models.convit.GPSA", "timm.models.convit.MHSA",
-                       "specformer_deploy.attention_variants (l2, lipnorm, scsa)")
+                       "specformer_deploy.model.attention_variants (l2, lipnorm, scsa)")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .heads import attention_layers
+from specformer_deploy.model.heads import attention_layers
 
 __all__ = ["unfused_attention", "jacobian_norm", "local_lower_bound", "attention_layer_function", "network_function", "attention_inputs"]
 

@@ -29,16 +29,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from . import __version__
-from .attacks import check_budget, pgd
-from .checkpoint import CheckpointError, RunFiles, atomic_write, atomic_write_text, read_metrics
-from .data import load_dataset
-from .heads import UnsupportedAttentionError
-from .distributed import (DistContext, agree, all_reduce_sums, broadcast_object, elastic_restart_count,
+from specformer_deploy import __version__
+from specformer_deploy.robustness.attacks import check_budget, pgd
+from specformer_deploy.training.checkpoint import CheckpointError, RunFiles, atomic_write, atomic_write_text, read_metrics
+from specformer_deploy.training.data import load_dataset
+from specformer_deploy.model.heads import UnsupportedAttentionError
+from specformer_deploy.training.distributed import (DistContext, agree, all_reduce_sums, broadcast_object, elastic_restart_count,
                           init_distributed, per_rank_batch, resolve_device, shutdown, sync_from_rank0)
-from .models import DEFAULT_MODEL, ModelConfig, build_model, load_pretrained, resolve_model_config
-from .mlp import activation_sparsity
-from .msvp import MSVP, MSVPConfig, exact_spectral_norms
+from specformer_deploy.model.factory import DEFAULT_MODEL, ModelConfig, build_model, load_pretrained, resolve_model_config
+from specformer_deploy.model.mlp import activation_sparsity
+from specformer_deploy.training.msvp import MSVP, MSVPConfig, exact_spectral_norms
 
 __all__ = ["TrainConfig", "train", "resolve_device", "evaluate_accuracy", "load_run_model", "FORMAT_VERSION"]
 

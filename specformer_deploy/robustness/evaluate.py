@@ -13,8 +13,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .attacks import AttackSpec, parse_attack, robust_accuracy
-from .data import load_dataset
+from specformer_deploy.robustness.attacks import AttackSpec, parse_attack, robust_accuracy
+from specformer_deploy.training.data import load_dataset
 
 __all__ = ["PROTOCOLS", "load_attack_model", "evaluate_model"]
 
@@ -32,7 +32,7 @@ def load_attack_model(path: str | Path, device: torch.device | str = "cpu") -> t
     """
     path = Path(path)
     if path.is_dir():
-        from .train import load_run_model
+        from specformer_deploy.training.train import load_run_model
 
         model, config = load_run_model(path, device)
         info = {"dataset": config["train"]["dataset"], "data_dir": config["train"].get("data_dir"),
@@ -43,7 +43,7 @@ def load_attack_model(path: str | Path, device: torch.device | str = "cpu") -> t
         raise ValueError(f"{path} is neither a run directory nor an .onnx file")
     if not path.is_file():
         raise ValueError(f"{path} does not exist")
-    from .onnx_meta import read_metadata_file
+    from specformer_deploy.artifact.onnx_meta import read_metadata_file
 
     meta = read_metadata_file(path)
     if "model" not in meta:
@@ -51,7 +51,7 @@ def load_attack_model(path: str | Path, device: torch.device | str = "cpu") -> t
     pt2 = path.with_suffix(".pt2")
     if not pt2.is_file():
         raise ValueError(f"attacks need gradients: {pt2} (written by export beside the .onnx) is missing")
-    from .export import load_exported_logits
+    from specformer_deploy.artifact.pt2 import load_exported_logits
 
     model = load_exported_logits(pt2).to(device)
     info = {"dataset": (meta.get("training") or {}).get("dataset"), "data_dir": None,

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from specformer_deploy.budgets import BudgetError, madry_step_size, parse_epsilon
+
 __all__ = ["pgd", "fgsm", "check_budget", "cw_margin", "cw_linf", "autoattack", "default_step_size",
            "AttackSpec", "ATTACKS", "DEFAULT_STEPS", "MAX_STEPS", "parse_attack", "format_eps", "run_attack",
            "robust_accuracy", "RobustAccuracy"]
@@ -89,14 +91,11 @@ def check_budget(eps: float, step_size: float, steps: int, norm: Norm = "linf",
 
 
 def default_step_size(eps: float, steps: int, norm: Norm = "linf") -> float:
-    """Madry et al.'s rule, 2.5 * eps / steps: enough to cross the ball and come back.
-
-    Linf steps are capped at 1, which changes nothing: no pixel can move further in [0, 1].
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    step = 2.5 * eps / steps
-    return min(step, 1.0) if norm == "linf" else step
+    """Madry et al.'s rule (:func:`specformer_deploy.budgets.madry_step_size`), as a ValueError."""
+    try:
+        return madry_step_size(eps, steps, norm)
+    except BudgetError as err:
+        raise ValueError(str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------- PGD core
@@ -400,20 +399,11 @@ class AttackSpec:
 
 
 def _parse_number(text: str, what: str, spec: str) -> float:
-    """``0.0314``, ``8/255`` (a fraction of two numbers); anything else is a ValueError naming ``spec``."""
+    """``0.0314``, ``8/255``; anything else is a ValueError naming ``spec``."""
     try:
-        if "/" in text:
-            num, den = text.split("/")
-            value = float(num) / float(den)
-        else:
-            value = float(text)
-    except ZeroDivisionError:
-        raise ValueError(f"attack {spec!r}: {what} {text!r} divides by zero") from None
-    except ValueError:
-        raise ValueError(f"attack {spec!r}: {what} {text!r} is not a number or a fraction like 8/255") from None
-    if not math.isfinite(value):
-        raise ValueError(f"attack {spec!r}: {what} must be finite, got {text!r}")
-    return value
+        return parse_epsilon(text, what)
+    except BudgetError as err:
+        raise ValueError(f"attack {spec!r}: {err}") from None
 
 
 def _parse_int(text: str, what: str, spec: str) -> int:

@@ -10,7 +10,7 @@ Repetitions are interleaved (plain, certified, plain, ...) and medians reported,
 machines are shared and noisy. Without ``--onnx`` a built-in model is trained for one epoch on
 digits and exported to a temporary directory first.
 
-    python tools/bench_certify.py [--onnx runs/demo/export/model.onnx] [--reps 200] [--json]
+    python tools/bench/certify.py [--onnx runs/demo/export/model.onnx] [--reps 200] [--json]
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def _median_time(fn, reps: int) -> list[float]:
 def _prepare(onnx_path: str | None, workdir: Path, model: str) -> Path:
     if onnx_path:
         return Path(onnx_path)
-    from specformer_deploy.export import export_run
-    from specformer_deploy.train import TrainConfig, train
+    from specformer_deploy.artifact.export import export_run
+    from specformer_deploy.training.train import TrainConfig, train
 
     run = workdir / "run"
     train(TrainConfig(model=model, epochs=1, warmup_epochs=0), run, show_progress=False)
@@ -63,8 +63,8 @@ def main() -> None:
 
     import torch
 
-    from specformer_deploy.data import load_dataset
-    from specformer_deploy.runtime import ProbeRequest, SpecformerRuntime
+    from specformer_deploy.training.data import load_dataset
+    from specformer_deploy.serving.runtime import ProbeRequest, SpecformerRuntime
 
     if args.threads:
         torch.set_num_threads(args.threads)

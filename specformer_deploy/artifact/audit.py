@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .onnx_meta import (initializer_arrays, graph_digest, head_blocks, metadata_digests, read_metadata,
+from specformer_deploy.artifact.onnx_meta import (initializer_arrays, graph_digest, head_blocks, metadata_digests, read_metadata,
                         spectral_norms, tensor_digests, weights_digest)
 
 __all__ = ["AuditReport", "audit_file", "EXIT_CONSISTENT", "EXIT_INCONSISTENT", "EXIT_UNVERIFIABLE"]

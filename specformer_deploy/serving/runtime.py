@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .bounds import CertificateConstants, certificate_arrays
-from .onnx_meta import initializer_arrays, metadata_digests, read_metadata, weights_digest
+from specformer_deploy.serving.bounds import CertificateConstants, certificate_arrays
+from specformer_deploy.artifact.onnx_meta import initializer_arrays, metadata_digests, read_metadata, weights_digest
 
 __all__ = ["SpecformerRuntime", "IntegrityError", "ProbeRequest", "RequestError", "LIMITS", "cuda_usable",
            "cuda_unusable_reason", "check_options", "PROBE_AGREEMENT"]
@@ -194,7 +194,7 @@ class SpecformerRuntime:
 
     def mlp_certificate(self, mlp_inputs: np.ndarray, radius: float) -> list[dict[str, Any]]:
         """Local vs global Lipschitz bounds of each MLP over the Frobenius ball of ``radius``."""
-        from .bounds import mlp_local_bound
+        from specformer_deploy.serving.bounds import mlp_local_bound
 
         activation = self.meta["mlp"]["activation"]
         out = []
@@ -292,7 +292,7 @@ class SpecformerRuntime:
             pt2 = self.path.with_suffix(".pt2")
             if not pt2.is_file():
                 raise FileNotFoundError(f"the probe needs {pt2} (written by export beside the .onnx)")
-            from .export import load_exported_logits
+            from specformer_deploy.artifact.pt2 import load_exported_logits
 
             model, device = load_exported_logits(pt2), "cpu"
             if self.device != "cpu":
@@ -337,7 +337,7 @@ class SpecformerRuntime:
         adversarial image is then classified by the ONNX model itself."""
         import torch
 
-        from .attacks import fgsm, pgd
+        from specformer_deploy.robustness.attacks import fgsm, pgd
 
         request.validate(self.image_size)
         model = self._logits_model(pixels)

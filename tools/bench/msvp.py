@@ -5,7 +5,7 @@ What it measures
 ----------------
 1. **Training step time, MSVP / vanilla.** SpecFormer (Hu et al.) reports that its MSVP
    implementation makes a training step about 1.5x slower for standard training and 2.5x slower
-   for adversarial training. MSVP as implemented here (``specformer_deploy.msvp``) costs, per
+   for adversarial training. MSVP as implemented here (``specformer_deploy.training.msvp``) costs, per
    step, one batched power-iteration update per layer (all heads of Q, K and V in one ``bmm``)
    plus a Rayleigh quotient ``u^T W v`` whose gradient joins the same backward pass; that cost
    does not grow with the batch or the number of PGD steps. The target displayed is a
@@ -13,7 +13,7 @@ What it measures
 
    Two copies of the same model with the same initial weights are trained on the same fixed
    batch on the same device: the *vanilla* step is ``SGD(zero_grad, CE(model(x), y).backward(),
-   step)`` exactly as ``specformer_deploy.train`` does it; the *MSVP* step is the same step with
+   step)`` exactly as ``specformer_deploy.training.train`` does it; the *MSVP* step is the same step with
    ``msvp.penalty()`` (which updates the persistent vectors once) added to the loss before the one
    backward. For adversarial training (PGD-AT, Linf 8/255, step 2/255, ``--adv-steps`` steps,
    random start) both steps first generate the PGD examples in eval mode, as the training loop
@@ -44,9 +44,9 @@ What it measures
 
 Examples::
 
-    python tools/bench_msvp.py                 # paper ViT-S, CIFAR-sized input, CPU-friendly batch
-    python tools/bench_msvp.py --quick         # the small 'specformer-tiny' model
-    python tools/bench_msvp.py --quick --run runs/t4 --json bench.json
+    python tools/bench/msvp.py                 # paper ViT-S, CIFAR-sized input, CPU-friendly batch
+    python tools/bench/msvp.py --quick         # the small 'specformer-tiny' model
+    python tools/bench/msvp.py --quick --run runs/t4 --json bench.json
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from bench_io import emit_json  # noqa: E402
+from common import emit_json  # noqa: E402
 
 import argparse
 import contextlib
@@ -74,12 +74,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from specformer_deploy.attacks import pgd  # noqa: E402
-from specformer_deploy.heads import attention_layers, layer_heads  # noqa: E402
-from specformer_deploy.models import build_model, resolve_model_config  # noqa: E402
-from specformer_deploy.msvp import MSVP, MSVPConfig, power_iteration_, rayleigh_sigma  # noqa: E402
+from specformer_deploy.robustness.attacks import pgd  # noqa: E402
+from specformer_deploy.model.heads import attention_layers, layer_heads  # noqa: E402
+from specformer_deploy.model.factory import build_model, resolve_model_config  # noqa: E402
+from specformer_deploy.training.msvp import MSVP, MSVPConfig, power_iteration_, rayleigh_sigma  # noqa: E402
 
 TARGET_RATIO = 1.03
 PAPER_RATIO = {"standard": 1.5, "adversarial": 2.5}
@@ -363,7 +363,7 @@ def power_section(model: nn.Module, iterations: list[int], seed: int) -> dict[st
 def trained_run_section(run_dir: str, iterations: list[int], seed: int) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    from specformer_deploy.train import load_run_model
+    from specformer_deploy.training.train import load_run_model
 
     model, config = load_run_model(run_dir, "cpu")
     out = power_section(model, iterations, seed)

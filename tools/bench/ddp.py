@@ -15,9 +15,9 @@ On a CPU the processes share the machine's cores (torchrun sets one thread per p
 the ratio says what DDP costs or gains on that machine, not what N machines would give. On a
 GPU host pass ``--device cuda`` and ``--nproc`` up to the number of GPUs.
 
-    python tools/bench_ddp.py --nproc 1 2                 # CPU, gloo
-    python tools/bench_ddp.py --nproc 1 2 --compile       # also torch.compile'd variants
-    python tools/bench_ddp.py --device cuda --nproc 1 8 --model paper-vit-s --batch-size 256
+    python tools/bench/ddp.py --nproc 1 2                 # CPU, gloo
+    python tools/bench/ddp.py --nproc 1 2 --compile       # also torch.compile'd variants
+    python tools/bench/ddp.py --device cuda --nproc 1 8 --model paper-vit-s --batch-size 256
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_io import emit_json, load_average  # noqa: E402
+from common import emit_json, load_average  # noqa: E402
 
 
 def run_once(nproc: int, compile_model: bool, args: argparse.Namespace, root: Path, tag: str) -> dict:

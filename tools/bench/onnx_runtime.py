@@ -17,7 +17,7 @@ throughput against keeping the model in PyTorch, at batch 1 (latency-bound servi
 (offline scoring). The target displayed is ORT/eager >= 1.5 (ratio of median throughputs).
 
 How the ONNX file is made: the model is built with random weights (throughput does not depend
-on their values) and exported exactly as ``specformer_deploy.export.export_run`` does it:
+on their values) and exported exactly as ``specformer_deploy.artifact.export.export_run`` does it:
 ``torch.export.export(CertifiableModel(model), ..., dynamic batch, strict=False)`` and then
 ``torch.onnx.export(program, ..., external_data=False, optimize=False)``, into a temporary
 directory. Only the metadata step is skipped (it adds ``metadata_props`` strings that ORT
@@ -41,9 +41,9 @@ says whether other work competed for the cores.
 
 Examples::
 
-    python tools/bench_onnx.py                                 # both models, batch 1 and 32
-    python tools/bench_onnx.py --models specformer-tiny --reps 30
-    python tools/bench_onnx.py --threads 1 --json bench_onnx.json
+    python tools/bench/onnx_runtime.py                                 # both models, batch 1 and 32
+    python tools/bench/onnx_runtime.py --models specformer-tiny --reps 30
+    python tools/bench/onnx_runtime.py --threads 1 --json bench_onnx.json
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from bench_io import emit_json, load_average  # noqa: E402
+from common import emit_json, load_average  # noqa: E402
 
 import argparse
 import contextlib
@@ -70,10 +70,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from specformer_deploy.export import CertifiableModel  # noqa: E402
-from specformer_deploy.models import build_model, resolve_model_config  # noqa: E402
+from specformer_deploy.artifact.export import CertifiableModel  # noqa: E402
+from specformer_deploy.model.factory import build_model, resolve_model_config  # noqa: E402
 
 TARGET_RATIO = 1.5
 DEFAULT_MODELS = "specformer-tiny,deit_tiny_patch16_224"
@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Throughput (images/s) of ONNX Runtime (CPU, default optimizations) on the exported graph "
                     "against PyTorch eager on the same CertifiableModel, interleaved, per model and batch size.",
         epilog="Target displayed: ORT/eager >= 1.5 (ratio of median throughputs). Weights are random; the "
-               "export follows specformer_deploy.export.export_run (torch.export + torch.onnx.export, "
+               "export follows specformer_deploy.artifact.export.export_run (torch.export + torch.onnx.export, "
                "optimize=False).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated presets or timm ViT names")
@@ -142,7 +142,7 @@ def environment(threads: int) -> dict[str, Any]:
 
 def export_onnx(wrapper: CertifiableModel, example: torch.Tensor, out: Path) -> None:
     """The ONNX translation step of ``export_run`` (the same function; metadata not written)."""
-    from specformer_deploy.export import write_graph_files
+    from specformer_deploy.artifact.export import write_graph_files
 
     write_graph_files(wrapper, example, out, outputs=list(OUTPUTS))
 

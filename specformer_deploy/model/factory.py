@@ -14,9 +14,9 @@ import timm
 import torch
 from torch import nn
 
-from .attention_variants import apply_attention_variant
-from .heads import attention_layers
-from .mlp import apply_mlp_activation
+from specformer_deploy.model.attention_variants import apply_attention_variant
+from specformer_deploy.model.heads import attention_layers
+from specformer_deploy.model.mlp import apply_mlp_activation
 
 __all__ = ["ModelConfig", "NormalizedClassifier", "PRESETS", "DEFAULT_MODEL", "resolve_model_config", "build_model",
            "load_pretrained", "ModelError"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 __all__ = ["PackageError", "package_model", "model_config_for", "parse_device_ids", "HANDLER",
            "DEFAULT_MODEL_CONFIG"]
 
-HANDLER = Path(__file__).resolve().parents[1] / "handlers" / "specformer_handler.py"
+HANDLER = Path(str(resources.files("specformer_handlers") / "specformer_handler.py"))
 
 # TorchServe's per-model settings (model-config.yaml); `handler:` is passed to our handler.
 # `deviceType: cpu` is explicit: without it TorchServe 0.12 hands every worker a gpu_id
@@ -107,7 +108,7 @@ def package_model(onnx_path: str | Path, name: str, store: str | Path = "model_s
         raise PackageError(f"--name must be letters, digits, '-' or '_', got {name!r}")
     if not HANDLER.is_file():
         raise PackageError(f"the handler {HANDLER} is missing (install the project from its source tree)")
-    from .onnx_meta import read_metadata_file
+    from specformer_deploy.artifact.onnx_meta import read_metadata_file
 
     meta = read_metadata_file(onnx_path)
     if "class_names" not in meta:

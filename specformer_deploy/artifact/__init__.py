@@ -1,0 +1,1 @@
+"""The exported artefact: ONNX export, its metadata and digests, the audit, plots."""

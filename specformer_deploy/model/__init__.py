@@ -1,0 +1,1 @@
+"""The model: timm construction, per-head views of attention weights, attention variants, MLP kinds."""

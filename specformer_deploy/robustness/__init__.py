@@ -1,0 +1,1 @@
+"""Robustness measurement: attacks, robust-accuracy evaluation, empirical Lipschitz estimates."""

@@ -1,0 +1,1 @@
+"""Training: the loop, MSVP, datasets, torchrun/DDP, run directories and checkpoints."""
