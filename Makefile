@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test test-fast bench clean check-java
+.PHONY: setup demo test test-fast lint bench clean check-java
 
 setup: $(STAMP) check-java
 
@@ -39,6 +39,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not serving"
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 bench: setup
 	$(PY) tools/bench/msvp.py
