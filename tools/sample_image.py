@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import default_image  # noqa: E402
+from load_test import default_image
 
 
 def main() -> None:
