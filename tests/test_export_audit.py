@@ -14,11 +14,20 @@ import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
+import pytest
+
 from specformer_deploy.artifact.audit import audit_file
+from specformer_deploy.artifact.onnx_meta import (PREFIX, NotAnExportError, head_blocks, oriented, read_metadata,
+                                                  require_export)
 from specformer_deploy.model.heads import attention_layers, layer_heads
 from specformer_deploy.training.msvp import exact_spectral_norms
-from specformer_deploy.artifact.onnx_meta import PREFIX, read_metadata
 from specformer_deploy.training.train import load_run_model
+
+# The metadata contract: serving, audit, package and evaluate read these entries, clients may too.
+METADATA_KEYS = {"attention_weights", "bias_q_norm", "class_names", "embed_dim", "exporter", "format_version",
+                 "head_dim", "heads", "image_size", "integrity", "io", "layers", "mlp", "model", "msvp",
+                 "normalization", "num_classes", "package_version", "parity", "spectral",
+                 "spectral_power_iteration", "tokens", "training"}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -78,6 +87,56 @@ def test_metadata_round_trips_through_onnxruntime(exported_pair) -> None:
     assert (power <= exact[:, 0].numpy() * (1 + 1e-5)).all()
     assert (power >= 0.85 * exact[:, 0].numpy()).all()
     assert meta["attention_weights"][2]["q"]["initializer"] == "model.net.blocks.2.attn.qkv.weight"
+
+
+def test_export_writes_exactly_the_contracted_metadata_keys(exported_pair) -> None:
+    for summary in (exported_pair["vanilla"], exported_pair["msvp"]):
+        keys = [p.key for p in onnx.load(summary["onnx"], load_external_data=False).metadata_props]
+        assert {k for k in keys if k.startswith(PREFIX)} == {PREFIX + k for k in METADATA_KEYS}
+        integrity = read_metadata(onnx.load(summary["onnx"]))["integrity"]
+        assert set(integrity) == {"weights_sha256", "tensor_sha256", "graph_sha256", "metadata_sha256"}
+        assert set(integrity["metadata_sha256"]) == METADATA_KEYS - {"integrity"}
+
+
+def test_require_export_returns_the_metadata_or_says_what_is_missing(exported_pair, tmp_path: Path) -> None:
+    src = Path(exported_pair["msvp"]["onnx"])
+    assert require_export(src, need_pt2=True) == read_metadata(onnx.load(str(src)))
+    lonely = tmp_path / "lonely.onnx"
+    shutil.copy(src, lonely)
+    assert require_export(lonely, need_pt2=False)["heads"] == 4
+    with pytest.raises(NotAnExportError, match=r"lonely\.pt2 is missing"):
+        require_export(lonely, need_pt2=True)
+    with pytest.raises(NotAnExportError, match="does not exist"):
+        require_export(tmp_path / "absent.onnx", need_pt2=False)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(src.read_bytes()[:1000])
+    with pytest.raises(NotAnExportError, match="not a readable ONNX file"):
+        require_export(truncated, need_pt2=False)
+    bare = _rewrite(src, tmp_path / "bare.onnx", lambda proto: proto.metadata_props.__delitem__(slice(None)))
+    with pytest.raises(NotAnExportError, match="has no specformer metadata"):
+        require_export(bare, need_pt2=False)
+
+
+def test_head_blocks_read_transposed_initializers_as_out_in(exported_pair) -> None:
+    proto = onnx.load(exported_pair["msvp"]["onnx"])
+    meta = read_metadata(proto)
+    arrays = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    layer = meta["attention_weights"][1]
+    stored_t = dict(arrays)
+    flipped = {}
+    for key in "qkvo":
+        ref = dict(layer[key])
+        stored_t[ref["initializer"] + ".T"] = arrays[ref["initializer"]].T
+        flipped[key] = {**ref, "initializer": ref["initializer"] + ".T", "transposed": not ref["transposed"]}
+        assert np.array_equal(oriented(stored_t[flipped[key]["initializer"]], flipped[key]),
+                              oriented(arrays[ref["initializer"]], ref))
+    plain = head_blocks(arrays, layer, meta["heads"], meta["head_dim"])
+    via_t = head_blocks(stored_t, flipped, meta["heads"], meta["head_dim"])
+    for key in "qkvo":
+        np.testing.assert_array_equal(plain[key], via_t[key])
+    model, _ = load_run_model(exported_pair["msvp"]["run"])
+    qkv = model.net.blocks[1].attn.qkv.weight.detach().numpy()
+    np.testing.assert_array_equal(plain["k"][2], qkv[meta["embed_dim"] + 2 * meta["head_dim"]:][:meta["head_dim"]])
 
 
 def test_intact_file_is_consistent_and_sigmas_match_torch(exported_pair) -> None:
@@ -227,3 +286,16 @@ def test_changed_query_bias_is_caught_as_a_certificate_input(exported_pair, tmp_
     report = audit_file(_rewrite(src, tmp_path / "bias.onnx", edit))
     assert report.exit_code == 1
     assert any(p.startswith("||b_q|| of layer 0 head 1:") for p in report.problems)
+
+
+def test_changed_output_projection_is_caught_as_a_certificate_input(exported_pair, tmp_path: Path) -> None:
+    src = Path(exported_pair["msvp"]["onnx"])
+
+    def edit(proto: onnx.ModelProto) -> None:
+        init = next(i for i in proto.graph.initializer if i.name == "model.net.blocks.2.attn.proj.weight")
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 2.0, init.name))
+
+    report = audit_file(_rewrite(src, tmp_path / "proj.onnx", edit))
+    assert report.exit_code == 1
+    assert any(p.startswith("||W_O|| of layer 2: metadata") for p in report.problems)
+    assert not any(p.startswith("||W_O|| of layer 1") for p in report.problems)

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from specformer_deploy.artifact.onnx_meta import (initializer_arrays, graph_digest, head_blocks, metadata_digests, read_metadata,
-                        spectral_norms, tensor_digests, weights_digest)
+from specformer_deploy.artifact.onnx_meta import (graph_digest, head_blocks, initializer_arrays, metadata_digests,
+                                                  oriented, read_metadata, spectral_norms, tensor_digests,
+                                                  weights_digest)
 
 __all__ = ["AuditReport", "audit_file", "EXIT_CONSISTENT", "EXIT_INCONSISTENT", "EXIT_UNVERIFIABLE"]
 
@@ -127,9 +128,13 @@ def audit_file(path: str | Path, heads: int | None = None) -> AuditReport:
     meta = read_metadata(proto)
     if "attention_weights" not in meta or "integrity" not in meta:
         return _audit_plain(path, arrays, heads)
+    return _audit_export(path, proto, arrays, meta)
+
+
+def _audit_export(path: Path, proto: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> AuditReport:
+    """Every check of a file written by `export`; any problem makes the verdict inconsistent."""
     report = AuditReport(str(path), EXIT_CONSISTENT, "consistent")
     report.model = {k: meta.get(k) for k in ("model", "layers", "heads", "head_dim", "tokens", "msvp", "training")}
-    integrity = meta["integrity"]
     layers = meta["attention_weights"]
     try:
         sigmas = _recompute(arrays, layers, int(meta["heads"]), int(meta["head_dim"]))
@@ -138,36 +143,48 @@ def audit_file(path: str | Path, heads: int | None = None) -> AuditReport:
                            problems=[f"the attention weights named in the metadata cannot be read: {err}"])
     report.sigmas = {f"sigma_{n}": sigmas[n].tolist() for n in PROJECTIONS}
     report.layers = _layer_rows(sigmas)
+    _check_digests(report, proto, arrays, meta)
+    _check_certificate_inputs(report, arrays, layers, meta)
+    _check_sigmas(report, sigmas, meta.get("spectral", {}))
+    if report.problems:
+        report.exit_code, report.verdict = EXIT_INCONSISTENT, "inconsistent"
+    return report
 
-    # 1. Weights: one digest over all, one per tensor to name the changed ones.
-    recomputed = weights_digest(arrays)
-    report.integrity = {"weights_sha256": {"stored": integrity.get("weights_sha256"), "recomputed": recomputed}}
-    if recomputed != integrity.get("weights_sha256"):
-        stored_tensors = integrity.get("tensor_sha256", {})
-        now = tensor_digests(arrays)
-        changed = sorted(n for n in set(now) | set(stored_tensors) if now.get(n) != stored_tensors.get(n))
-        for name in changed:
-            what = "added" if name not in stored_tensors else "removed" if name not in now else "changed"
-            report.problems.append(f"weight tensor {name} {what} after export{_tensor_owner(name, layers)}")
-        if not changed:
-            report.problems.append("the weights digest differs from the metadata's")
+
+def _check_digests(report: AuditReport, proto: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Weights, graph and metadata values against the digests stored at export."""
+    integrity = meta["integrity"]
+    _check_weights(report, arrays, integrity, meta["attention_weights"])
     graph_now = graph_digest(proto)
     report.integrity["graph_sha256"] = {"stored": integrity.get("graph_sha256"), "recomputed": graph_now}
     if graph_now != integrity.get("graph_sha256"):
         report.problems.append("the graph (nodes, constants, inputs or outputs) changed after export")
-
-    # 2. Metadata values.
     stored_meta_digests = integrity.get("metadata_sha256", {})
     meta_now = metadata_digests(meta)
     for key in sorted(set(meta_now) | set(stored_meta_digests)):
         if meta_now.get(key) != stored_meta_digests.get(key):
             report.problems.append(f"metadata value specformer.{key} changed after export")
 
-    # 3. What the certificates read besides per-head sigmas: ||W_O|| per layer and ||b_q|| per head.
-    _check_certificate_inputs(report, arrays, layers, meta)
 
-    # 4. Spectral norms, head by head.
-    stored = meta.get("spectral", {})
+def _check_weights(report: AuditReport, arrays: dict[str, np.ndarray], integrity: dict[str, Any],
+                   layers: list[dict[str, Any]]) -> None:
+    """One digest over all weights; when it differs, the per-tensor digests name the changed tensors."""
+    recomputed = weights_digest(arrays)
+    report.integrity["weights_sha256"] = {"stored": integrity.get("weights_sha256"), "recomputed": recomputed}
+    if recomputed == integrity.get("weights_sha256"):
+        return
+    stored_tensors = integrity.get("tensor_sha256", {})
+    now = tensor_digests(arrays)
+    changed = sorted(n for n in set(now) | set(stored_tensors) if now.get(n) != stored_tensors.get(n))
+    for name in changed:
+        what = "added" if name not in stored_tensors else "removed" if name not in now else "changed"
+        report.problems.append(f"weight tensor {name} {what} after export{_tensor_owner(name, layers)}")
+    if not changed:
+        report.problems.append("the weights digest differs from the metadata's")
+
+
+def _check_sigmas(report: AuditReport, sigmas: dict[str, np.ndarray], stored: dict[str, Any]) -> None:
+    """Per-head spectral norms recomputed from the weights against the metadata's, head by head."""
     report.stored_sigmas = {f"sigma_{n}": stored.get(f"sigma_{n}") for n in PROJECTIONS}
     for name in PROJECTIONS:
         values = stored.get(f"sigma_{name}")
@@ -183,17 +200,14 @@ def audit_file(path: str | Path, heads: int | None = None) -> AuditReport:
             row.setdefault("mismatch", False)
             row["mismatch"] = bool(row["mismatch"] or layer_bad.any())
             row[f"{name}_stored_max"] = float(values[row["layer"]].max())
-    if report.problems:
-        report.exit_code, report.verdict = EXIT_INCONSISTENT, "inconsistent"
-    return report
 
 
 def _check_certificate_inputs(report: AuditReport, arrays: dict[str, np.ndarray], layers: list[dict[str, Any]],
                               meta: dict[str, Any]) -> None:
+    """What the certificates read besides per-head sigmas: ``||W_O||`` per layer and ``||b_q||`` per head."""
     stored_o = meta.get("spectral", {}).get("sigma_o_full")
     if stored_o is not None:
-        whole = [(arrays[l["o"]["initializer"]].T if l["o"].get("transposed") else arrays[l["o"]["initializer"]])
-                 for l in layers]
+        whole = [oriented(arrays[layer["o"]["initializer"]], layer["o"]) for layer in layers]
         recomputed = [float(s[0]) for s in spectral_norms([w[None] for w in whole])]
         for layer, (a, b) in enumerate(zip(stored_o, recomputed)):
             if not np.isclose(a, b, rtol=SIGMA_RTOL, atol=1e-9):

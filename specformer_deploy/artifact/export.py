@@ -23,17 +23,17 @@ import torch
 from torch import nn
 
 from specformer_deploy import __version__
+from specformer_deploy.artifact.onnx_meta import (FORMAT_VERSION, graph_digest, initializer_arrays, metadata_digests,
+                                                  tensor_digests, weights_digest, write_metadata)
+from specformer_deploy.artifact.pt2 import ExportedLogits, load_exported_logits  # noqa: F401 - re-exported
+from specformer_deploy.model.heads import attention_layers, layer_heads, query_bias
 from specformer_deploy.training.checkpoint import CheckpointError, RunFiles
 from specformer_deploy.training.data import load_dataset
-from specformer_deploy.model.heads import attention_layers, layer_heads, query_bias
 from specformer_deploy.training.msvp import MSVP, MSVPConfig, exact_spectral_norms
-from specformer_deploy.artifact.onnx_meta import (FORMAT_VERSION, graph_digest, initializer_arrays, metadata_digests, tensor_digests,
-                        weights_digest, write_metadata)
 from specformer_deploy.training.train import load_run_model
-from specformer_deploy.artifact.pt2 import ExportedLogits, load_exported_logits  # noqa: F401 - re-exported
 
-__all__ = ["CertifiableModel", "ExportError", "export_run", "write_graph_files", "load_exported_logits",
-           "PARITY_TOLERANCE"]
+__all__ = ["CertifiableModel", "ExportError", "export_run", "export_metadata", "write_graph_files",
+           "load_exported_logits", "PARITY_TOLERANCE"]
 
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 64
@@ -252,82 +252,152 @@ def write_graph_files(wrapper: nn.Module, example: torch.Tensor, onnx_out: Path,
 
 def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
                step: Step | None = None) -> dict[str, Any]:
-    """Export ``run_dir`` to ``out`` (.onnx) and ``out.with_suffix('.pt2')``; returns a summary."""
+    """Export ``run_dir`` to ``out`` (.onnx) and ``out.with_suffix('.pt2')``; returns a summary.
+
+    Both files are written in a temporary directory beside ``out`` and renamed into place only
+    after parity and the ONNX checker pass, so a failed export leaves no half-written file.
+    """
     step = step or (lambda message: None)
     files = RunFiles(run_dir)
     out = Path(out)
     if out.suffix != ".onnx":
         raise ExportError(f"--out must name a .onnx file, got {out}")
     step("loading the run")
+    model, config = _load_exportable_run(files)
+    pixels = _parity_inputs(config)
+    tokens = tokens_per_layer(model, pixels)
+    wrapper = _certifiable_wrapper(model, config, tokens)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pt2 = out.with_suffix(".pt2")
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp_dir:
+        tmp_onnx, tmp_pt2 = Path(tmp_dir) / "model.onnx", Path(tmp_dir) / "model.pt2"
+        step("tracing with torch.export and translating to ONNX")
+        write_graph_files(wrapper, pixels, tmp_onnx, tmp_pt2, _output_names(wrapper), opset)
+        step("checking ONNX Runtime parity")
+        parity = _check_parity(tmp_onnx, wrapper, pixels)
+        step("writing spectral metadata")
+        proto = onnx.load(str(tmp_onnx))
+        metadata = export_metadata(model, config, files, proto, tokens, parity, wrapper.mlp_inputs)
+        _save_checked(proto, metadata, tmp_onnx)
+        os.replace(tmp_pt2, pt2)
+        os.replace(tmp_onnx, out)
+    return _summary(out, pt2, metadata)
+
+
+def _load_exportable_run(files: RunFiles) -> tuple[nn.Module, dict[str, Any]]:
+    """The run's model and config, refused when it cannot become one single-file ONNX export."""
     model, config = load_run_model(files.root)
     if "data" not in config:
         raise CheckpointError(f"{files.config} lacks the 'data' section of a specformer-deploy run")
     if sum(p.numel() * p.element_size() for p in model.parameters()) > _MAX_SINGLE_FILE_BYTES:
         raise ExportError("the model's weights exceed 1.9 GB: a single-file ONNX export is not possible")
-    pixels = _parity_inputs(config)
+    return model, config
+
+
+def _certifiable_wrapper(model: nn.Module, config: dict[str, Any], tokens: list[int]) -> CertifiableModel:
+    """MLP inputs are exported only for ReLU-family MLPs (local bounds) and one token count for all layers
+    (the output is one stacked tensor)."""
     mlp_act = config["model"].get("mlp_act", "gelu")
-    tokens = tokens_per_layer(model, pixels)
-    wrapper = CertifiableModel(model, mlp_inputs=mlp_act != "gelu" and len(set(tokens)) == 1).eval()
-    outputs = ["logits", "attn_input_norms"] + (["mlp_inputs"] if wrapper.mlp_inputs else [])
+    return CertifiableModel(model, mlp_inputs=mlp_act != "gelu" and len(set(tokens)) == 1).eval()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pt2 = out.with_suffix(".pt2")
 
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp_dir:
-        tmp_onnx, tmp_pt2 = Path(tmp_dir) / "model.onnx", Path(tmp_dir) / "model.pt2"
-        step("tracing with torch.export and translating to ONNX")
-        write_graph_files(wrapper, pixels, tmp_onnx, tmp_pt2, outputs, opset)
-        step("checking ONNX Runtime parity")
-        parity = _check_parity(tmp_onnx, wrapper, pixels)
+def _output_names(wrapper: CertifiableModel) -> list[str]:
+    return ["logits", "attn_input_norms"] + (["mlp_inputs"] if wrapper.mlp_inputs else [])
 
-        step("writing spectral metadata")
-        proto = onnx.load(str(tmp_onnx))
-        arrays = initializer_arrays(proto)
-        heads = layer_heads(next(iter(attention_layers(model))))
-        exact = exact_spectral_norms(model)
-        train_cfg, model_cfg = config["train"], config["model"]
-        metrics = files.root / "metrics.jsonl"
-        last = json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
-        metadata: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "package_version": __version__,
+
+def export_metadata(model: nn.Module, config: dict[str, Any], files: RunFiles, proto: onnx.ModelProto,
+                    tokens: list[int], parity: dict[str, Any], mlp_inputs: bool) -> dict[str, Any]:
+    """Every ``specformer.*`` entry of the export (prefix stripped), the integrity digests last
+    because they cover the weights, the graph and every other entry."""
+    arrays = initializer_arrays(proto)
+    exact = exact_spectral_norms(model)
+    metadata: dict[str, Any] = {
+        **_format_section(proto),
+        **_model_section(model, config, exact, tokens),
+        **_training_section(config, files),
+        **_spectral_section(model, config, files, exact),
+        "attention_weights": _weight_references(model, arrays),
+        "mlp": _mlp_references(model, arrays, config["model"].get("mlp_act", "gelu"), mlp_inputs),
+        "parity": parity,
+    }
+    metadata["integrity"] = _integrity_section(arrays, proto, metadata)
+    return metadata
+
+
+def _format_section(proto: onnx.ModelProto) -> dict[str, Any]:
+    """Which version of this tool and of the exporter wrote the file."""
+    return {"format_version": FORMAT_VERSION, "package_version": __version__,
             "exporter": {"name": "torch.export + torch.onnx.export(dynamo=True, optimize=False)",
-                         "torch": torch.__version__, "onnx_opset": int(proto.opset_import[0].version)},
-            "model": model_cfg,
-            "image_size": model_cfg["img_size"],
-            "num_classes": model_cfg["num_classes"],
-            "class_names": config["data"]["class_names"],
-            "normalization": {"mean": model_cfg["mean"], "std": model_cfg["std"], "inside_graph": True},
-            "io": {"pixels": "[batch, 3, H, W] float32 in [0, 1]", "logits": "[batch, classes]",
-                   "attn_input_norms": "[batch, layers] Frobenius norm of each attention layer's input"},
-            "layers": int(exact.shape[0]),
-            "heads": heads.num_heads,
-            "head_dim": heads.head_dim,
-            "embed_dim": int(heads.qkv.shape[-1]),
-            "tokens": tokens,
-            "msvp": {"enabled": bool(train_cfg.get("msvp")), "lambda_q": train_cfg.get("lambda_q"),
-                     "lambda_k": train_cfg.get("lambda_k"), "lambda_v": train_cfg.get("lambda_v"),
-                     "n_power_iterations": train_cfg.get("n_power_iterations")},
-            "training": {"dataset": config["data"].get("dataset"), "clean_accuracy": last.get("test_accuracy"),
-                         "epochs": last.get("epoch"), "adversarial": bool(train_cfg.get("adversarial")),
-                         "adv_eps": train_cfg.get("adv_eps") if train_cfg.get("adversarial") else None,
-                         "seed": train_cfg.get("seed")},
-            "spectral": {"method": "exact SVD (float64) at export", **_sigma_table(exact, "qkvo"),
-                         "sigma_o_full": _full_output_norms(model)},
-            "bias_q_norm": _query_bias_norms(model),
-            "spectral_power_iteration": _power_estimates(model, files, config),
-            "attention_weights": _weight_references(model, arrays),
-            "parity": parity,
-            "mlp": _mlp_references(model, arrays, mlp_act, wrapper.mlp_inputs),
-        }
-        metadata["integrity"] = {"weights_sha256": weights_digest(arrays), "tensor_sha256": tensor_digests(arrays),
-                                 "graph_sha256": graph_digest(proto), "metadata_sha256": metadata_digests(metadata)}
-        write_metadata(proto, metadata)
-        onnx.save(proto, str(tmp_onnx), save_as_external_data=False)
-        onnx.checker.check_model(str(tmp_onnx))
-        os.replace(tmp_pt2, pt2)
-        os.replace(tmp_onnx, out)
-    return {"onnx": str(out), "pt2": str(pt2), "bytes": out.stat().st_size, "opset": metadata["exporter"]["onnx_opset"],
-            "parity": parity, "weights_sha256": metadata["integrity"]["weights_sha256"],
+                         "torch": torch.__version__, "onnx_opset": int(proto.opset_import[0].version)}}
+
+
+def _model_section(model: nn.Module, config: dict[str, Any], exact: torch.Tensor,
+                   tokens: list[int]) -> dict[str, Any]:
+    """What a client and the certificates need to know about the network: its config, inputs,
+    classes, and the shapes (layers, heads, head dim, tokens) the bounds are computed for."""
+    model_cfg = config["model"]
+    heads = layer_heads(next(iter(attention_layers(model))))
+    return {
+        "model": model_cfg,
+        "image_size": model_cfg["img_size"],
+        "num_classes": model_cfg["num_classes"],
+        "class_names": config["data"]["class_names"],
+        "normalization": {"mean": model_cfg["mean"], "std": model_cfg["std"], "inside_graph": True},
+        "io": {"pixels": "[batch, 3, H, W] float32 in [0, 1]", "logits": "[batch, classes]",
+               "attn_input_norms": "[batch, layers] Frobenius norm of each attention layer's input"},
+        "layers": int(exact.shape[0]),
+        "heads": heads.num_heads,
+        "head_dim": heads.head_dim,
+        "embed_dim": int(heads.qkv.shape[-1]),
+        "tokens": tokens,
+    }
+
+
+def _training_section(config: dict[str, Any], files: RunFiles) -> dict[str, Any]:
+    """How the weights were trained (MSVP lambdas, data, seed) and the last epoch's test accuracy."""
+    train_cfg = config["train"]
+    metrics = files.root / "metrics.jsonl"
+    last = json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
+    return {
+        "msvp": {"enabled": bool(train_cfg.get("msvp")), "lambda_q": train_cfg.get("lambda_q"),
+                 "lambda_k": train_cfg.get("lambda_k"), "lambda_v": train_cfg.get("lambda_v"),
+                 "n_power_iterations": train_cfg.get("n_power_iterations")},
+        "training": {"dataset": config["data"].get("dataset"), "clean_accuracy": last.get("test_accuracy"),
+                     "epochs": last.get("epoch"), "adversarial": bool(train_cfg.get("adversarial")),
+                     "adv_eps": train_cfg.get("adv_eps") if train_cfg.get("adversarial") else None,
+                     "seed": train_cfg.get("seed")},
+    }
+
+
+def _spectral_section(model: nn.Module, config: dict[str, Any], files: RunFiles,
+                      exact: torch.Tensor) -> dict[str, Any]:
+    """The certificates' weight factors: exact per-head sigmas, whole ``||W_O||``, ``||b_q||``, and
+    the training's power-iteration estimates beside them for comparison."""
+    return {
+        "spectral": {"method": "exact SVD (float64) at export", **_sigma_table(exact, "qkvo"),
+                     "sigma_o_full": _full_output_norms(model)},
+        "bias_q_norm": _query_bias_norms(model),
+        "spectral_power_iteration": _power_estimates(model, files, config),
+    }
+
+
+def _integrity_section(arrays: dict[str, np.ndarray], proto: onnx.ModelProto,
+                       metadata: dict[str, Any]) -> dict[str, Any]:
+    """Digests that let `audit` and the serving worker tell a file changed after export."""
+    return {"weights_sha256": weights_digest(arrays), "tensor_sha256": tensor_digests(arrays),
+            "graph_sha256": graph_digest(proto), "metadata_sha256": metadata_digests(metadata)}
+
+
+def _save_checked(proto: onnx.ModelProto, metadata: dict[str, Any], path: Path) -> None:
+    write_metadata(proto, metadata)
+    onnx.save(proto, str(path), save_as_external_data=False)
+    onnx.checker.check_model(str(path))
+
+
+def _summary(out: Path, pt2: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+    spectral = metadata["spectral"]
+    return {"onnx": str(out), "pt2": str(pt2), "bytes": out.stat().st_size,
+            "opset": metadata["exporter"]["onnx_opset"], "parity": metadata["parity"],
+            "weights_sha256": metadata["integrity"]["weights_sha256"],
             "layers": metadata["layers"], "heads": metadata["heads"],
-            "max_sigma": {n: float(exact[:, i].max()) for i, n in enumerate("qkvo")}}
+            "max_sigma": {n: max(max(row) for row in spectral[f"sigma_{n}"]) for n in "qkvo"}}

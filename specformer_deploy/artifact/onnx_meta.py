@@ -20,14 +20,20 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["PREFIX", "FORMAT_VERSION", "read_metadata", "read_metadata_file", "write_metadata", "tensor_digests",
-           "weights_digest",
-           "graph_digest", "metadata_digests", "initializer_arrays", "head_blocks", "spectral_norms"]
+__all__ = ["PREFIX", "FORMAT_VERSION", "NotAnExportError", "read_metadata", "read_metadata_file", "require_export",
+           "write_metadata", "tensor_digests", "weights_digest", "graph_digest", "metadata_digests",
+           "initializer_arrays", "oriented", "head_blocks", "spectral_norms"]
 
 PREFIX = "specformer."
 FORMAT_VERSION = 1
-# Keys whose digests cover the rest; they are not themselves digested.
+# The entry holding the digests of all other entries; it is not digested itself.
 INTEGRITY_KEY = "integrity"
+# What every consumer of an export (evaluate, package, the serving runtime) reads from its metadata.
+REQUIRED_KEYS = ("format_version", "model", "image_size", "num_classes", "class_names", "spectral", INTEGRITY_KEY)
+
+
+class NotAnExportError(ValueError):
+    """The file is missing, unreadable, lacks the metadata written by `export`, or lacks its ``.pt2``."""
 
 
 def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
@@ -45,6 +51,29 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
 def read_metadata_file(path: str | Path) -> dict[str, Any]:
     """``read_metadata`` of an ONNX file on disk (weights stay unparsed beyond the protobuf)."""
     return read_metadata(onnx.load(str(path), load_external_data=False))
+
+
+def require_export(onnx_path: str | Path, need_pt2: bool) -> dict[str, Any]:
+    """The metadata of an export of this tool, after checking the file is one.
+
+    ``need_pt2``: the caller runs attacks or probes, whose gradients come from ``model.pt2``
+    beside the ``.onnx`` (ONNX Runtime has none). Raises :class:`NotAnExportError` with a
+    message that says what to do.
+    """
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise NotAnExportError(f"{path} does not exist")
+    try:
+        meta = read_metadata_file(path)
+    except Exception as err:  # noqa: BLE001 - protobuf raises several types for a corrupt file
+        raise NotAnExportError(f"{path} is not a readable ONNX file (truncated or corrupt?): {err}") from err
+    if any(key not in meta for key in REQUIRED_KEYS):
+        raise NotAnExportError(f"{path} has no specformer metadata: export it with `specformer-deploy export`")
+    pt2 = path.with_suffix(".pt2")
+    if need_pt2 and not pt2.is_file():
+        raise NotAnExportError(f"{pt2} is missing: attacks and probes take their gradients from it "
+                               "(`specformer-deploy export` writes it beside the .onnx)")
+    return meta
 
 
 def write_metadata(model: onnx.ModelProto, values: dict[str, Any]) -> None:
@@ -105,8 +134,10 @@ def metadata_digests(metadata: dict[str, Any]) -> dict[str, str]:
             for key, value in sorted(metadata.items()) if key != INTEGRITY_KEY}
 
 
-def _oriented(array: np.ndarray, ref: dict[str, Any]) -> np.ndarray:
-    """The weight as ``[out, in]`` (PyTorch's Linear layout)."""
+def oriented(array: np.ndarray, ref: dict[str, Any]) -> np.ndarray:
+    """The weight as ``[out, in]`` (PyTorch's Linear layout), whichever way the initializer stores it.
+
+    ``ref`` is a metadata reference ``{"initializer": name, "transposed": bool}``."""
     return array.T if ref.get("transposed") else array
 
 
@@ -121,14 +152,14 @@ def head_blocks(arrays: dict[str, np.ndarray], layer: dict[str, Any], num_heads:
     out = {}
     for name in ("q", "k", "v"):
         ref = layer[name]
-        weight = _oriented(arrays[ref["initializer"]], ref)
+        weight = oriented(arrays[ref["initializer"]], ref)
         start, stop = ref["rows"]
         block = weight[start:stop]
         if block.shape[0] != num_heads * head_dim:
             raise ValueError(f"{ref['initializer']} rows {start}:{stop} do not hold {num_heads} heads of {head_dim}")
         out[name] = block.reshape(num_heads, head_dim, block.shape[1])
     ref = layer["o"]
-    weight = _oriented(arrays[ref["initializer"]], ref)
+    weight = oriented(arrays[ref["initializer"]], ref)
     start, stop = ref["cols"]
     block = weight[:, start:stop]
     out["o"] = block.reshape(block.shape[0], num_heads, head_dim).transpose(1, 0, 2)

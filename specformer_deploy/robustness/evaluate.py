@@ -41,18 +41,11 @@ def load_attack_model(path: str | Path, device: torch.device | str = "cpu") -> t
         return model.eval(), info
     if path.suffix != ".onnx":
         raise ValueError(f"{path} is neither a run directory nor an .onnx file")
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist")
-    from specformer_deploy.artifact.onnx_meta import read_metadata_file
-
-    meta = read_metadata_file(path)
-    if "model" not in meta:
-        raise ValueError(f"{path} has no specformer metadata: export it with `specformer-deploy export`")
-    pt2 = path.with_suffix(".pt2")
-    if not pt2.is_file():
-        raise ValueError(f"attacks need gradients: {pt2} (written by export beside the .onnx) is missing")
+    from specformer_deploy.artifact.onnx_meta import require_export
     from specformer_deploy.artifact.pt2 import load_exported_logits
 
+    meta = require_export(path, need_pt2=True)
+    pt2 = path.with_suffix(".pt2")
     model = load_exported_logits(pt2).to(device)
     info = {"dataset": (meta.get("training") or {}).get("dataset"), "data_dir": None,
             "image_size": meta["image_size"], "num_classes": meta["num_classes"],
