@@ -1,5 +1,9 @@
 """The training loop: standard or PGD adversarial training, with or without MSVP.
 
+The loop reads as timm's ``train.py``: ``setup_run`` builds everything a process needs (the
+options all ranks agree on, data, model, MSVP, optimizer, schedule, DDP, resume state), then
+every epoch is ``train_one_epoch``, ``evaluate_accuracy``, ``save_checkpoint`` and ``log_epoch``.
+
 Reproducibility is by construction: every epoch reseeds torch, numpy (timm's Mixup) and
 Python from ``(seed, epoch)``, the LR schedule is a function of the global step, and the
 checkpoint written at the end of each epoch holds the model, optimizer and power-iteration
@@ -30,82 +34,58 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from specformer_deploy import __version__
-from specformer_deploy.robustness.attacks import check_budget, pgd
-from specformer_deploy.training.checkpoint import CheckpointError, RunFiles, atomic_write, atomic_write_text, read_metrics
-from specformer_deploy.training.data import load_dataset
+from specformer_deploy.model.factory import ModelConfig, build_model, load_pretrained, resolve_model_config
 from specformer_deploy.model.heads import UnsupportedAttentionError
-from specformer_deploy.training.distributed import (DistContext, agree, all_reduce_sums, broadcast_object, elastic_restart_count,
-                          init_distributed, per_rank_batch, resolve_device, shutdown, sync_from_rank0)
-from specformer_deploy.model.factory import DEFAULT_MODEL, ModelConfig, build_model, load_pretrained, resolve_model_config
 from specformer_deploy.model.mlp import activation_sparsity
-from specformer_deploy.training.msvp import MSVP, MSVPConfig, exact_spectral_norms
+from specformer_deploy.robustness.attacks import pgd
+from specformer_deploy.training.checkpoint import CheckpointError, RunFiles, atomic_write, atomic_write_text, read_metrics
+from specformer_deploy.training.config import FORMAT_VERSION, TrainConfig
+from specformer_deploy.training.data import DatasetBundle, load_dataset
+from specformer_deploy.training.distributed import (DistContext, agree, all_reduce_sums, broadcast_object,
+                                                    elastic_restart_count, init_distributed, per_rank_batch,
+                                                    resolve_device, shutdown, sync_from_rank0)
+from specformer_deploy.training.msvp import MSVP, exact_spectral_norms
 
-__all__ = ["TrainConfig", "train", "resolve_device", "evaluate_accuracy", "load_run_model", "FORMAT_VERSION"]
+__all__ = ["TrainConfig", "RunState", "train", "setup_run", "train_one_epoch", "evaluate_accuracy", "save_checkpoint",
+           "log_epoch", "resolve_device", "load_run_model", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+EpochCallback = Callable[[dict[str, Any]], None]
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class TrainConfig:
-    """All options of a training run; stored in config.json so the run can be repeated."""
+class RunState:
+    """Everything one process of a run holds between epochs: built by ``setup_run``, advanced
+    by ``train_one_epoch``. ``forward_model`` runs the training forward passes (compiled and/or
+    DDP-wrapped); ``attack_model`` is the same weights without DDP, so PGD's backward passes
+    trigger no gradient all-reduce."""
 
-    model: str = DEFAULT_MODEL
-    dataset: str = "digits"
-    data_dir: str | None = None
-    img_size: int | None = None
-    patch_size: int | None = None
-    epochs: int = 50
-    batch_size: int = 32
-    lr: float = 0.1
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    warmup_epochs: int = 2
-    min_lr: float = 1e-5
-    mixup: bool | None = None  # None: on for standard training, off for adversarial training
-    mixup_alpha: float = 0.2
-    cutmix_alpha: float = 0.2
-    label_smoothing: float = 0.1
-    msvp: bool = True
-    lambda_q: float = 1e-4
-    lambda_k: float = 1e-4
-    lambda_v: float = 1e-4
-    n_power_iterations: int = 1
-    adversarial: bool = False
-    adv_eps: float = 8 / 255
-    adv_step: float = 2 / 255
-    adv_steps: int = 10
-    seed: int = 0
-    device: str = "auto"
-    pretrained: str | None = None
-    mlp_act: str = "gelu"
-    sparsity_weight: float = 0.0
-    attention: str = "dot"
-    compile: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    ctx: DistContext
+    cfg: TrainConfig
+    files: RunFiles
+    bundle: DatasetBundle
+    model_cfg: ModelConfig
+    model: nn.Module
+    forward_model: nn.Module
+    attack_model: nn.Module
+    msvp: MSVP | None
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    mixup: Mixup | None
+    criterion: Criterion
+    local_batch: int
+    steps_per_epoch: int
+    start_epoch: int = 0
+    step: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
 
     @property
-    def use_mixup(self) -> bool:
-        enabled = (not self.adversarial) if self.mixup is None else self.mixup
-        return enabled and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
-
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 2 or (self.use_mixup and self.batch_size % 2):
-            raise ValueError(f"--batch-size must be >= 2 (and even with mixup), got {self.batch_size}")
-        if not (self.lr > 0):
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.adversarial:
-            check_budget(self.adv_eps, self.adv_step, self.adv_steps)
-        MSVPConfig(self.lambda_q, self.lambda_k, self.lambda_v, self.n_power_iterations)
-        if not (self.sparsity_weight >= 0):
-            raise ValueError(f"--sparsity-weight must be >= 0, got {self.sparsity_weight}")
-        if self.sparsity_weight > 0 and self.mlp_act == "gelu":
-            raise ValueError("--sparsity-weight needs --mlp-act relu or clipped-relu (units that can be constant)")
+    def device(self) -> torch.device:
+        return self.ctx.device
 
     @property
-    def msvp_config(self) -> MSVPConfig:
-        return MSVPConfig(self.lambda_q, self.lambda_k, self.lambda_v, self.n_power_iterations)
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
 
 
 def _seed(seed: int, epoch: int = -1, rank: int = 0) -> int:
@@ -130,6 +110,137 @@ def _sparsity(model: nn.Module, weight: float) -> contextlib.AbstractContextMana
     return contextlib.nullcontext([])
 
 
+# ---------------------------------------------------------------------------------------------
+# The run: setup, then the epochs
+# ---------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, console: Console | None = None,
+          show_progress: bool = True, on_epoch_end: EpochCallback | None = None) -> dict[str, Any]:
+    """Train (or resume) a run in ``out``; returns the run summary.
+
+    Under ``torchrun`` every rank calls this: the model is wrapped in DistributedDataParallel,
+    each rank reads its share of every global batch (``DistributedSampler``), and rank 0 alone
+    writes the run directory and shows progress.
+    """
+    device_name = cfg.device
+    if resume:  # a resumed run keeps its device unless config.json is unreadable (reported below)
+        with contextlib.suppress(Exception):
+            device_name = RunFiles(out).read_config()["train"]["device"]
+    ctx = init_distributed(device_name)
+    try:
+        console = console or Console(stderr=True)
+        state = setup_run(ctx, cfg, Path(out), resume, console)
+        return _run_epochs(state, console, show_progress and ctx.is_main, on_epoch_end)
+    finally:
+        shutdown(ctx)
+
+
+def _run_epochs(state: RunState, console: Console, show_progress: bool,
+                on_epoch_end: EpochCallback | None) -> dict[str, Any]:
+    """The loop: train an epoch, evaluate, and (rank 0) save and log it."""
+    progress = _progress_bar(console, show_progress)
+    with progress:
+        task = progress.add_task("train", total=state.total_steps, completed=state.step, info="")
+        for epoch in range(state.start_epoch, state.cfg.epochs):
+            totals = train_one_epoch(state, epoch, lambda loss: progress.update(
+                task, advance=1, description=f"epoch {epoch + 1}/{state.cfg.epochs}", info=f"loss {loss:.4f}"))
+            accuracy = evaluate_accuracy(state.model, state.bundle.test, state.device, ctx=state.ctx)
+            record = _epoch_record(state, epoch, totals, accuracy)
+            state.metrics.append(record)
+            if state.ctx.is_main:
+                save_checkpoint(state, epoch + 1)
+                log_epoch(progress.console, state.cfg, record)
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+    return _run_summary(state)
+
+
+def setup_run(ctx: DistContext, cfg: TrainConfig, out: Path, resume: bool, console: Console) -> RunState:
+    """Everything before the first step: the options every rank agrees on (a resumed run's come
+    from its config.json), data and model, config.json, optimizer and schedule, the resume
+    state, and the compiled/DDP forward model."""
+    files = RunFiles(out)
+    cfg, plan = _agree_on_plan(ctx, cfg, files, out, resume)
+    checkpoint = plan["checkpoint"]
+    local_batch = per_rank_batch(cfg.batch_size, ctx.world_size, cfg.use_mixup)
+    bundle, model_cfg, model = _build_data_and_model(ctx, cfg, load_weights=checkpoint is None)
+    model.to(ctx.device)
+    msvp = None
+    if cfg.msvp:
+        msvp = MSVP(model, cfg.msvp_config, generator=torch.Generator().manual_seed(cfg.seed)).to(ctx.device)
+    if checkpoint is None and ctx.is_main:
+        _write_run_config(files, ctx, cfg, model_cfg, bundle)
+    optimizer, scheduler, steps_per_epoch = _optimization(cfg, model, len(bundle.train))
+    mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, label_smoothing=cfg.label_smoothing,
+                  num_classes=bundle.num_classes) if cfg.use_mixup else None
+    state = RunState(ctx=ctx, cfg=cfg, files=files, bundle=bundle, model_cfg=model_cfg, model=model,
+                     forward_model=model, attack_model=model, msvp=msvp, optimizer=optimizer, scheduler=scheduler,
+                     mixup=mixup, criterion=_criterion(cfg, mixup), local_batch=local_batch,
+                     steps_per_epoch=steps_per_epoch)
+    if checkpoint is not None:
+        _restore(state, checkpoint, plan, console)
+    scheduler.step_update(state.step)
+    _wrap_forward_model(state, console)
+    return state
+
+
+def train_one_epoch(state: RunState, epoch: int, on_step: Callable[[float], None] | None = None) -> dict[str, float]:
+    """One epoch of full global batches; returns the loss, penalty and batch sums over all ranks
+    and this epoch's training seconds."""
+    cfg, ctx, device = state.cfg, state.ctx, state.device
+    epoch_seed = _seed(cfg.seed, epoch)
+    sampler = DistributedSampler(state.bundle.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=epoch_seed)
+    loader = DataLoader(state.bundle.train, batch_size=state.local_batch, sampler=sampler, drop_last=True)
+    _seed(cfg.seed, epoch, ctx.rank)
+    state.model.train()
+    if state.msvp is not None:
+        state.msvp.train()
+    started = time.perf_counter()
+    loss_sum = penalty_sum = 0.0
+    batches = 0
+    for x, y in itertools.islice(loader, state.steps_per_epoch):
+        loss, penalty = _train_step(state, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        loss_sum += loss
+        penalty_sum += penalty
+        batches += 1
+        if on_step is not None:
+            on_step(loss_sum / batches)
+    seconds = time.perf_counter() - started
+    loss_sum, penalty_sum, batches = all_reduce_sums(ctx, [loss_sum, penalty_sum, batches])
+    return {"loss_sum": loss_sum, "penalty_sum": penalty_sum, "batches": batches, "seconds": seconds}
+
+
+def training_batch(state: RunState, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the loss sees: PGD adversarial examples (in eval mode, as attacks run) under PGD-AT,
+    then Mixup/CutMix when on; the target is then a soft label."""
+    if state.cfg.adversarial:
+        state.model.eval()
+        with _autocast(state.device):
+            x = pgd(state.attack_model, x, y, state.cfg.adv_eps, state.cfg.adv_step, state.cfg.adv_steps)
+        state.model.train()
+    if state.mixup is not None:
+        return state.mixup(x, y)
+    return x, y
+
+
+def _train_step(state: RunState, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    x, target = training_batch(state, x, y)
+    with _autocast(state.device), _sparsity(state.model, state.cfg.sparsity_weight) as activations:
+        loss = state.criterion(state.forward_model(x), target)
+    # The penalty reads the same parameters outside DDP's forward; its gradient joins the
+    # loss's before DDP averages, and is equal on every rank (equal weights).
+    penalty = state.msvp.penalty() if state.msvp is not None else torch.zeros((), device=state.device)
+    if activations:
+        penalty = penalty + state.cfg.sparsity_weight * torch.stack(activations).sum().float()
+    state.optimizer.zero_grad(set_to_none=True)
+    (loss + penalty).backward()
+    state.optimizer.step()
+    state.step += 1
+    state.scheduler.step_update(state.step)
+    return float(loss.detach()), float(penalty.detach())
+
+
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, dataset, device: torch.device, batch_size: int = 256,
                       ctx: DistContext | None = None) -> float:
@@ -152,27 +263,56 @@ def evaluate_accuracy(model: nn.Module, dataset, device: torch.device, batch_siz
     return correct / max(total, 1)
 
 
-def _sigma_summary(sigmas: torch.Tensor) -> dict[str, list[float]]:
-    """Per-layer max over heads of sigma for Q, K, V (and O when present)."""
-    names = ["q", "k", "v", "o"][: sigmas.shape[1]]
-    return {n: [round(float(s), 6) for s in sigmas[:, i].amax(dim=1)] for i, n in enumerate(names)}
-
-
-def _save_epoch(files: RunFiles, model: nn.Module, msvp: MSVP | None, optimizer: torch.optim.Optimizer,
-                epoch: int, step: int, metrics: list[dict[str, Any]]) -> None:
+def save_checkpoint(state: RunState, epoch: int) -> None:
     """Metrics first, checkpoint last: the checkpoint's epoch is the commit point."""
-    atomic_write_text(files.metrics, "".join(json.dumps(m) + "\n" for m in metrics))
+    files, model, msvp = state.files, state.model, state.msvp
+    atomic_write_text(files.metrics, "".join(json.dumps(m) + "\n" for m in state.metrics))
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(files.weights, lambda tmp: save_file(weights, str(tmp), metadata={"epoch": str(epoch)}))
     if msvp is not None:
         vectors = {k: v.detach().cpu().contiguous() for k, v in msvp.state_dict().items()}
         atomic_write(files.vectors, lambda tmp: save_file(vectors, str(tmp)))
-    state = {"epoch": epoch, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "msvp": msvp.state_dict() if msvp is not None else {}}
-    atomic_write(files.checkpoint, lambda tmp: torch.save(state, tmp))
+    checkpoint = {"epoch": epoch, "step": state.step, "model": model.state_dict(),
+                  "optimizer": state.optimizer.state_dict(), "msvp": msvp.state_dict() if msvp is not None else {}}
+    atomic_write(files.checkpoint, lambda tmp: torch.save(checkpoint, tmp))
 
 
-EpochCallback = Callable[[dict[str, Any]], None]
+def log_epoch(console: Console, cfg: TrainConfig, record: dict[str, Any]) -> None:
+    sigma = record["max_sigma"]
+    console.print(f"epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f} "
+                  f"test acc {record['test_accuracy']:.4f} max sigma q/k/v "
+                  f"{max(sigma['q']):.3f}/{max(sigma['k']):.3f}/{max(sigma['v']):.3f} ({record['time_s']:.1f}s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps of setup_run
+# ---------------------------------------------------------------------------------------------
+
+def _agree_on_plan(ctx: DistContext, cfg: TrainConfig, files: RunFiles, out: Path,
+                   resume: bool) -> tuple[TrainConfig, dict[str, Any]]:
+    """Every rank checks its options, the ranks agree on them, and rank 0's plan (fresh run or
+    resume, with the stored options) becomes every rank's."""
+    error = None
+    try:
+        if not resume:  # a resumed run's options come from its config.json, checked below
+            cfg.validate()
+            per_rank_batch(cfg.batch_size, ctx.world_size, cfg.use_mixup)
+    except ValueError as err:
+        error = str(err)
+    agree(ctx, _run_options(cfg, out, resume), error)
+
+    plan: dict[str, Any] | str = ""
+    if ctx.is_main:
+        try:
+            plan = _plan_run(files, cfg, resume)
+        except CheckpointError as err:
+            plan = str(err)
+    plan = broadcast_object(ctx, plan)
+    if isinstance(plan, str):
+        raise CheckpointError(plan)
+    cfg = TrainConfig(**plan["train"])
+    cfg.validate()
+    return cfg, plan
 
 
 def _plan_run(files: RunFiles, cfg: TrainConfig, resume: bool) -> dict[str, Any]:
@@ -199,62 +339,12 @@ def _run_options(cfg: TrainConfig, out: Path, resume: bool) -> dict[str, Any]:
             "specformer_deploy": __version__}
 
 
-def _drift_metrics(ctx: DistContext, model: nn.Module, msvp: MSVP | None) -> dict[str, Any]:
-    """How far each replica strayed from rank 0 this epoch (0.0 means identical). The MSVP
-    vectors are then reset to rank 0's, so they stay identical even on mixed hardware."""
-    weights = sync_from_rank0(ctx, model, parameters=True, copy=False)
-    vectors = sync_from_rank0(ctx, msvp) if msvp is not None else 0.0
-    return {"world_size": ctx.world_size, "max_weight_drift": weights, "max_vector_drift": vectors}
-
-
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, console: Console | None = None,
-          show_progress: bool = True, on_epoch_end: EpochCallback | None = None) -> dict[str, Any]:
-    """Train (or resume) a run in ``out``; returns the run summary.
-
-    Under ``torchrun`` every rank calls this: the model is wrapped in DistributedDataParallel,
-    each rank reads its share of every global batch (``DistributedSampler``), and rank 0 alone
-    writes the run directory and shows progress.
-    """
-    device_name = cfg.device
-    if resume:  # a resumed run keeps its device unless config.json is unreadable (reported below)
-        with contextlib.suppress(Exception):
-            device_name = RunFiles(out).read_config()["train"]["device"]
-    ctx = init_distributed(device_name)
-    try:
-        return _train(ctx, cfg, Path(out), resume, console or Console(stderr=True), show_progress and ctx.is_main,
-                      on_epoch_end)
-    finally:
-        shutdown(ctx)
-
-
-def _train(ctx: DistContext, cfg: TrainConfig, out: Path, resume: bool, console: Console, show_progress: bool,
-           on_epoch_end: EpochCallback | None) -> dict[str, Any]:
-    files = RunFiles(out)
-    error = None
-    try:
-        if not resume:  # a resumed run's options come from its config.json, checked below
-            cfg.validate()
-            per_rank_batch(cfg.batch_size, ctx.world_size, cfg.use_mixup)
-    except ValueError as err:
-        error = str(err)
-    agree(ctx, _run_options(cfg, out, resume), error)
-
-    plan: dict[str, Any] | str = ""
-    if ctx.is_main:
-        try:
-            plan = _plan_run(files, cfg, resume)
-        except CheckpointError as err:
-            plan = str(err)
-    plan = broadcast_object(ctx, plan)
-    if isinstance(plan, str):
-        raise CheckpointError(plan)
-    cfg = TrainConfig(**plan["train"])
-    checkpoint = plan["checkpoint"]
-    cfg.validate()
-    device = ctx.device
-    local_batch = per_rank_batch(cfg.batch_size, ctx.world_size, cfg.use_mixup)
-
+def _build_data_and_model(ctx: DistContext, cfg: TrainConfig,
+                          load_weights: bool) -> tuple[DatasetBundle, ModelConfig, nn.Module]:
+    """Data, model config and model, seeded so every rank builds the same initial weights; a
+    failure on any rank is reported on every rank instead of hanging the others."""
     bundle = model = model_cfg = None
+    error = None
     try:
         _seed(cfg.seed)
         probe = resolve_model_config(cfg.model, num_classes=2, img_size=cfg.img_size, patch_size=cfg.patch_size,
@@ -264,149 +354,136 @@ def _train(ctx: DistContext, cfg: TrainConfig, out: Path, resume: bool, console:
                                          cfg.attention)
         _seed(cfg.seed)
         model = build_model(model_cfg)
-        if cfg.pretrained and checkpoint is None:
+        if cfg.pretrained and load_weights:
             load_pretrained(model, cfg.pretrained)
-        error = None
     except Exception as err:  # noqa: BLE001 - reported on every rank below, then re-raised here
         if not ctx.distributed:
             raise
         error = str(err) if isinstance(err, (ValueError, OSError, UnsupportedAttentionError)) else f"{type(err).__name__}: {err}"
     agree(ctx, {}, error)
     assert bundle is not None and model is not None and model_cfg is not None
-    model.to(device)
-    msvp = None
-    if cfg.msvp:
-        msvp = MSVP(model, cfg.msvp_config, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    return bundle, model_cfg, model
 
+
+def _write_run_config(files: RunFiles, ctx: DistContext, cfg: TrainConfig, model_cfg: ModelConfig,
+                      bundle: DatasetBundle) -> None:
     run_config = {"format_version": FORMAT_VERSION, "package_version": __version__, "train": asdict(cfg),
                   "model": model_cfg.to_dict(), "data": {"dataset": bundle.name, "class_names": bundle.class_names,
                                                          "train_size": len(bundle.train), "test_size": len(bundle.test)},
                   # Mixup/CutMix and PGD noise are drawn per process: part of what repeats a run.
                   "distributed": {"world_size": ctx.world_size, "backend": ctx.backend}}
-    if checkpoint is None and ctx.is_main:
-        atomic_write_text(files.config, json.dumps(run_config, indent=2) + "\n")
+    atomic_write_text(files.config, json.dumps(run_config, indent=2) + "\n")
 
+
+def _optimization(cfg: TrainConfig, model: nn.Module,
+                  train_size: int) -> tuple[torch.optim.Optimizer, CosineLRScheduler, int]:
+    """SGD with warm-up then cosine, stepped per optimizer step.
+
+    Every step takes a full global batch (the incomplete last one is dropped, as timm's loaders
+    do): so N processes see exactly the batches one process sees, whatever N.
+    """
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    # Every step takes a full global batch (the incomplete last one is dropped, as timm's loaders
-    # do): so N processes see exactly the batches one process sees, whatever N.
-    steps_per_epoch = len(bundle.train) // cfg.batch_size
+    steps_per_epoch = train_size // cfg.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"the training set ({len(bundle.train)} images) is smaller than one batch ({cfg.batch_size})")
+        raise ValueError(f"the training set ({train_size} images) is smaller than one batch ({cfg.batch_size})")
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.min_lr,
                                   warmup_t=min(cfg.warmup_epochs * steps_per_epoch, total_steps // 2),
                                   warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
-    mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, label_smoothing=cfg.label_smoothing,
-                  num_classes=bundle.num_classes) if cfg.use_mixup else None
-    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    return optimizer, scheduler, steps_per_epoch
+
+
+def _criterion(cfg: TrainConfig, mixup: Mixup | None) -> Criterion:
+    """Soft-target cross-entropy for Mixup's soft labels; label smoothing in standard training
+    only (PGD-AT trains on hard labels, as Madry et al.)."""
     if mixup is not None:
-        criterion = SoftTargetCrossEntropy()
-    else:
-        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing if not cfg.adversarial else 0.0)
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing if not cfg.adversarial else 0.0)
 
-    start_epoch, step = 0, 0
-    metrics: list[dict[str, Any]] = []
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if msvp is not None:
-            msvp.load_state_dict(checkpoint["msvp"])
-        start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
-        metrics = broadcast_object(ctx, read_metrics(files.metrics)[:start_epoch] if ctx.is_main else None)
-        why = " after a torchrun restart" if plan["restarted"] else ""
-        if ctx.is_main and start_epoch >= cfg.epochs:
-            console.print(f"{files.root} has already finished its {cfg.epochs} epochs; nothing to train")
-        elif ctx.is_main:
-            console.print(f"resuming {files.root} at epoch {start_epoch + 1}/{cfg.epochs}{why}")
-            if plan["world_size"] != ctx.world_size:
-                console.print(f"note: the run started with {plan['world_size']} process(es) and resumes with "
-                              f"{ctx.world_size}; the global batches are the same, the per-process Mixup/CutMix "
-                              "and PGD noise are not, so it will not repeat an uninterrupted run exactly")
-    scheduler.step_update(step)
 
-    # What runs the forward passes: the model itself, compiled by torch.compile on request,
-    # wrapped in DDP when there are several ranks. Attacks and evaluation use the undistributed
-    # module (same weights), so their backward passes trigger no gradient all-reduce.
-    forward_model: nn.Module = torch.compile(model) if cfg.compile else model
-    attack_model = forward_model
+def _restore(state: RunState, checkpoint: dict[str, Any], plan: dict[str, Any], console: Console) -> None:
+    """Load the checkpoint's model, optimizer and power-iteration state, and the metrics of the
+    epochs it holds; say where the run resumes and what a different world size changes."""
+    ctx, cfg, files = state.ctx, state.cfg, state.files
+    state.model.load_state_dict(checkpoint["model"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    if state.msvp is not None:
+        state.msvp.load_state_dict(checkpoint["msvp"])
+    state.start_epoch, state.step = int(checkpoint["epoch"]), int(checkpoint["step"])
+    state.metrics = broadcast_object(ctx, read_metrics(files.metrics)[:state.start_epoch] if ctx.is_main else None)
+    if not ctx.is_main:
+        return
+    why = " after a torchrun restart" if plan["restarted"] else ""
+    if state.start_epoch >= cfg.epochs:
+        console.print(f"{files.root} has already finished its {cfg.epochs} epochs; nothing to train")
+        return
+    console.print(f"resuming {files.root} at epoch {state.start_epoch + 1}/{cfg.epochs}{why}")
+    if plan["world_size"] != ctx.world_size:
+        console.print(f"note: the run started with {plan['world_size']} process(es) and resumes with "
+                      f"{ctx.world_size}; the global batches are the same, the per-process Mixup/CutMix "
+                      "and PGD noise are not, so it will not repeat an uninterrupted run exactly")
+
+
+def _wrap_forward_model(state: RunState, console: Console) -> None:
+    """The training forward passes run the model compiled by torch.compile on request, wrapped
+    in DDP when there are several ranks; attacks and evaluation use the module without DDP."""
+    ctx, device = state.ctx, state.device
+    state.forward_model = torch.compile(state.model) if state.cfg.compile else state.model
+    state.attack_model = state.forward_model
     if ctx.distributed:
-        forward_model = DistributedDataParallel(forward_model, device_ids=[device.index] if device.type == "cuda"
-                                                else None)
+        state.forward_model = DistributedDataParallel(state.forward_model,
+                                                      device_ids=[device.index] if device.type == "cuda" else None)
     if ctx.is_main and ctx.distributed:
-        console.print(f"distributed: {ctx.world_size} processes ({ctx.backend}), {local_batch} images per process "
-                      f"per step, global batch {cfg.batch_size}")
+        console.print(f"distributed: {ctx.world_size} processes ({ctx.backend}), {state.local_batch} images per "
+                      f"process per step, global batch {state.cfg.batch_size}")
 
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=console, disable=not show_progress, transient=False)
-    with progress:
-        task = progress.add_task("train", total=total_steps, completed=step, info="")
-        for epoch in range(start_epoch, cfg.epochs):
-            epoch_seed = _seed(cfg.seed, epoch)
-            sampler = DistributedSampler(bundle.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                         seed=epoch_seed)
-            loader = DataLoader(bundle.train, batch_size=local_batch, sampler=sampler, drop_last=True)
-            _seed(cfg.seed, epoch, ctx.rank)
-            model.train()
-            if msvp is not None:
-                msvp.train()
-            started = time.perf_counter()
-            loss_sum = penalty_sum = 0.0
-            batches = 0
-            for x, y in itertools.islice(loader, steps_per_epoch):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if cfg.adversarial:
-                    model.eval()
-                    with _autocast(device):
-                        x = pgd(attack_model, x, y, cfg.adv_eps, cfg.adv_step, cfg.adv_steps)
-                    model.train()
-                target = y
-                if mixup is not None:
-                    x, target = mixup(x, y)
-                with _autocast(device), _sparsity(model, cfg.sparsity_weight) as activations:
-                    loss = criterion(forward_model(x), target)
-                # The penalty reads the same parameters outside DDP's forward; its gradient joins
-                # the loss's before DDP averages, and is equal on every rank (equal weights).
-                penalty = msvp.penalty() if msvp is not None else torch.zeros((), device=device)
-                if activations:
-                    penalty = penalty + cfg.sparsity_weight * torch.stack(activations).sum().float()
-                optimizer.zero_grad(set_to_none=True)
-                (loss + penalty).backward()
-                optimizer.step()
-                step += 1
-                scheduler.step_update(step)
-                loss_sum += float(loss.detach())
-                penalty_sum += float(penalty.detach())
-                batches += 1
-                progress.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}",
-                                info=f"loss {loss_sum / batches:.4f}")
-            train_time = time.perf_counter() - started
-            loss_sum, penalty_sum, batches = all_reduce_sums(ctx, [loss_sum, penalty_sum, batches])
-            accuracy = evaluate_accuracy(model, bundle.test, device, ctx=ctx)
-            record: dict[str, Any] = {
-                "epoch": epoch + 1, "step": step, "loss": loss_sum / max(batches, 1),
-                "penalty": penalty_sum / max(batches, 1), "lr": optimizer.param_groups[0]["lr"],
-                "test_accuracy": accuracy, "time_s": round(train_time, 3),
-                "max_sigma": _sigma_summary(exact_spectral_norms(model)),
-            }
-            if ctx.distributed:
-                record["replicas"] = _drift_metrics(ctx, model, msvp)
-            if msvp is not None:
-                record["max_sigma_power_iteration"] = _sigma_summary(msvp.sigmas(update=False).detach())
-            metrics.append(record)
-            if ctx.is_main:
-                _save_epoch(files, model, msvp, optimizer, epoch + 1, step, metrics)
-                progress.console.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} "
-                                       f"test acc {accuracy:.4f} max sigma q/k/v "
-                                       f"{max(record['max_sigma']['q']):.3f}/{max(record['max_sigma']['k']):.3f}/"
-                                       f"{max(record['max_sigma']['v']):.3f} ({train_time:.1f}s)")
-            if on_epoch_end is not None:
-                on_epoch_end(record)
 
+# ---------------------------------------------------------------------------------------------
+# What an epoch and a run report
+# ---------------------------------------------------------------------------------------------
+
+def _progress_bar(console: Console, show: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, disable=not show, transient=False)
+
+
+def _sigma_summary(sigmas: torch.Tensor) -> dict[str, list[float]]:
+    """Per-layer max over heads of sigma for Q, K, V (and O when present)."""
+    names = ["q", "k", "v", "o"][: sigmas.shape[1]]
+    return {n: [round(float(s), 6) for s in sigmas[:, i].amax(dim=1)] for i, n in enumerate(names)}
+
+
+def _drift_metrics(ctx: DistContext, model: nn.Module, msvp: MSVP | None) -> dict[str, Any]:
+    """How far each replica strayed from rank 0 this epoch (0.0 means identical). The MSVP
+    vectors are then reset to rank 0's, so they stay identical even on mixed hardware."""
+    weights = sync_from_rank0(ctx, model, parameters=True, copy=False)
+    vectors = sync_from_rank0(ctx, msvp) if msvp is not None else 0.0
+    return {"world_size": ctx.world_size, "max_weight_drift": weights, "max_vector_drift": vectors}
+
+
+def _epoch_record(state: RunState, epoch: int, totals: dict[str, float], accuracy: float) -> dict[str, Any]:
+    """One line of metrics.jsonl."""
+    batches = max(totals["batches"], 1)
+    record: dict[str, Any] = {
+        "epoch": epoch + 1, "step": state.step, "loss": totals["loss_sum"] / batches,
+        "penalty": totals["penalty_sum"] / batches, "lr": state.optimizer.param_groups[0]["lr"],
+        "test_accuracy": accuracy, "time_s": round(totals["seconds"], 3),
+        "max_sigma": _sigma_summary(exact_spectral_norms(state.model)),
+    }
+    if state.ctx.distributed:
+        record["replicas"] = _drift_metrics(state.ctx, state.model, state.msvp)
+    if state.msvp is not None:
+        record["max_sigma_power_iteration"] = _sigma_summary(state.msvp.sigmas(update=False).detach())
+    return record
+
+
+def _run_summary(state: RunState) -> dict[str, Any]:
+    cfg, files, metrics = state.cfg, state.files, state.metrics
     last = metrics[-1]
-    return {"out": str(files.root), "model": model_cfg.name, "dataset": bundle.name, "epochs": cfg.epochs,
-            "device": str(device), "world_size": ctx.world_size, "msvp": cfg.msvp, "adversarial": cfg.adversarial,
-            "test_accuracy": last["test_accuracy"], "loss": last["loss"],
+    return {"out": str(files.root), "model": state.model_cfg.name, "dataset": state.bundle.name, "epochs": cfg.epochs,
+            "device": str(state.device), "world_size": state.ctx.world_size, "msvp": cfg.msvp,
+            "adversarial": cfg.adversarial, "test_accuracy": last["test_accuracy"], "loss": last["loss"],
             "max_sigma": {k: max(v) for k, v in last["max_sigma"].items()},
             "train_time_s": round(sum(m["time_s"] for m in metrics), 3),
             "files": {"config": str(files.config), "weights": str(files.weights), "checkpoint": str(files.checkpoint),
@@ -427,4 +504,3 @@ def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> t
     except RuntimeError as err:
         raise CheckpointError(f"{files.weights} does not match the model in {files.config.name}: {err}") from err
     return model.to(device).eval(), config
-

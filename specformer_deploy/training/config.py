@@ -1,0 +1,181 @@
+"""Training options, written once.
+
+``TrainConfig`` is three things at the same time: the options of a run, the ``train`` command's
+command-line options (each field's metadata holds its help text and flags, and the command is
+generated from the fields) and the ``train`` section of a run's ``config.json``. A field added
+here is therefore an option, is recorded, and is read back by ``--config``.
+
+Importable without torch, so that building the command line stays cheap.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import Field, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "ConfigFileError", "FORMAT_VERSION", "RUN_CONFIG_SECTIONS", "option", "command_line_fields",
+           "read_options_file"]
+
+FORMAT_VERSION = 1
+
+# The sections `train` writes into config.json. Only `train` holds options; the others are
+# derived from them (model, data) or describe the machine that ran it (versions, world size),
+# so `--config` accepts and ignores them: they cannot change what the options train.
+RUN_CONFIG_SECTIONS = ("format_version", "package_version", "train", "model", "data", "distributed")
+
+
+class ConfigFileError(ValueError):
+    """A ``--config`` file that cannot be read as training options; the message names the key."""
+
+
+def option(default: Any, help: str, *flags: str, **click: Any) -> Any:
+    """A ``TrainConfig`` field that is also a ``train`` option: ``flags`` default to ``--field-name``
+    and ``click`` holds further ``typer.Option`` arguments (``min=1``, ``metavar=...``)."""
+    return field(default=default, metadata={"help": help, "flags": flags, "click": click})
+
+
+@dataclass
+class TrainConfig:
+    """All options of a training run; stored in config.json so the run can be repeated."""
+
+    model: str = option("specformer-tiny", "Preset (specformer-tiny, paper-vit-s, deit_tiny_patch16_224, convit_tiny) "
+                        "or any timm ViT-family model name.")
+    dataset: str = option("digits", "digits (built in), cifar10, cifar100 or imagefolder.")
+    data_dir: str | None = option(None, "The directory that holds cifar-10-batches-py / cifar-100-python (or that "
+                                  "directory itself), or that holds train/ and val/ for imagefolder.", metavar="DIR")
+    img_size: int | None = option(None, "Image size passed to timm (default: the model's).")
+    patch_size: int | None = option(None, "Patch size passed to timm (default: the model's).")
+    epochs: int = option(50, "Training epochs (the default suits the built-in digits).", min=1)
+    batch_size: int = option(32, "Global batch size: under torchrun each of the N processes takes batch-size/N "
+                             "images per step.", min=2)
+    lr: float = option(0.1, "Peak SGD learning rate (warm-up then cosine).")
+    weight_decay: float = option(1e-4, "SGD weight decay.")
+    momentum: float = option(0.9, "SGD momentum.")
+    warmup_epochs: int = option(2, "Linear warm-up epochs.", min=0)
+    min_lr: float = option(1e-5, "Learning rate at the end of the cosine schedule.")
+    mixup: bool | None = option(None, "CutMix + Mixup (timm). Default: on for standard, off for adversarial.",
+                                "--mixup/--no-mixup")
+    mixup_alpha: float = option(0.2, "Mixup alpha (0 disables; the DeiT/paper recipe uses 0.8).")
+    cutmix_alpha: float = option(0.2, "CutMix alpha (0 disables; the DeiT/paper recipe uses 1.0).")
+    label_smoothing: float = option(0.1, "Label smoothing (standard training).")
+    msvp: bool = option(True, "Penalize every head's largest singular value.", "--msvp/--no-msvp")
+    lambda_q: float = option(1e-4, "MSVP weight for W_Q (paper range 1e-6..1e-3).")
+    lambda_k: float = option(1e-4, "MSVP weight for W_K.")
+    lambda_v: float = option(1e-4, "MSVP weight for W_V.")
+    n_power_iterations: int = option(1, "Power iterations per training step.", min=1)
+    adversarial: bool = option(False, "PGD adversarial training (Madry).", "--adversarial")
+    adv_eps: float = option(8 / 255, "PGD-AT radius (Linf, pixel space).")
+    adv_step: float = option(2 / 255, "PGD-AT step size.")
+    adv_steps: int = option(10, "PGD-AT steps.", min=1)
+    seed: int = option(0, "Seed for initialization, data order and augmentation.")
+    device: str = option("auto", "auto, cpu or cuda (under torchrun each process takes GPU LOCAL_RANK).")
+    pretrained: str | None = option(None, "Local weights (.safetensors or torch file) to start from.", metavar="FILE")
+    mlp_act: str = option("gelu", "MLP activation: gelu (timm's), relu or clipped-relu (learned threshold per unit); "
+                          "ReLU-family MLPs get local MLP bounds in certificates.")
+    sparsity_weight: float = option(0.0, "Weight of the activation sparsity loss (relu/clipped-relu).")
+    attention: str = option("dot", "dot (timm's softmax attention), or a paper baseline: l2 (Kim et al. 2021), "
+                            "lipnorm (LipschitzNorm), scsa (LipsFormer).")
+    compile: bool = option(False, "torch.compile the model (first steps are slow while it compiles; needs a C++ "
+                           "compiler on CPU).", "--compile")
+    # Free-form notes a library caller attaches to a run; recorded, not a command-line option.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def use_mixup(self) -> bool:
+        enabled = (not self.adversarial) if self.mixup is None else self.mixup
+        return enabled and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    @property
+    def msvp_config(self):  # -> MSVPConfig (torch is imported only when a run needs it)
+        from specformer_deploy.training.msvp import MSVPConfig
+
+        return MSVPConfig(self.lambda_q, self.lambda_k, self.lambda_v, self.n_power_iterations)
+
+    def validate(self) -> None:
+        from specformer_deploy.robustness.attacks import check_budget
+
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2 or (self.use_mixup and self.batch_size % 2):
+            raise ValueError(f"--batch-size must be >= 2 (and even with mixup), got {self.batch_size}")
+        if not (self.lr > 0):
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.adversarial:
+            check_budget(self.adv_eps, self.adv_step, self.adv_steps)
+        self.msvp_config  # noqa: B018 - MSVPConfig checks the lambdas and iteration count
+        if not (self.sparsity_weight >= 0):
+            raise ValueError(f"--sparsity-weight must be >= 0, got {self.sparsity_weight}")
+        if self.sparsity_weight > 0 and self.mlp_act == "gelu":
+            raise ValueError("--sparsity-weight needs --mlp-act relu or clipped-relu (units that can be constant)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def command_line_fields() -> list[tuple[Field, Any]]:
+    """The fields that are ``train`` options, each with its resolved type annotation."""
+    types = _field_types()
+    return [(f, types[f.name]) for f in fields(TrainConfig) if "help" in f.metadata]
+
+
+def _accepts(value: Any, annotation: Any) -> bool:
+    """Whether a value read from a file fits a field's type (an int is a float; bool is not an int)."""
+    if value is None:
+        return type(None) in typing.get_args(annotation)
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    for kind in kinds:
+        origin = typing.get_origin(kind) or kind
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if origin in (str, bool, dict) and isinstance(value, origin):
+            return True
+    return False
+
+
+def read_options_file(path: str | Path) -> dict[str, Any]:
+    """Training options from a YAML file (JSON is YAML too).
+
+    The file is either a mapping of option names (``batch_size`` or ``batch-size``) to values,
+    or a run's ``config.json``, whose ``train`` section holds them: that repeats the run. Unknown
+    keys and values of the wrong type are errors that name the key.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigFileError(f"--config {path} does not exist") from None
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigFileError(f"--config {path} is not readable YAML/JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"--config {path} must hold a mapping of option names to values, got "
+                              f"{type(data).__name__}")
+    if isinstance(data.get("train"), dict):
+        unknown = sorted(set(data) - set(RUN_CONFIG_SECTIONS))
+        if unknown:
+            raise ConfigFileError(f"--config {path} looks like a run's config.json but has unknown section(s) "
+                                  f"{', '.join(unknown)}; expected {', '.join(RUN_CONFIG_SECTIONS)}")
+        version = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ConfigFileError(f"--config {path} has format_version {version!r}; this version of specformer-deploy "
+                                  f"reads run configs up to format_version {FORMAT_VERSION}")
+        data = data["train"]
+    options = {str(key).replace("-", "_"): value for key, value in data.items()}
+    types = _field_types()
+    unknown = sorted(set(options) - set(types))
+    if unknown:
+        raise ConfigFileError(f"--config {path}: unknown option(s) {', '.join(unknown)}; known options are "
+                              f"{', '.join(types)}")
+    for name, value in options.items():
+        if not _accepts(value, types[name]):
+            raise ConfigFileError(f"--config {path}: {name} must be of type {types[name]}, got {value!r}")
+    return options
