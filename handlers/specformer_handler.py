@@ -27,7 +27,7 @@ class SpecformerHandler(BaseHandler):
     """Serves an ONNX export of specformer-deploy with ONNX Runtime."""
 
     def initialize(self, context: Any) -> None:
-        from specformer_deploy.serving.images import MAX_IMAGE_PIXELS
+        from specformer_deploy.serving.limits import ServingLimits
         from specformer_deploy.serving.runtime import IntegrityError, SpecformerRuntime
 
         properties = context.system_properties
@@ -37,8 +37,8 @@ class SpecformerHandler(BaseHandler):
         gpu_id = properties.get("gpu_id")  # TorchServe's pick among model-config.yaml's deviceIds; None on CPU
         model_yaml = getattr(context, "model_yaml_config", None) or {}
         options = model_yaml.get("handler") or {}
-        self.max_image_pixels = int(options.get("max_image_pixels", MAX_IMAGE_PIXELS))
-        threads = int(options.get("threads_per_worker", max(1, (os.cpu_count() or 1) // 2)))
+        self.limits = ServingLimits.from_handler_config(options)  # a bad cap fails the load, naming its key
+        threads = self.limits.threads_per_worker or max(1, (os.cpu_count() or 1) // 2)
         # The probe's torch ops get the same thread budget as ONNX Runtime. torch's default (one
         # thread per core in every worker) oversubscribes the cores as soon as there are several
         # workers: measured here, 2 workers served probes 5.6x slower than 1 before this line.
@@ -65,45 +65,74 @@ class SpecformerHandler(BaseHandler):
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
-        from specformer_deploy.serving.request import ClientError, parse_request
+        from specformer_deploy.serving.request import ClientError, parse_request, split_form
 
         answers: list[Any] = [None] * len(data)
         groups: dict[tuple, list[tuple[int, Any]]] = {}
         for index, request in enumerate(data):
             try:
-                body = request.get("data")
-                if body is None:
-                    body = request.get("body")
+                body, form = split_form(request or {})
                 if body is None and request:
                     raise ClientError(400, "no request body found: send image bytes with Content-Type "
-                                           "application/octet-stream or image/png|jpeg, or JSON with Content-Type "
-                                           "application/json (a form-encoded body is not an image)")
+                                           "application/octet-stream or image/png|jpeg, JSON with Content-Type "
+                                           "application/json, or a multipart form with the image in field data",
+                                      reason="empty_body")
                 headers = context.get_all_request_header(index) or {}
-                parsed = parse_request(body, headers, self.runtime.image_size, self.max_image_pixels)
+                parsed = parse_request(body, headers, self.runtime.image_size, self.limits, form)
                 groups.setdefault(parsed.group_key, []).append((index, parsed))
             except ClientError as err:
-                answers[index] = self._error(context, index, err.status, err.message)
+                answers[index] = self._error(context, index, err.status, err.message, err.reason)
             except Exception as err:  # noqa: BLE001 - never let one request take the batch down
                 logger.exception("specformer: unexpected error parsing request %d", index)
-                answers[index] = self._error(context, index, 500, f"internal error: {type(err).__name__}")
+                answers[index] = self._error(context, index, 500, f"internal error: {type(err).__name__}",
+                                             "internal")
         for (delta0, top_k, certificate, probe), members in groups.items():
             import numpy as np
 
             try:
                 pixels = np.stack([parsed.pixels for _, parsed in members])
+                timings: dict[str, float] = {}
                 results = self.runtime.answer(pixels, delta0=delta0, top_k=top_k, probe=probe,
-                                              certificate=certificate)
+                                              certificate=certificate, timings=timings)
                 for (index, _), result in zip(members, results):
                     answers[index] = json.dumps(result)
                     context.set_response_content_type(index, "application/json")
+                self._record_times(context, timings)
             except Exception as err:  # noqa: BLE001
                 logger.exception("specformer: inference failed for %d request(s)", len(members))
                 for index, _ in members:
-                    answers[index] = self._error(context, index, 500, f"internal error: {type(err).__name__}")
+                    answers[index] = self._error(context, index, 500, f"internal error: {type(err).__name__}",
+                                                 "internal")
         return answers
 
     @staticmethod
-    def _error(context: Any, index: int, status: int, message: str) -> str:
-        context.set_response_status(code=status, phrase=message[:200], idx=index)
+    def _record_times(context: Any, timings: dict[str, float]) -> None:
+        """Milliseconds per batch group: SpecformerInferenceTime, ...CertificateTime, ...ProbeTime."""
+        metrics = getattr(context, "metrics", None)
+        if metrics is None:
+            return
+        try:
+            for part, seconds in timings.items():
+                metrics.add_time(f"Specformer{part.capitalize()}Time", round(seconds * 1000.0, 3), None, "ms", [])
+        except Exception:  # noqa: BLE001 - a metric never costs a client its answer
+            logger.exception("specformer: could not record timing metrics")
+
+    @staticmethod
+    def _error(context: Any, index: int, status: int, message: str, reason: str) -> str:
+        """A JSON error body; the status line carries only the fixed ASCII phrase of ``status``
+        (client text in it breaks TorchServe's frontend), and ``reason`` (a fixed label) is counted
+        in SpecformerRejectedRequests."""
+        import http
+
+        context.set_response_status(code=status, phrase=http.HTTPStatus(status).phrase, idx=index)
         context.set_response_content_type(index, "application/json")
-        return json.dumps({"error": message, "status": status})
+        metrics = getattr(context, "metrics", None)
+        if metrics is not None:
+            from ts.metrics.dimension import Dimension
+
+            try:
+                metrics.add_counter("SpecformerRejectedRequests", 1, None,
+                                    [Dimension("Reason", reason), Dimension("Status", str(status))])
+            except Exception:  # noqa: BLE001 - a metric never costs a client its answer
+                logger.exception("specformer: could not count a rejected request")
+        return json.dumps({"error": message, "status": status})  # ensure_ascii: the body is ASCII too

@@ -324,6 +324,7 @@ def certify(
     probe: Optional[str] = typer.Option(None, help="Also run a real attack: pgd or fgsm (gradients from model.pt2)."),
     eps: str = typer.Option("2/255", help="Probe radius in pixel space: a number or a fraction like 8/255."),
     steps: int = typer.Option(10, help="Probe steps (PGD), at most 100."),
+    restarts: int = typer.Option(1, help="PGD random restarts (the strongest is kept), at most 100."),
     norm: str = typer.Option("linf", help="Probe norm: linf or l2."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON answer per image on stdout."),
 ) -> None:
@@ -335,12 +336,12 @@ def certify(
     """
     from specformer_deploy.serving.images import ImageError, decode_image
     from specformer_deploy.serving.runtime import IntegrityError, ProbeRequest, RequestError, SpecformerRuntime
-    from specformer_deploy.serving.request import ClientError, parse_fraction
+    from specformer_deploy.budgets import BudgetError, parse_epsilon
 
     try:
-        eps_value = parse_fraction("eps", eps)
-    except ClientError as err:
-        _fail(err.message)
+        eps_value = parse_epsilon(eps, "--eps")
+    except BudgetError as err:
+        _fail(str(err))
 
     try:
         runtime = SpecformerRuntime(model)
@@ -354,7 +355,7 @@ def certify(
             _fail(f"image {path} does not exist")
         except ImageError as err:
             _fail(f"{path}: {err}")
-    request = ProbeRequest(probe, eps_value, steps, norm) if probe else None
+    request = ProbeRequest(probe, eps_value, steps, norm, restarts) if probe else None
     try:
         import numpy as np
 

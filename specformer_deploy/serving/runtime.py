@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from specformer_deploy.budgets import madry_step_size
 from specformer_deploy.serving.bounds import CertificateConstants, certificate_arrays
 from specformer_deploy.artifact.onnx_meta import initializer_arrays, metadata_digests, read_metadata, weights_digest
 
@@ -24,7 +26,8 @@ __all__ = ["SpecformerRuntime", "IntegrityError", "ProbeRequest", "RequestError"
 
 logger = logging.getLogger(__name__)
 
-LIMITS = {"max_steps": 100, "max_delta0": 1e4, "max_top_k": 100, "max_eps_linf": 1.0, "max_batch_probe": 64}
+LIMITS = {"max_steps": 100, "max_restarts": 100, "max_delta0": 1e4, "max_top_k": 100, "max_eps_linf": 1.0,
+          "max_batch_probe": 64}
 
 # The probe's model.pt2 may run on the session's GPU only if its logits there agree with the
 # ONNX session's on the same image to within this fraction of the logit scale (max(1, max|z|)).
@@ -36,45 +39,67 @@ class IntegrityError(RuntimeError):
 
 
 class RequestError(ValueError):
-    """A client option outside its documented range; the message says which and why."""
+    """A client option outside its documented range; ``option`` names it, the message says why."""
+
+    def __init__(self, message: str, option: str = "options") -> None:
+        super().__init__(message)
+        self.option = option
 
 
 @dataclass(frozen=True)
 class ProbeRequest:
-    """A robustness probe: attack the prediction inside an eps-ball and report whether it flips."""
+    """A robustness probe: attack the prediction inside an eps-ball and report whether it flips.
+
+    PGD runs ``restarts`` random starts (seeded per image, so an answer does not depend on its
+    batch) and keeps the strongest; its cost is ``steps x restarts`` gradient steps per image."""
 
     attack: str = "pgd"  # pgd | fgsm
     eps: float = 2 / 255
     steps: int = 10
     norm: str = "linf"  # linf | l2
+    restarts: int = 1
 
     def validate(self, image_size: int) -> "ProbeRequest":
         if self.attack not in ("pgd", "fgsm"):
-            raise RequestError(f"probe must be 'pgd' or 'fgsm', got {self.attack!r}")
+            raise RequestError(f"probe must be 'pgd' or 'fgsm', got {self.attack!r}", "probe")
         if self.norm not in ("linf", "l2"):
-            raise RequestError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+            raise RequestError(f"norm must be 'linf' or 'l2', got {self.norm!r}", "norm")
         if self.attack == "fgsm" and self.norm != "linf":
-            raise RequestError("fgsm is an Linf attack: use norm 'linf' or probe 'pgd'")
+            raise RequestError("fgsm is an Linf attack: use norm 'linf' or probe 'pgd'", "norm")
         max_eps = LIMITS["max_eps_linf"] if self.norm == "linf" else math.sqrt(3 * image_size * image_size)
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and 0 < self.eps <= max_eps):
             raise RequestError(f"eps must be in (0, {max_eps:.4g}] for norm {self.norm} (pixel space [0, 1]), "
-                               f"got {self.eps}")
+                               f"got {self.eps}", "eps")
         if not (isinstance(self.steps, int) and 1 <= self.steps <= LIMITS["max_steps"]):
-            raise RequestError(f"steps must be an integer in [1, {LIMITS['max_steps']}], got {self.steps}")
+            raise RequestError(f"steps must be an integer in [1, {LIMITS['max_steps']}], got {self.steps}", "steps")
+        if not (isinstance(self.restarts, int) and 1 <= self.restarts <= LIMITS["max_restarts"]):
+            raise RequestError(f"restarts must be an integer in [1, {LIMITS['max_restarts']}], got {self.restarts}",
+                               "restarts")
+        if self.attack == "fgsm" and self.restarts != 1:
+            raise RequestError("fgsm has no random start, so restarts must be 1: use probe 'pgd' for restarts",
+                               "restarts")
+        if np.float32(self.step_size) == 0:  # the attack runs in float32: a zero step never moves a pixel
+            raise RequestError(f"eps {self.eps:.3g} with steps {self.steps} gives a PGD step 2.5*eps/steps that is 0 "
+                               "in float32: use a larger eps or fewer steps", "eps")
         return self
 
     @property
     def step_size(self) -> float:
-        """Madry et al.'s rule ``2.5 eps / steps`` (FGSM takes one full step)."""
-        return self.eps if self.attack == "fgsm" else 2.5 * self.eps / self.steps
+        """Madry et al.'s rule ``2.5 eps / steps``, Linf steps capped at 1 (FGSM takes one full step)."""
+        return self.eps if self.attack == "fgsm" else madry_step_size(self.eps, self.steps, self.norm)
+
+    @property
+    def cost(self) -> tuple[int, int]:
+        """``(steps, restarts)`` of gradient work per image: what an endpoint's probe cost cap counts."""
+        return (1, 1) if self.attack == "fgsm" else (self.steps, self.restarts)
 
 
 def check_options(delta0: float, top_k: int, probe: ProbeRequest | None, image_size: int) -> None:
     """Reject options outside their documented ranges (``LIMITS``) before any work is done."""
     if not (isinstance(delta0, (int, float)) and math.isfinite(delta0) and 0 <= delta0 <= LIMITS["max_delta0"]):
-        raise RequestError(f"delta0 must be a number in [0, {LIMITS['max_delta0']:g}], got {delta0}")
+        raise RequestError(f"delta0 must be a number in [0, {LIMITS['max_delta0']:g}], got {delta0}", "delta0")
     if not (isinstance(top_k, int) and 1 <= top_k <= LIMITS["max_top_k"]):
-        raise RequestError(f"top_k must be an integer in [1, {LIMITS['max_top_k']}], got {top_k}")
+        raise RequestError(f"top_k must be an integer in [1, {LIMITS['max_top_k']}], got {top_k}", "top_k")
     if probe is not None:
         probe.validate(image_size)
 
@@ -259,26 +284,37 @@ class SpecformerRuntime:
         return out
 
     def answer(self, pixels: np.ndarray, *, delta0: float = 0.01, top_k: int = 5,
-               probe: ProbeRequest | None = None, certificate: bool = True) -> list[dict[str, Any]]:
+               probe: ProbeRequest | None = None, certificate: bool = True,
+               timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
         """One answer per image of the batch (DESIGN.md's served JSON); ``certificate=False``
-        answers the prediction alone (the baseline that the certificate's cost is measured against)."""
+        answers the prediction alone (the baseline that the certificate's cost is measured against).
+        ``timings``, when given, receives the seconds spent in ``inference``, ``certificate`` and
+        ``probe`` (the server's metrics)."""
         self.check_options(delta0, top_k, probe)
+        clock = time.perf_counter()
         mlp = certificate and self._mlp is not None
         names = ["logits", "attn_input_norms"] + (["mlp_inputs"] if mlp else [])
         outputs = self.session.run(names, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})
         logits, norms = outputs[0], outputs[1]
         answers = [{"prediction": p} for p in self.predictions(logits, top_k)]
+        spent = {"inference": time.perf_counter() - clock}
         if certificate:
+            clock = time.perf_counter()
             for answer, cert in zip(answers, self.certificates(norms, delta0)):
                 answer["certificate"] = cert
-        if mlp:
-            mlp_inputs = outputs[2]
-            for i, answer in enumerate(answers):
-                answer["certificate"]["mlp"] = self.mlp_certificate(mlp_inputs[i], delta0)
+            if mlp:
+                mlp_inputs = outputs[2]
+                for i, answer in enumerate(answers):
+                    answer["certificate"]["mlp"] = self.mlp_certificate(mlp_inputs[i], delta0)
+            spent["certificate"] = time.perf_counter() - clock
         if probe is not None:
+            clock = time.perf_counter()
             labels = logits.argmax(axis=1)
             for i, result in enumerate(self.probe(pixels, labels, probe)):
                 answers[i]["probe"] = result
+            spent["probe"] = time.perf_counter() - clock
+        if timings is not None:
+            timings.update(spent)
         return answers
 
     def check_options(self, delta0: float, top_k: int, probe: ProbeRequest | None) -> None:
@@ -354,7 +390,8 @@ class SpecformerRuntime:
                     adv = fgsm(model, x, y, request.eps)
                 else:
                     adv = pgd(model, x, y, request.eps, request.step_size, request.steps, norm=request.norm,
-                              random_start=True, generator=torch.Generator(device=device).manual_seed(0))
+                              random_start=True, generator=torch.Generator(device=device).manual_seed(0),
+                              restarts=request.restarts)
                 adversarial[i] = adv.detach().cpu().numpy()[0]
         adv_logits, _ = self.infer(adversarial)
         delta = (adversarial - pixels).reshape(len(pixels), -1)
@@ -364,6 +401,7 @@ class SpecformerRuntime:
             adv_label = int(adv_logits[i].argmax())
             results.append({"attack": request.attack, "norm": request.norm, "eps": request.eps,
                             "steps": 1 if request.attack == "fgsm" else request.steps,
+                            "restarts": request.restarts,
                             "step_size": request.step_size, "adversarial_label": adv_label,
                             "adversarial_class": self.class_names[adv_label], "flipped": adv_label != int(label),
                             "margin": float(adv_logits[i][int(label)] - others.max()),

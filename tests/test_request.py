@@ -1,0 +1,194 @@
+"""Every client mistake is a 4xx with an ASCII status line and an actionable JSON message.
+
+Fast tests drive ``parse_request`` with the hostile corpus (tests/bad_requests.py) and with
+hypothesis; the slow ones drive the real handler's ``handle()`` with TorchServe's own Context,
+RequestProcessor and metrics cache on an exported model.
+"""
+
+from __future__ import annotations
+
+import http
+import json
+import math
+import re
+import string
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bad_requests import IMAGE_SIZE, Case, corpus, default_png, multipart, torchserve_view
+from specformer_deploy.budgets import madry_step_size
+from specformer_deploy.serving.limits import LimitsError, ServingLimits
+from specformer_deploy.serving.request import ClientError, ParsedRequest, parse_request, split_form
+from specformer_deploy.serving.runtime import ProbeRequest
+
+PNG = default_png()
+CASES = corpus(PNG)
+ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
+
+
+def _parse(case: Case, limits: ServingLimits | None = None) -> ParsedRequest:
+    request, headers = torchserve_view(case)
+    body, form = split_form(request)
+    return parse_request(body, headers, IMAGE_SIZE, limits or ServingLimits(), form)
+
+
+def _assert_client_error(err: ClientError, case: Case | None = None) -> None:
+    assert 400 <= err.status < 500
+    assert err.phrase == http.HTTPStatus(err.status).phrase and err.phrase.isascii()
+    assert err.message.isascii() and all(" " <= c <= "~" for c in err.message), err.message
+    assert len(err.message) <= 700 and not ADDRESS.search(err.message), err.message
+    if case is not None:
+        assert err.status == case.status, f"{case.name}: {err.status} {err.message}"
+        assert case.mentions.lower() in err.message.lower(), f"{case.name}: {err.message}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_corpus_through_parse_request(case: Case) -> None:
+    if case.status == 200:
+        assert isinstance(_parse(case), ParsedRequest)
+        return
+    with pytest.raises(ClientError) as info:
+        _parse(case)
+    _assert_client_error(info.value, case)
+
+
+def test_multipart_fields_are_options() -> None:
+    body, content_type = multipart({"data": PNG, "probe": b"pgd", "eps": b"8/255", "steps": b"3", "restarts": b"2"})
+    parsed = _parse(Case("form", body, content_type, status=200))
+    assert parsed.probe == ProbeRequest("pgd", 8 / 255, 3, "linf", 2)
+    assert np.array_equal(parsed.pixels, _parse(Case("raw", PNG, "image/png", status=200)).pixels)
+    with pytest.raises(ClientError, match="unknown option"):
+        _parse(Case("form", *multipart({"data": PNG, "temperature": b"2"})))
+
+
+def test_probe_cost_cap_names_the_cap_and_the_probe_endpoint() -> None:
+    limits = ServingLimits(max_probe_cost=100, probe_endpoint="digits-probe")
+    request = Case("cost", json.dumps({"image": __import__("base64").b64encode(PNG).decode(), "probe": "pgd",
+                                       "steps": 100, "restarts": 4}).encode())
+    with pytest.raises(ClientError) as info:
+        _parse(request, limits)
+    assert ("steps x restarts = 400 exceeds this endpoint's cap handler.max_probe_cost = 100 (model-config.yaml)"
+            in info.value.message)
+    assert "send probes to /predictions/digits-probe" in info.value.message and info.value.reason == "probe_cost"
+    assert _parse(request, ServingLimits(max_probe_cost=400)).probe.cost == (100, 4)
+    with pytest.raises(ClientError, match="serves no probes"):
+        _parse(Case("fgsm", PNG, "image/png", {"X-Probe": "fgsm"}), ServingLimits(max_probe_cost=0))
+    assert _parse(Case("none", PNG, "image/png", status=200), ServingLimits(max_probe_cost=0)).probe is None
+
+
+def test_request_size_top_k_and_pixel_caps_are_4xx_naming_the_key() -> None:
+    with pytest.raises(ClientError) as info:
+        _parse(Case("big", PNG, "image/png"), ServingLimits(max_request_bytes=len(PNG) - 1))
+    assert info.value.status == 413 and "handler.max_request_bytes" in info.value.message
+    assert _parse(Case("fits", PNG, "image/png"), ServingLimits(max_request_bytes=len(PNG))).top_k == 5
+    with pytest.raises(ClientError, match="handler.max_top_k = 3"):
+        _parse(Case("k", PNG, "image/png", {"X-Top-K": "4"}), ServingLimits(max_top_k=3))
+    with pytest.raises(ClientError) as info:
+        _parse(Case("pixels", PNG, "image/png"), ServingLimits(max_image_pixels=10))
+    assert info.value.status == 413 and "handler.max_image_pixels" in info.value.message
+
+
+def test_limits_from_model_config_validate_each_key() -> None:
+    assert ServingLimits.from_handler_config(None) == ServingLimits()
+    assert ServingLimits() == ServingLimits(40_000_000, 8 * 1024 * 1024, 100, 100, None, None)
+    read = ServingLimits.from_handler_config({"max_probe_cost": 0, "probe_endpoint": "digits-probe",
+                                              "max_top_k": 10, "threads_per_worker": 2, "other": "ignored"})
+    assert (read.max_probe_cost, read.probe_endpoint, read.max_top_k, read.threads_per_worker) == (0, "digits-probe",
+                                                                                                   10, 2)
+    for key, value in [("max_probe_cost", -1), ("max_top_k", 0), ("max_top_k", 101), ("max_request_bytes", "8MB"),
+                       ("max_image_pixels", True), ("threads_per_worker", 0.5), ("probe_endpoint", "a/b"),
+                       ("probe_endpoint", "")]:
+        with pytest.raises(LimitsError, match=f"handler.{key}"):
+            ServingLimits.from_handler_config({key: value})
+
+
+@pytest.mark.parametrize("eps, steps, norm", [(1.0, 1, "linf"), (8 / 255, 10, "linf"), (0.5, 2, "l2"),
+                                              (3.0, 1, "l2"), (0.9, 2, "linf")])
+def test_probe_step_is_madrys_rule_capped_at_one_for_linf(eps, steps, norm) -> None:
+    expected = 2.5 * eps / steps
+    if norm == "linf":
+        expected = min(expected, 1.0)
+    request = ProbeRequest("pgd", eps, steps, norm).validate(IMAGE_SIZE)
+    assert request.step_size == pytest.approx(expected) == madry_step_size(eps, steps, norm)
+
+
+def test_a_step_that_is_zero_in_float32_is_refused_naming_eps_and_steps() -> None:
+    eps = 1e-44  # positive in float32, but 2.5 * eps / 100 is not
+    assert np.float32(eps) > 0 and np.float32(2.5 * eps / 100) == 0
+    with pytest.raises(ClientError) as info:
+        _parse(Case("tiny", PNG, "image/png", {"X-Probe": "pgd", "X-Eps": str(eps), "X-Steps": "100"}))
+    assert "eps" in info.value.message and "steps 100" in info.value.message
+
+
+def test_cli_certify_reads_eps_with_the_one_parser(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from specformer_deploy.cli import app
+
+    (tmp_path / "d.png").write_bytes(PNG)
+    result = CliRunner().invoke(app, ["certify", str(tmp_path / "missing.onnx"), str(tmp_path / "d.png"),
+                                      "--probe", "pgd", "--eps", "8/0"])
+    assert result.exit_code == 2 and "--eps '8/0' divides by zero" in result.output
+
+
+# -- fuzz -----------------------------------------------------------------------------------
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+                     max_leaves=20)
+_option_names = st.sampled_from(["delta0", "top_k", "certificate", "probe", "eps", "steps", "restarts", "norm"])
+_header_names = st.one_of(_option_names, _option_names.map(lambda n: "X-" + n.replace("_", "-")), st.text())
+_header_values = st.one_of(st.text(), st.text(alphabet=string.digits, min_size=4000, max_size=6000),
+                           st.sampled_from(["pgd", "fgsm", "l2", "8/255", "1e-45", "nan", "-1", "\r\n", "1/0"]))
+_fuzz = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _accepts_or_4xx(body, headers, form=None) -> None:
+    try:
+        parsed = parse_request(body, headers, IMAGE_SIZE, ServingLimits(), form)
+    except ClientError as err:
+        _assert_client_error(err)
+        return
+    assert parsed.pixels.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and math.isfinite(parsed.delta0)
+
+
+@_fuzz
+@given(st.binary(max_size=2000))
+def test_fuzz_arbitrary_bytes(body) -> None:
+    _accepts_or_4xx(body, {})
+
+
+@_fuzz
+@given(st.dictionaries(st.one_of(_option_names, st.text()), _json, max_size=5), st.booleans(),
+       st.sampled_from(["image", "pixels", None]))
+def test_fuzz_arbitrary_json(options, as_bytes, kind) -> None:
+    payload = dict(options)
+    if kind == "pixels":
+        payload["pixels"] = np.full((3, IMAGE_SIZE, IMAGE_SIZE), 0.5).tolist()
+    elif kind == "image":
+        payload["image"] = __import__("base64").b64encode(PNG).decode()
+    body = json.dumps(payload).encode() if as_bytes else payload
+    _accepts_or_4xx(body, {})
+
+
+@_fuzz
+@given(st.dictionaries(_header_names, _header_values, max_size=4),
+       st.dictionaries(_option_names, st.binary(max_size=40) | _header_values, max_size=3))
+def test_fuzz_arbitrary_headers_and_form_fields(headers, form) -> None:
+    _accepts_or_4xx(PNG, headers)
+    try:
+        body, fields = split_form({"data": bytearray(PNG), **form})
+    except ClientError as err:
+        _assert_client_error(err)
+        return
+    _accepts_or_4xx(body, headers, fields)
+
+
+@_fuzz
+@given(st.integers(min_value=1, max_value=30_000), st.sampled_from([b"[", b'{"a":']))
+def test_fuzz_deep_nesting(depth, opener) -> None:
+    closer = b"]" if opener == b"[" else b"}"
+    _accepts_or_4xx(opener * depth + b"0" + closer * depth, {})
