@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torchattacks
 
-from specformer_deploy.robustness.attacks import (AttackSpec, autoattack, check_budget, cw_linf, cw_margin, default_step_size,
-                                       fgsm, parse_attack, pgd, robust_accuracy, run_attack)
-from specformer_deploy.training.data import load_dataset
 from specformer_deploy.model.factory import build_model, resolve_model_config
-
-torchattacks = pytest.importorskip("torchattacks")
+from specformer_deploy.robustness.attacks import (AttackSpec, autoattack, check_budget, cw_linf, cw_margin,
+                                                  default_step_size, fgsm, parse_attack, pgd, robust_accuracy,
+                                                  run_attack)
+from specformer_deploy.training.data import load_dataset
 
 EPS = 8 / 255
 
@@ -226,7 +226,7 @@ def test_parse_attack_defaults_and_round_trip() -> None:
     ("pgd:0", "> 0"),
     ("pgd:-0.1", "> 0"),
     ("pgd:8/0", "divides by zero"),
-    ("pgd:eight", "not a number"),
+    ("pgd:eight", "EPS must be a number or a fraction like 8/255, got 'eight'"),
     ("pgd:inf", "finite"),
     ("pgd:8/255:0", "steps"),
     ("pgd:8/255:-3", "steps"),

@@ -272,11 +272,12 @@ def cw_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step
 # --------------------------------------------------------------------------------------------- AutoAttack
 
 def _torchattacks() -> Any:
+    """torchattacks, imported on first use: only AutoAttack needs it, and training imports this module."""
     try:
         import torchattacks
-    except ImportError as err:  # a dev extra today; evaluation with AutoAttack needs it
-        raise ImportError("AutoAttack needs the package 'torchattacks' (>= 3.5), which is not installed: "
-                          "pip install 'torchattacks>=3.5' (or install specformer-deploy with its dev extra)") from err
+    except ImportError as err:  # a required dependency: its absence means a broken installation
+        raise ImportError("AutoAttack needs the package 'torchattacks' (>= 3.5), a dependency of specformer-deploy "
+                          "that is missing here: pip install 'torchattacks>=3.5'") from err
     return torchattacks
 
 
