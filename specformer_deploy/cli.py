@@ -282,37 +282,81 @@ def evaluate(
 @app.command()
 def package(
     model: Path = typer.Argument(..., help="An exported .onnx file (model.pt2 beside it)."),
-    name: str = typer.Option(..., help="Model name: the archive is STORE/NAME.mar, served at /predictions/NAME."),
-    store: Path = typer.Option(Path("model_store"), help="Model store directory."),
-    workers: Optional[int] = typer.Option(None, min=1, help="Workers per model (model-config.yaml minWorkers/"
-                                          "maxWorkers); default 1, or one per GPU with --device-ids."),
+    name: str = typer.Option(..., help="Model name: predictions at /predictions/NAME, probes at "
+                                       "/predictions/NAME-probe (archives STORE/NAME.mar, STORE/NAME-probe.mar)."),
+    store: Path = typer.Option(Path("model_store"), help="Model store directory; gets TorchServe's "
+                                                          "config.properties when it has none."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Workers of NAME (minWorkers = maxWorkers); "
+                                          "default 1, or one per GPU with --device-ids."),
+    probe_workers: Optional[int] = typer.Option(None, min=0, help="Workers of NAME-probe; default 1, or one per "
+                                                "GPU with --device-ids. 0: no NAME-probe, NAME serves probes "
+                                                "itself (cheap requests then wait behind running probes)."),
     device_ids: Optional[str] = typer.Option(None, help="Serve on these GPUs, e.g. 0,1 (deviceType gpu, deviceIds): "
                                              "TorchServe assigns workers to them round-robin. A worker on a host "
                                              "without a usable CUDA provider serves on CPU. Default: CPU only."),
-    batch_size: int = typer.Option(8, min=1, help="TorchServe batch size."),
-    max_batch_delay: int = typer.Option(5, min=0, help="Milliseconds to wait for a batch to fill."),
-    response_timeout: int = typer.Option(60, min=1, help="Seconds before TorchServe gives up on a request."),
+    batch_size: int = typer.Option(8, min=1, help="TorchServe batch size (both models)."),
+    max_batch_delay: int = typer.Option(5, min=0, help="Milliseconds to wait for a batch to fill (both models)."),
+    response_timeout: int = typer.Option(60, min=1, help="Seconds TorchServe gives NAME's worker for one batch."),
+    probe_response_timeout: int = typer.Option(120, min=1, help="Seconds TorchServe gives NAME-probe's worker "
+                                                                "for one batch of probes."),
+    queue_size: int = typer.Option(512, min=1, help="Requests NAME queues (jobQueueSize); beyond it TorchServe "
+                                                    "answers 503."),
+    probe_queue_size: int = typer.Option(64, min=1, help="Probe requests NAME-probe queues (jobQueueSize)."),
+    max_probe_cost: Optional[int] = typer.Option(None, min=1, help="Largest probe served, steps x restarts per "
+                                                 "image (default: the handler's, 100)."),
+    max_top_k: Optional[int] = typer.Option(None, min=1, help="Largest top_k a request may ask for (default: the "
+                                            "handler's, 100)."),
+    max_image_pixels: Optional[int] = typer.Option(None, min=1, help="Largest decoded image, against decompression "
+                                                   "bombs (default: the handler's, 40,000,000)."),
+    max_request_bytes: Optional[int] = typer.Option(None, min=1, help="Largest request body the handler reads "
+                                                    "(default: the handler's, 8 MiB)."),
+    threads_per_worker: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime and torch threads of each "
+                                                     "worker (default 1)."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
-    """Build a TorchServe archive (torch-model-archiver) with the specformer handler."""
-    from specformer_deploy.serving.package import PackageError, model_config_for, package_model, parse_device_ids
+    """Build the TorchServe archives (torch-model-archiver) and the store's config.properties.
 
-    config = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay, "responseTimeout": response_timeout}
+    Two models by default: NAME (predictions and certificates; refuses probes and names NAME-probe)
+    and NAME-probe (probes, with its own workers and queue), so that probes never delay cheap requests.
+    Every cap is written into the archives' model-config.yaml (handler:), where a deployer can edit it.
+    """
+    from specformer_deploy.serving.package import PackageError, package_deployment, parse_device_ids
+
+    given = {"max_image_pixels": max_image_pixels, "max_request_bytes": max_request_bytes, "max_top_k": max_top_k,
+             "max_probe_cost": max_probe_cost, "threads_per_worker": threads_per_worker}
+    caps = {key: value for key, value in given.items() if value is not None}
+    shared = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay}
+    main_config = {**shared, "responseTimeout": response_timeout, "jobQueueSize": queue_size, "handler": caps}
+    probe_config = {**shared, "responseTimeout": probe_response_timeout, "jobQueueSize": probe_queue_size,
+                    "handler": dict(caps)}
+    if probe_workers != 0:
+        main_config["handler"] = {key: value for key, value in caps.items() if key != "max_probe_cost"}
     if workers is not None:
-        config.update(minWorkers=workers, maxWorkers=workers)
+        main_config.update(minWorkers=workers, maxWorkers=workers)
     try:
         ids = parse_device_ids(device_ids) if device_ids is not None else None
-        written = model_config_for(config, ids)
-        archive = package_model(model, name, store, model_config=config, device_ids=ids)
+        deployment = package_deployment(model, name, store, model_config=main_config, probe_model_config=probe_config,
+                                        probe_workers=probe_workers, device_ids=ids)
     except PackageError as err:
         _fail(str(err))
+    written = deployment.model_configs[name]
     if json_output:
-        typer.echo(json.dumps({"archive": str(archive), "name": name, "device_type": written["deviceType"],
-                               "device_ids": written.get("deviceIds"), "workers": written["maxWorkers"],
-                               "model_config": written}))
+        probe_name = next((m for m in deployment.archives if m != name), None)
+        typer.echo(json.dumps({
+            "archive": str(deployment.archives[name]), "name": name, "device_type": written["deviceType"],
+            "device_ids": written.get("deviceIds"), "workers": written["maxWorkers"], "model_config": written,
+            "probe_name": probe_name,
+            "probe_archive": str(deployment.archives[probe_name]) if probe_name else None,
+            "probe_model_config": deployment.model_configs.get(probe_name),
+            "config_properties": str(deployment.config_properties),
+            "config_properties_written": deployment.config_properties_written,
+            "serve_command": deployment.serve_command()}))
     else:
-        err_console.print(f"[green]packaged[/] {archive}; serve it with: torchserve --start --ncs --model-store "
-                          f"{store} --ts-config {store}/config.properties --models {name}={name}.mar")
+        for archive in deployment.archives.values():
+            err_console.print(f"[green]packaged[/] {archive}")
+        kept = "written" if deployment.config_properties_written else "kept as it was"
+        err_console.print(f"{deployment.config_properties}: {kept}")
+        err_console.print(f"serve it with: {deployment.serve_command()}")
 
 
 @app.command()

@@ -48,7 +48,8 @@ def default_image(index: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def _request(url: str, token: str, body: bytes, content_type: str, timeout: float) -> tuple[int, float]:
+def timed_request(url: str, token: str, body: bytes, content_type: str, timeout: float) -> tuple[int, float]:
+    """One POST: its HTTP status (0 when no answer came) and its wall time in seconds."""
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Authorization": f"Bearer {token}", "Content-Type": content_type})
     start = time.perf_counter()
@@ -80,7 +81,7 @@ def run_load(url: str, token: str, image: bytes, requests: int, concurrency: int
         if time.perf_counter() > stop_at:
             status, seconds = -1, 0.0  # not sent: the run's time bound was reached
         else:
-            status, seconds = _request(url, token, body, "application/json", timeout)
+            status, seconds = timed_request(url, token, body, "application/json", timeout)
         with lock:
             statuses[status] = statuses.get(status, 0) + 1
             if status == 200:

@@ -1,34 +1,58 @@
-"""Package an exported model as a TorchServe archive (``.mar``) with torch-model-archiver."""
+"""Package an exported model for TorchServe: archives (``.mar``) and the server's config.properties.
+
+A deployment is two models by default: ``NAME`` answers predictions and certificates and refuses
+probes, ``NAME-probe`` serves the PGD/FGSM probes with its own workers and queue. TorchServe runs
+one batch at a time per worker, so a cheap request queued behind a 100-step probe waits for the
+whole probe; separate models keep the cheap queue short whatever the probes do.
+"""
 
 from __future__ import annotations
 
 import json
-from importlib import resources
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PackageError", "package_model", "model_config_for", "parse_device_ids", "HANDLER",
-           "DEFAULT_MODEL_CONFIG"]
+import yaml
+
+__all__ = ["PackageError", "Deployment", "package_model", "package_deployment", "model_config_for",
+           "probe_model_config_for", "parse_device_ids", "write_config_properties", "handler_defaults", "HANDLER",
+           "CONFIG_PROPERTIES", "DEFAULT_MODEL_CONFIG", "DEFAULT_PROBE_MODEL_CONFIG", "PROBE_SUFFIX"]
 
 HANDLER = Path(str(resources.files("specformer_handlers") / "specformer_handler.py"))
+# The TorchServe configuration shipped with the package; the repository's model_store/config.properties
+# is this very file (the package file is a link to it), so a new store gets what the repository documents.
+CONFIG_PROPERTIES = resources.files("specformer_deploy.serving") / "config.properties"
+PROBE_SUFFIX = "-probe"
 
 # TorchServe's per-model settings (model-config.yaml); `handler:` is passed to our handler.
 # `deviceType: cpu` is explicit: without it TorchServe 0.12 hands every worker a gpu_id
 # (round-robin over all GPUs it finds with nvidia-smi) whenever the host has GPUs, so the same
 # archive would run on CPU on one host and on GPU on another. GPU archives say so: `deviceIds`.
+# jobQueueSize bounds the requests TorchServe holds per model (each up to max_request_size bytes);
+# a cheap request takes milliseconds, so 512 queued drain in about a second on one CPU worker.
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "minWorkers": 1,
     "maxWorkers": 1,
     "deviceType": "cpu",
     "batchSize": 8,
     "maxBatchDelay": 5,  # ms to wait for a batch to fill
-    "responseTimeout": 60,  # s; probes are capped (<= 100 steps) to stay far below it
-    "handler": {"max_image_pixels": 40_000_000, "threads_per_worker": 1},
+    "responseTimeout": 60,  # s for one batch; probes are capped (handler.max_probe_cost) to stay far below it
+    "jobQueueSize": 512,
+}
+
+# The probe model: a batch of 8 probes of 100 steps takes seconds on one CPU thread, so its queue is
+# short (a probe queued behind 64 others waits about a minute on one worker) and its timeout long.
+DEFAULT_PROBE_MODEL_CONFIG: dict[str, Any] = {
+    **DEFAULT_MODEL_CONFIG,
+    "responseTimeout": 120,
+    "jobQueueSize": 64,
 }
 
 
@@ -36,17 +60,47 @@ class PackageError(RuntimeError):
     """The archive could not be built; the message says what is missing."""
 
 
-def _yaml(config: dict[str, Any], indent: int = 0) -> str:
-    lines = []
-    for key, value in config.items():
-        if isinstance(value, dict):
-            lines.append(" " * indent + f"{key}:")
-            lines.append(_yaml(value, indent + 2))
-        elif isinstance(value, list):
-            lines.append(" " * indent + f"{key}: [{', '.join(str(v) for v in value)}]")
-        else:
-            lines.append(" " * indent + f"{key}: {value}")
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class Deployment:
+    """What :func:`package_deployment` wrote: the archives by model name and the server config."""
+
+    store: Path
+    archives: dict[str, Path]
+    model_configs: dict[str, dict[str, Any]]
+    config_properties: Path
+    config_properties_written: bool
+
+    @property
+    def models_argument(self) -> list[str]:
+        """``torchserve --models`` values: ``NAME=NAME.mar`` for every archive."""
+        return [f"{name}={archive.name}" for name, archive in self.archives.items()]
+
+    def serve_command(self) -> str:
+        """The command that serves this store as written (key_file.json lands in the current directory)."""
+        return (f"torchserve --start --ncs --model-store {self.store} --ts-config {self.config_properties} "
+                f"--models {' '.join(self.models_argument)}")
+
+
+class _FlowListDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper with lists on one line (``deviceIds: [0, 1]``), mappings as blocks."""
+
+
+_FlowListDumper.add_representer(
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True))
+
+
+def _yaml(config: dict[str, Any]) -> str:
+    return yaml.dump(config, Dumper=_FlowListDumper, sort_keys=False, default_flow_style=False)
+
+
+def handler_defaults() -> dict[str, Any]:
+    """The handler's per-request caps with their defaults (serving/limits.py), written into every
+    archive so that a deployer sees them and can change them."""
+    from specformer_deploy.serving.limits import ServingLimits
+
+    defaults = {key: value for key, value in ServingLimits().as_dict().items() if value is not None}
+    defaults.setdefault("threads_per_worker", 1)  # the workers share the host's cores; one ONNX/torch thread each
+    return defaults
 
 
 def parse_device_ids(text: str) -> list[int]:
@@ -67,6 +121,26 @@ def parse_device_ids(text: str) -> list[int]:
     return ids
 
 
+def _config_for(defaults: dict[str, Any], model_config: dict[str, Any] | None,
+                device_ids: Sequence[int] | None) -> dict[str, Any]:
+    config = {**defaults, "handler": handler_defaults()}
+    if device_ids is not None:
+        ids = list(device_ids)
+        valid = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        if not ids or not valid or len(set(ids)) < len(ids):
+            raise PackageError(f"device_ids must be distinct non-negative GPU indices, got {ids}")
+        config.update(deviceType="gpu", deviceIds=ids, minWorkers=len(ids), maxWorkers=len(ids))
+    overrides = dict(model_config or {})
+    config["handler"].update(overrides.pop("handler", None) or {})
+    config.update(overrides)
+    for key in ("minWorkers", "maxWorkers", "batchSize", "jobQueueSize", "responseTimeout"):
+        if not (isinstance(config[key], int) and not isinstance(config[key], bool) and config[key] >= 1):
+            raise PackageError(f"{key} must be an integer >= 1, got {config[key]!r}")
+    if config["minWorkers"] > config["maxWorkers"]:
+        raise PackageError(f"minWorkers ({config['minWorkers']}) exceeds maxWorkers ({config['maxWorkers']})")
+    return config
+
+
 def model_config_for(model_config: dict[str, Any] | None = None,
                      device_ids: Sequence[int] | None = None) -> dict[str, Any]:
     """The ``model-config.yaml`` that :func:`package_model` writes.
@@ -74,55 +148,51 @@ def model_config_for(model_config: dict[str, Any] | None = None,
     Without ``device_ids``: ``deviceType: cpu`` (workers never get a gpu_id). With them:
     ``deviceType: gpu`` and ``deviceIds``, and one worker per listed GPU unless ``model_config``
     sets ``minWorkers``/``maxWorkers`` (TorchServe then assigns workers to the listed GPUs
-    round-robin). ``model_config`` entries win over the defaults."""
-    config = {**DEFAULT_MODEL_CONFIG}
-    if device_ids is not None:
-        ids = list(device_ids)
-        valid = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
-        if not ids or not valid or len(set(ids)) < len(ids):
-            raise PackageError(f"device_ids must be distinct non-negative GPU indices, got {ids}")
-        config.update(deviceType="gpu", deviceIds=ids, minWorkers=len(ids), maxWorkers=len(ids))
-    config.update(model_config or {})
-    for key in ("minWorkers", "maxWorkers"):
-        if not (isinstance(config[key], int) and config[key] >= 1):
-            raise PackageError(f"{key} must be an integer >= 1, got {config[key]!r}")
-    if config["minWorkers"] > config["maxWorkers"]:
-        raise PackageError(f"minWorkers ({config['minWorkers']}) exceeds maxWorkers ({config['maxWorkers']})")
-    return config
+    round-robin). ``model_config`` entries win over the defaults; its ``handler`` entries are
+    merged into the handler's defaults (:func:`handler_defaults`)."""
+    return _config_for(DEFAULT_MODEL_CONFIG, model_config, device_ids)
 
 
-def package_model(onnx_path: str | Path, name: str, store: str | Path = "model_store", *,
-                  model_config: dict[str, Any] | None = None, version: str = "1.0",
-                  device_ids: Sequence[int] | None = None) -> Path:
-    """Write ``store/NAME.mar``: the ONNX file, ``model.pt2``, ``index_to_name.json``, the handler
-    and ``model-config.yaml`` (see :func:`model_config_for` for ``device_ids``). Returns the
-    archive's path."""
-    onnx_path = Path(onnx_path)
-    config = model_config_for(model_config, device_ids)
+def probe_model_config_for(model_config: dict[str, Any] | None = None,
+                           device_ids: Sequence[int] | None = None) -> dict[str, Any]:
+    """The probe model's ``model-config.yaml``: as :func:`model_config_for` with the probe
+    defaults (a short queue, a long timeout)."""
+    return _config_for(DEFAULT_PROBE_MODEL_CONFIG, model_config, device_ids)
+
+
+def _check_name(name: str) -> None:
+    if not name or not all(c.isascii() and (c.isalnum() or c in "-_") for c in name):
+        raise PackageError(f"--name must be letters, digits, '-' or '_', got {name!r}")
+
+
+def _check_export(onnx_path: Path) -> list[str]:
+    """The class names of a valid export; refuses anything ``package`` cannot serve."""
     if not onnx_path.is_file():
         raise PackageError(f"{onnx_path} does not exist")
     pt2 = onnx_path.with_suffix(".pt2")
     if not pt2.is_file():
         raise PackageError(f"{pt2} is missing: probes need it (export writes it beside the .onnx)")
-    if not name or not all(c.isalnum() or c in "-_" for c in name):
-        raise PackageError(f"--name must be letters, digits, '-' or '_', got {name!r}")
     if not HANDLER.is_file():
-        raise PackageError(f"the handler {HANDLER} is missing (install the project from its source tree)")
+        raise PackageError(f"the handler {HANDLER} is missing: reinstall specformer-deploy")
     from specformer_deploy.artifact.onnx_meta import read_metadata_file
 
     meta = read_metadata_file(onnx_path)
     if "class_names" not in meta:
         raise PackageError(f"{onnx_path} has no specformer metadata: export it with `specformer-deploy export`")
+    return list(meta["class_names"])
+
+
+def _archive(onnx_path: Path, class_names: list[str], name: str, store: Path, config: dict[str, Any],
+             version: str) -> Path:
     archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
-    store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
         serialized = tmp_dir / "model.onnx"
         shutil.copyfile(onnx_path, serialized)
-        shutil.copyfile(pt2, tmp_dir / "model.pt2")
-        (tmp_dir / "index_to_name.json").write_text(json.dumps({str(i): n for i, n in enumerate(meta["class_names"])}))
-        (tmp_dir / "model-config.yaml").write_text(_yaml(config) + "\n")
+        shutil.copyfile(onnx_path.with_suffix(".pt2"), tmp_dir / "model.pt2")
+        (tmp_dir / "index_to_name.json").write_text(json.dumps({str(i): n for i, n in enumerate(class_names)}))
+        (tmp_dir / "model-config.yaml").write_text(_yaml(config))
         command = [archiver, "--model-name", name, "--version", version, "--serialized-file", str(serialized),
                    "--handler", str(HANDLER), "--extra-files",
                    f"{tmp_dir / 'model.pt2'},{tmp_dir / 'index_to_name.json'}",
@@ -137,3 +207,60 @@ def package_model(onnx_path: str | Path, name: str, store: str | Path = "model_s
     if not archive.is_file():
         raise PackageError(f"torch-model-archiver did not write {archive}")
     return archive
+
+
+def package_model(onnx_path: str | Path, name: str, store: str | Path = "model_store", *,
+                  model_config: dict[str, Any] | None = None, version: str = "1.0",
+                  device_ids: Sequence[int] | None = None) -> Path:
+    """Write one archive, ``store/NAME.mar``: the ONNX file, ``model.pt2``, ``index_to_name.json``,
+    the handler and ``model-config.yaml`` (see :func:`model_config_for`). It serves probes itself
+    unless its ``handler`` config says otherwise. Returns the archive's path."""
+    onnx_path = Path(onnx_path)
+    config = model_config_for(model_config, device_ids)
+    _check_name(name)
+    return _archive(onnx_path, _check_export(onnx_path), name, Path(store), config, version)
+
+
+def write_config_properties(store: str | Path) -> tuple[Path, bool]:
+    """``store/config.properties`` from the shipped configuration when the store has none; a
+    deployer's own file is never overwritten. Returns the path and whether it was written now."""
+    target = Path(store) / "config.properties"
+    if target.exists():
+        return target, False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(CONFIG_PROPERTIES.read_text())
+    return target, True
+
+
+def package_deployment(onnx_path: str | Path, name: str, store: str | Path = "model_store", *,
+                       model_config: dict[str, Any] | None = None,
+                       probe_model_config: dict[str, Any] | None = None, probe_workers: int | None = None,
+                       version: str = "1.0", device_ids: Sequence[int] | None = None) -> Deployment:
+    """Write what a server needs: ``NAME.mar``, ``NAME-probe.mar`` and ``config.properties`` (when absent).
+
+    ``NAME`` refuses probes (``handler.max_probe_cost: 0``) and names ``NAME-probe`` in its refusal;
+    ``NAME-probe`` has its own ``probe_workers`` workers (default 1, or one per GPU with
+    ``device_ids``) and queue. ``probe_workers=0`` writes only ``NAME.mar``, serving probes itself.
+    ``model_config``/``probe_model_config`` override the two archives' defaults."""
+    onnx_path, store = Path(onnx_path), Path(store)
+    _check_name(name)
+    if probe_workers is not None and (isinstance(probe_workers, bool) or not isinstance(probe_workers, int)
+                                      or probe_workers < 0):
+        raise PackageError(f"probe_workers must be an integer >= 0, got {probe_workers!r}")
+    configs: dict[str, dict[str, Any]] = {}
+    if probe_workers == 0:
+        configs[name] = model_config_for(model_config, device_ids)
+    else:
+        probe_name = name + PROBE_SUFFIX
+        main = dict(model_config or {})
+        main["handler"] = {"max_probe_cost": 0, "probe_endpoint": probe_name, **(main.get("handler") or {})}
+        probe = dict(probe_model_config or {})
+        if probe_workers is not None:
+            probe.update(minWorkers=probe_workers, maxWorkers=probe_workers)
+        configs[name] = model_config_for(main, device_ids)
+        configs[probe_name] = probe_model_config_for(probe, device_ids)
+    class_names = _check_export(onnx_path)
+    archives = {model: _archive(onnx_path, class_names, model, store, config, version)
+                for model, config in configs.items()}
+    properties, written = write_config_properties(store)
+    return Deployment(store, archives, configs, properties, written)
