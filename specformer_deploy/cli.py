@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -35,77 +36,75 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """specformer-deploy: robust ViTs from training to a served endpoint with certificates."""
 
 
+def _with_train_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` one keyword option per ``TrainConfig`` field that has help text (typer
+    reads ``__signature__``), so a field added to the dataclass is a ``train`` option too. The
+    options arrive in ``command``'s ``**options``."""
+    from specformer_deploy.training.config import command_line_fields
+
+    own = inspect.signature(command, eval_str=True)
+    generated = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                   default=typer.Option(f.default, *f.metadata["flags"], help=f.metadata["help"],
+                                                        **f.metadata["click"]))
+                 for f, annotation in command_line_fields()]
+    first, *rest = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in rest]
+    command.__signature__ = own.replace(parameters=[first, *generated, *rest])  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}  # type: ignore[attr-defined]
+    return command
+
+
+def _command_line_options(ctx: typer.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """The options the user gave (on the command line or through the environment), not typer's
+    defaults. Sources are compared by name: typer ships its own copy of click's enum."""
+    given = {name for name in options if getattr(ctx.get_parameter_source(name), "name", "DEFAULT")
+             not in ("DEFAULT", "DEFAULT_MAP")}
+    return {name: options[name] for name in given}
+
+
 @app.command()
+@_with_train_options
 def train(
-    model: str = typer.Option("specformer-tiny", help="Preset (specformer-tiny, paper-vit-s, deit_tiny_patch16_224, "
-                                                     "convit_tiny) or any timm ViT-family model name."),
-    dataset: str = typer.Option("digits", help="digits (built in), cifar10, cifar100 or imagefolder."),
-    data_dir: Optional[Path] = typer.Option(None, help="Directory of cifar10/cifar100 pickles or of train/ and val/."),
-    img_size: Optional[int] = typer.Option(None, help="Image size passed to timm (default: the model's)."),
-    patch_size: Optional[int] = typer.Option(None, help="Patch size passed to timm (default: the model's)."),
-    epochs: int = typer.Option(50, min=1, help="Training epochs (the default suits the built-in digits)."),
-    batch_size: int = typer.Option(32, min=2, help="Global batch size: under torchrun each of the N processes takes "
-                                                   "batch-size/N images per step."),
-    lr: float = typer.Option(0.1, help="Peak SGD learning rate (warm-up then cosine)."),
-    weight_decay: float = typer.Option(1e-4, help="SGD weight decay."),
-    momentum: float = typer.Option(0.9, help="SGD momentum."),
-    warmup_epochs: int = typer.Option(2, min=0, help="Linear warm-up epochs."),
-    mixup: Optional[bool] = typer.Option(None, "--mixup/--no-mixup",
-                                         help="CutMix + Mixup (timm). Default: on for standard, off for adversarial."),
-    mixup_alpha: float = typer.Option(0.2, help="Mixup alpha (0 disables; the DeiT/paper recipe uses 0.8)."),
-    cutmix_alpha: float = typer.Option(0.2, help="CutMix alpha (0 disables; the DeiT/paper recipe uses 1.0)."),
-    label_smoothing: float = typer.Option(0.1, help="Label smoothing."),
-    msvp: bool = typer.Option(True, "--msvp/--no-msvp", help="Penalize every head's largest singular value."),
-    lambda_q: float = typer.Option(1e-4, help="MSVP weight for W_Q (paper range 1e-6..1e-3)."),
-    lambda_k: float = typer.Option(1e-4, help="MSVP weight for W_K."),
-    lambda_v: float = typer.Option(1e-4, help="MSVP weight for W_V."),
-    n_power_iterations: int = typer.Option(1, min=1, help="Power iterations per training step."),
-    adversarial: bool = typer.Option(False, "--adversarial", help="PGD adversarial training (Madry)."),
-    adv_eps: float = typer.Option(8 / 255, help="PGD-AT radius (Linf, pixel space)."),
-    adv_step: float = typer.Option(2 / 255, help="PGD-AT step size."),
-    adv_steps: int = typer.Option(10, min=1, help="PGD-AT steps."),
-    seed: int = typer.Option(0, help="Seed for initialization, data order and augmentation."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda (under torchrun each process takes GPU LOCAL_RANK)."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (first steps are slow while "
-                                                               "it compiles; needs a C++ compiler on CPU)."),
-    pretrained: Optional[Path] = typer.Option(None, help="Local weights (.safetensors or torch file) to start from."),
-    mlp_act: str = typer.Option("gelu", help="MLP activation: gelu (timm's), relu or clipped-relu (learned threshold "
-                                            "per unit); ReLU-family MLPs get local MLP bounds in certificates."),
-    sparsity_weight: float = typer.Option(0.0, help="Weight of the activation sparsity loss (relu/clipped-relu)."),
-    attention: str = typer.Option("dot", help="dot (timm's softmax attention), or a paper baseline: l2 (Kim et al. "
-                                             "2021), lipnorm (LipschitzNorm), scsa (LipsFormer)."),
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", metavar="FILE", help="YAML (or JSON) file of options, "
+                                          "or a run's config.json to repeat that run; options given on the "
+                                          "command line override it."),
     out: Path = typer.Option(Path("runs/latest"), help="Run directory to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout at the end."),
+    **options: Any,
 ) -> None:
     """Train a ViT (MSVP on by default) and write a run directory.
 
     The directory holds model.safetensors, checkpoint.pt, msvp_vectors.safetensors,
     config.json and metrics.jsonl. With --resume every other option is read from config.json.
 
+    Repeat a run: specformer-deploy train --config runs/a/config.json --out runs/b (the
+    other sections of config.json, versions and world size, are derived or descriptive and
+    are not checked; under torchrun the per-process Mixup/CutMix and PGD noise follow the
+    new world size).
+
     Several processes: torchrun --nproc-per-node N -m specformer_deploy train ... (DDP; gloo on
     CPU, nccl on GPUs; rank 0 writes the run; with torchrun --max-restarts the restarted
     processes resume from the last checkpoint by themselves).
     """
-    from specformer_deploy.training.checkpoint import CheckpointError
-    from specformer_deploy.training.data import DataError
-    from specformer_deploy.model.heads import UnsupportedAttentionError
     from specformer_deploy.model.factory import ModelError
-    from specformer_deploy.training.train import TrainConfig, train as run_training
+    from specformer_deploy.model.heads import UnsupportedAttentionError
+    from specformer_deploy.training.checkpoint import CheckpointError
+    from specformer_deploy.training.config import ConfigFileError, TrainConfig, read_options_file
+    from specformer_deploy.training.data import DataError
+    from specformer_deploy.training.train import train as run_training
 
-    cfg = TrainConfig(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, img_size=img_size,
-                      patch_size=patch_size, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      momentum=momentum, warmup_epochs=warmup_epochs, mixup=mixup, mixup_alpha=mixup_alpha,
-                      cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing, msvp=msvp, lambda_q=lambda_q,
-                      lambda_k=lambda_k, lambda_v=lambda_v, n_power_iterations=n_power_iterations,
-                      adversarial=adversarial, adv_eps=adv_eps, adv_step=adv_step, adv_steps=adv_steps, seed=seed,
-                      device=device, pretrained=str(pretrained) if pretrained else None, mlp_act=mlp_act,
-                      sparsity_weight=sparsity_weight, attention=attention, compile=compile_model)
     # Under torchrun one process per node reports errors (every rank raises the same one).
     reports = os.environ.get("LOCAL_RANK", "0") == "0"
+    if config is not None and resume:
+        _fail("--config starts a new run and --resume continues the one in --out (from its own config.json); "
+              "pass one of them", quiet=not reports)
     try:
+        from_file = read_options_file(config) if config is not None else {}
+        cfg = TrainConfig(**{**from_file, **_command_line_options(ctx, options)})
         summary = run_training(cfg, out, resume=resume, console=err_console)
-    except (CheckpointError, DataError, ModelError, UnsupportedAttentionError, ValueError) as err:
+    except (ConfigFileError, CheckpointError, DataError, ModelError, UnsupportedAttentionError, ValueError) as err:
         _fail(str(err) if reports else "", quiet=not reports)
     except KeyboardInterrupt:
         _fail(f"interrupted; continue with: specformer-deploy train --resume --out {out}", code=130, quiet=not reports)
@@ -404,7 +403,7 @@ def certify(
         import numpy as np
 
         answers = runtime.answer(np.stack(pixels), delta0=delta0, top_k=top_k, probe=request)
-    except (RequestError, FileNotFoundError) as err:
+    except (RequestError, FileNotFoundError, IntegrityError) as err:  # IntegrityError: model.pt2, checked by a probe
         _fail(str(err))
     for path, answer in zip(images, answers):
         answer["image"] = str(path)

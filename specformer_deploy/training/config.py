@@ -10,6 +10,8 @@ Importable without torch, so that building the command line stays cheap.
 
 from __future__ import annotations
 
+import re
+import types
 import typing
 from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
@@ -126,9 +128,10 @@ def command_line_fields() -> list[tuple[Field, Any]]:
 
 def _accepts(value: Any, annotation: Any) -> bool:
     """Whether a value read from a file fits a field's type (an int is a float; bool is not an int)."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = typing.get_args(annotation) if union else (annotation,)
     if value is None:
-        return type(None) in typing.get_args(annotation)
-    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+        return type(None) in kinds
     for kind in kinds:
         origin = typing.get_origin(kind) or kind
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -138,6 +141,19 @@ def _accepts(value: Any, annotation: Any) -> bool:
         if origin in (str, bool, dict) and isinstance(value, origin):
             return True
     return False
+
+
+def _yaml_loader() -> type:
+    """PyYAML's safe loader with YAML 1.2 / JSON exponent floats: PyYAML (YAML 1.1) reads
+    ``1e-05``, as ``json.dumps`` writes it, as a string."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
 
 
 def read_options_file(path: str | Path) -> dict[str, Any]:
@@ -151,7 +167,7 @@ def read_options_file(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_yaml_loader())  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise ConfigFileError(f"--config {path} does not exist") from None
     except (OSError, yaml.YAMLError) as err:
