@@ -12,22 +12,41 @@ import torch
 from specformer_deploy.training.data import DataError, load_dataset
 
 
-def _write_cifar10(root: Path, per_batch: int = 4) -> np.ndarray:
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _pickle(path: Path, entry: dict) -> None:
+    """Protocol 2 with str keys: what the official files (written by Python 2) unpickle to."""
+    with path.open("wb") as f:
+        pickle.dump(entry, f, protocol=2)
+
+
+def _write_cifar10(root: Path, per_batch: int = 4) -> dict[str, np.ndarray]:
+    """The python-pickle layout of cifar-10-python.tar.gz: rows of 3072 uint8 (R plane, G, B)."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True)
     first = None
     for i in range(1, 6):
         data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
         first = data if first is None else first
-        with (root / f"data_batch_{i}").open("wb") as f:
-            pickle.dump({b"data": data, b"labels": [int(x) for x in rng.integers(0, 10, per_batch)]}, f)
-    with (root / "test_batch").open("wb") as f:
-        pickle.dump({b"data": rng.integers(0, 256, size=(3, 3072), dtype=np.uint8), b"labels": [0, 1, 9]}, f)
-    names = [n.encode() for n in ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                                  "truck"]]
-    with (root / "batches.meta").open("wb") as f:
-        pickle.dump({b"label_names": names}, f)
-    return first
+        _pickle(root / f"data_batch_{i}", {"data": data, "labels": [int(x) for x in rng.integers(0, 10, per_batch)],
+                                          "batch_label": f"training batch {i} of 5"})
+    test = rng.integers(0, 256, size=(3, 3072), dtype=np.uint8)
+    _pickle(root / "test_batch", {"data": test, "labels": [0, 1, 9]})
+    _pickle(root / "batches.meta", {"label_names": CIFAR10_NAMES, "num_vis": 3072})
+    return {"train": first, "test": test}
+
+
+def _write_cifar100(root: Path) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    test = rng.integers(0, 256, size=(2, 3072), dtype=np.uint8)
+    _pickle(root / "train", {"data": rng.integers(0, 256, size=(6, 3072), dtype=np.uint8),
+                             "fine_labels": [0, 1, 2, 99, 5, 6], "coarse_labels": [0] * 6})
+    _pickle(root / "test", {"data": test, "fine_labels": [99, 3], "coarse_labels": [0, 0]})
+    _pickle(root / "meta", {"fine_label_names": [f"class{i}" for i in range(100)],
+                            "coarse_label_names": [f"super{i}" for i in range(20)]})
+    return test
 
 
 def test_digits_is_a_fixed_stratified_split() -> None:
@@ -43,16 +62,40 @@ def test_digits_is_a_fixed_stratified_split() -> None:
 
 
 def test_cifar10_directory_loads(tmp_path: Path) -> None:
-    first = _write_cifar10(tmp_path / "cifar-10-batches-py")
+    written = _write_cifar10(tmp_path / "cifar-10-batches-py")
     bundle = load_dataset("cifar10", 32, tmp_path)
     assert (len(bundle.train), len(bundle.test)) == (20, 3)
-    assert bundle.class_names[9] == "truck"
+    assert bundle.class_names == CIFAR10_NAMES and bundle.name == "cifar10"
     x, y = bundle.test[2]
-    assert x.shape == (3, 32, 32) and y == 9
-    raw = torch.from_numpy(first[0].reshape(3, 32, 32)).float() / 255
-    assert torch.equal(bundle.train.images[0].float() / 255, raw)  # channel-first layout kept
+    assert type(x) is torch.Tensor and x.dtype == torch.float32 and x.shape == (3, 32, 32) and y == 9
+    raw = torch.from_numpy(written["test"][0].reshape(3, 32, 32)).float() / 255
+    assert torch.allclose(bundle.test[0][0], raw, rtol=0, atol=1e-6)  # rows are channel planes: R, G, B
+    augmented, label = bundle.train[0]
+    assert augmented.shape == (3, 32, 32) and 0 <= float(augmented.min()) and float(augmented.max()) <= 1
+    # Crop (reflect-padded) and flip only move pixels: the training image keeps its values.
+    source = torch.from_numpy(written["train"][0].reshape(3, 32, 32)).float() / 255
+    values = source.unique()
+    assert all(float((values - v).abs().min()) < 1e-6 for v in augmented.unique())
     resized = load_dataset("cifar10", 16, tmp_path)
-    assert resized.test[0][0].shape == (3, 16, 16)
+    assert resized.test[0][0].shape == (3, 16, 16) and resized.train[0][0].shape == (3, 16, 16)
+    assert float(resized.test[0][0].mean()) == pytest.approx(float(raw.mean()), abs=0.02)
+
+
+def test_cifar_data_dir_may_be_the_pickle_folder_itself(tmp_path: Path) -> None:
+    written = _write_cifar10(tmp_path / "my-cifar")
+    bundle = load_dataset("cifar10", 32, tmp_path / "my-cifar")
+    assert len(bundle.train) == 20
+    assert torch.allclose(bundle.test[1][0], torch.from_numpy(written["test"][1].reshape(3, 32, 32)).float() / 255,
+                          rtol=0, atol=1e-6)
+
+
+def test_cifar100_directory_loads_fine_labels(tmp_path: Path) -> None:
+    test = _write_cifar100(tmp_path / "cifar-100-python")
+    bundle = load_dataset("cifar100", 32, tmp_path)
+    assert (len(bundle.train), len(bundle.test), bundle.num_classes) == (6, 2, 100)
+    x, y = bundle.test[0]
+    assert y == 99 and bundle.class_names[y] == "class99"
+    assert torch.allclose(x, torch.from_numpy(test[0].reshape(3, 32, 32)).float() / 255, rtol=0, atol=1e-6)
 
 
 def test_missing_and_malformed_data_dirs_say_what_was_expected(tmp_path: Path) -> None:
@@ -60,12 +103,18 @@ def test_missing_and_malformed_data_dirs_say_what_was_expected(tmp_path: Path) -
         load_dataset("cifar10", 32)
     with pytest.raises(DataError, match="does not exist"):
         load_dataset("cifar10", 32, tmp_path / "nope")
-    with pytest.raises(DataError, match="data_batch_1.*python-pickle layout"):
+    with pytest.raises(DataError, match="neither it nor cifar-10-batches-py/ .*data_batch_1.*python-pickle layout"):
         load_dataset("cifar10", 32, tmp_path)
+    with pytest.raises(DataError, match="cifar-100-python/ .*meta"):
+        load_dataset("cifar100", 32, tmp_path)
     _write_cifar10(tmp_path / "bad")
     (tmp_path / "bad" / "test_batch").write_bytes(b"not a pickle")
-    with pytest.raises(DataError, match="test_batch is not a readable CIFAR"):
+    with pytest.raises(DataError, match="bad holds a file that is not a readable CIFAR python-pickle batch"):
         load_dataset("cifar10", 32, tmp_path / "bad")
+    _write_cifar10(tmp_path / "few-names")
+    _pickle(tmp_path / "few-names" / "batches.meta", {"label_names": ["a", "b"]})
+    with pytest.raises(DataError, match="label 9 but only 2 class names"):
+        load_dataset("cifar10", 32, tmp_path / "few-names")
     with pytest.raises(DataError, match="missing train/"):
         load_dataset("imagefolder", 32, tmp_path)
     with pytest.raises(DataError, match="unknown dataset"):

@@ -1,4 +1,4 @@
-"""Datasets: the built-in `digits`, CIFAR-10/100 from local pickles, and image folders.
+"""Datasets: the built-in `digits`, CIFAR-10/100 from local pickles (torchvision's readers), and image folders.
 
 Every dataset yields ``(pixels, label)`` with pixels float32 in [0, 1], shape ``[3, S, S]``
 at the model's image size. Nothing is downloaded; a missing or malformed directory is a
@@ -7,7 +7,6 @@ at the model's image size. Nothing is downloaded; a missing or malformed directo
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -68,13 +67,6 @@ class TensorImages(Dataset):
         return image, int(self.labels[index])
 
 
-def _crop_flip(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    from torchvision.transforms import v2
-
-    return v2.Compose([v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"),
-                       v2.RandomHorizontalFlip()])
-
-
 def _digits(size: int) -> DatasetBundle:
     """scikit-learn's handwritten digits (1,797 8x8 images): a fixed stratified 80/20 split."""
     from sklearn.datasets import load_digits
@@ -93,55 +85,70 @@ def _digits(size: int) -> DatasetBundle:
                          TensorImages(images[test_idx], labels[test_idx], size), names, "digits")
 
 
-def _unpickle(path: Path) -> dict:
+_CIFAR_LAYOUTS = {
+    "cifar10": ("cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta"),
+    "cifar100": ("cifar-100-python", "train, test, meta"),
+}
+
+
+def _local_cifar(name: str, folder: Path):
+    """torchvision's CIFAR-10/100 reader on a directory that already holds the python-pickle files.
+
+    torchvision checks each file's MD5 against the official archive's, which only guards a
+    download; here nothing is downloaded and each file is checked by reading it (a file that is
+    not a CIFAR batch is a ``DataError``), so a CIFAR re-packed in the same layout loads too.
+    """
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    base = CIFAR100 if name == "cifar100" else CIFAR10
+
+    class LocalCIFAR(base):  # type: ignore[misc, valid-type]
+        base_folder = folder.name
+        train_list = [[file, None] for file, _ in base.train_list]
+        test_list = [[file, None] for file, _ in base.test_list]
+        meta = {**base.meta, "md5": None}
+
+    return LocalCIFAR
+
+
+def _cifar_folder(data_dir: Path, name: str) -> Path:
+    """The folder holding the pickles: ``data_dir/cifar-10-batches-py`` or ``data_dir`` itself."""
+    subfolder, layout = _CIFAR_LAYOUTS[name]
+    reader = _local_cifar(name, data_dir)
+    expected = [file for file, _ in reader.train_list + reader.test_list] + [reader.meta["filename"]]
+    for folder in (data_dir / subfolder, data_dir):
+        if all((folder / file).is_file() for file in expected):
+            return folder
+    missing = [file for file in expected if not (data_dir / subfolder / file).is_file()]
+    raise DataError(f"{data_dir} is not a CIFAR-{name[5:]} directory: neither it nor {subfolder}/ inside it holds "
+                    f"{', '.join(missing)} (expected the python-pickle layout {subfolder}: {layout})")
+
+
+def _cifar_transform(size: int, augment: bool):
+    """uint8 HWC images to float pixels in [0, 1] at ``size``; crop and flip for training."""
+    from torchvision.transforms import v2
+
+    steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if size != 32:
+        steps.append(v2.Resize((size, size), antialias=True))
+    if augment:
+        steps += [v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"), v2.RandomHorizontalFlip()]
+    return v2.Compose([*steps, v2.ToPureTensor()])
+
+
+def _cifar(data_dir: Path, size: int, name: str) -> DatasetBundle:
+    folder = _cifar_folder(data_dir, name)
+    reader = _local_cifar(name, folder)
     try:
-        with path.open("rb") as handle:
-            return pickle.load(handle, encoding="bytes")
-    except Exception as err:  # noqa: BLE001 - any failure means the file is not a CIFAR batch
-        raise DataError(f"{path} is not a readable CIFAR python-pickle batch: {err}") from err
-
-
-def _cifar_arrays(batch: dict, label_key: bytes, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    if b"data" not in batch or label_key not in batch:
-        raise DataError(f"{path} lacks the {b'data'!r} / {label_key!r} entries of a CIFAR batch")
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(f"{path}: expected data of shape [N, 3072] (3x32x32 uint8), got {data.shape}")
-    labels = np.asarray(batch[label_key], dtype=np.int64)
-    if labels.shape[0] != data.shape[0]:
-        raise DataError(f"{path}: {data.shape[0]} images but {labels.shape[0]} labels")
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
-
-
-def _cifar(data_dir: Path, size: int, hundred: bool) -> DatasetBundle:
-    if hundred:
-        train_files, test_files, meta_file = ["train"], ["test"], "meta"
-        label_key, names_key, layout = b"fine_labels", b"fine_label_names", "cifar-100-python: train, test, meta"
-    else:
-        train_files = [f"data_batch_{i}" for i in range(1, 6)]
-        test_files, meta_file = ["test_batch"], "batches.meta"
-        label_key, names_key = b"labels", b"label_names"
-        layout = "cifar-10-batches-py: data_batch_1..5, test_batch, batches.meta"
-    root = data_dir
-    for sub in ("cifar-100-python", "cifar-10-batches-py"):
-        if (data_dir / sub).is_dir():
-            root = data_dir / sub
-    missing = [f for f in train_files + test_files + [meta_file] if not (root / f).is_file()]
-    if missing:
-        raise DataError(f"{data_dir} is not a CIFAR-{'100' if hundred else '10'} directory: missing "
-                        f"{', '.join(missing)} (expected the python-pickle layout {layout})")
-    parts = [_cifar_arrays(_unpickle(root / f), label_key, root / f) for f in train_files]
-    train_x, train_y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    test_x, test_y = _cifar_arrays(_unpickle(root / test_files[0]), label_key, root / test_files[0])
-    meta = _unpickle(root / meta_file)
-    if names_key not in meta:
-        raise DataError(f"{root / meta_file} lacks {names_key!r}")
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
-    top = int(max(train_y.max(), test_y.max()))
-    if top >= len(names):
-        raise DataError(f"{root}: label {top} but only {len(names)} class names")
-    return DatasetBundle(TensorImages(train_x, train_y, size, _crop_flip(size)), TensorImages(test_x, test_y, size),
-                         names, "cifar100" if hundred else "cifar10")
+        train = reader(str(folder.parent), train=True, transform=_cifar_transform(size, augment=True))
+        test = reader(str(folder.parent), train=False, transform=_cifar_transform(size, augment=False))
+    except Exception as err:  # noqa: BLE001 - unpickling a foreign file raises many types
+        raise DataError(f"{folder} holds a file that is not a readable CIFAR python-pickle batch "
+                        f"({_CIFAR_LAYOUTS[name][1]}): {type(err).__name__}: {err}") from err
+    top = max(max(train.targets), max(test.targets))
+    if top >= len(train.classes):
+        raise DataError(f"{folder}: label {top} but only {len(train.classes)} class names")
+    return DatasetBundle(train, test, list(train.classes), name)
 
 
 def _imagefolder(data_dir: Path, size: int) -> DatasetBundle:
@@ -184,5 +191,5 @@ def load_dataset(name: str, size: int, data_dir: str | Path | None = None) -> Da
     if not path.is_dir():
         raise DataError(f"data directory {path} does not exist")
     if name in ("cifar10", "cifar100"):
-        return _cifar(path, size, hundred=name == "cifar100")
+        return _cifar(path, size, name)
     return _imagefolder(path, size)
