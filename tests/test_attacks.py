@@ -10,9 +10,19 @@ import torch.nn.functional as F
 import torchattacks
 
 from specformer_deploy.model.factory import build_model, resolve_model_config
-from specformer_deploy.robustness.attacks import (AttackSpec, autoattack, check_budget, cw_linf, cw_margin,
-                                                  default_step_size, fgsm, parse_attack, pgd, robust_accuracy,
-                                                  run_attack)
+from specformer_deploy.robustness.attacks import (
+    AttackSpec,
+    autoattack,
+    check_budget,
+    cw_linf,
+    cw_margin,
+    default_step_size,
+    fgsm,
+    parse_attack,
+    pgd,
+    robust_accuracy,
+    run_attack,
+)
 from specformer_deploy.training.data import load_dataset
 
 EPS = 8 / 255

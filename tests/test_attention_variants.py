@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from specformer_deploy.model.attention_variants import CenterNorm, L2Attention, LipNormAttention, ScaledCosineAttention
 from specformer_deploy.artifact.audit import audit_file
 from specformer_deploy.artifact.export import export_run
-from specformer_deploy.model.heads import attention_layers, layer_heads
+from specformer_deploy.model.attention_variants import CenterNorm, L2Attention, LipNormAttention, ScaledCosineAttention
 from specformer_deploy.model.factory import ModelError, build_model, resolve_model_config
-from specformer_deploy.training.msvp import MSVP
+from specformer_deploy.model.heads import attention_layers, layer_heads
 from specformer_deploy.serving.runtime import SpecformerRuntime
+from specformer_deploy.training.msvp import MSVP
 from specformer_deploy.training.train import TrainConfig, train
 
 

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specformer_deploy.serving.bounds import (attention_head_bound, layer_bound, mlp_local_bound, paper_head_bound)
 from specformer_deploy.model.heads import attention_layers, layer_heads
 from specformer_deploy.robustness.lipschitz import attention_inputs, jacobian_norm, local_lower_bound, unfused_attention
+from specformer_deploy.serving.bounds import attention_head_bound, layer_bound, mlp_local_bound, paper_head_bound
 
 
 def _head(w_q, w_k, w_v, b_q=None, b_k=None, b_v=None):
@@ -88,7 +88,7 @@ def test_layer_bound_on_a_real_vit_layer_sits_above_exact_and_empirical(tiny_mod
         per_head = [attention_head_bound(x0, heads.qkv[0, h].T, heads.qkv[1, h].T, heads.qkv[2, h].T, delta0,
                                          b_q=bias[h]) for h in range(heads.num_heads)]
         bound = layer_bound(per_head, float(torch.linalg.matrix_norm(attn.proj.weight.detach(), ord=2)))
-        fn = lambda x: attn(x.unsqueeze(0)).squeeze(0)  # noqa: E731
+        fn = lambda x, attn=attn: attn(x.unsqueeze(0)).squeeze(0)  # noqa: E731
         exact = _exact_norm(fn, x0)
         empirical = jacobian_norm(fn, x0, iterations=40, generator=torch.Generator().manual_seed(0))
         assert empirical <= exact * (1 + 1e-6)
@@ -150,8 +150,12 @@ def test_batched_certificates_equal_the_per_head_formulas(seed, layers, heads, s
                                                           max_tokens) -> None:
     """The served form (heads folded into per-layer coefficients and a validity threshold) gives
     what the per-head formulas give, for inputs on both sides of the paper bound's validity."""
-    from specformer_deploy.serving.bounds import (CertificateConstants, certificate_arrays, head_bound_from_norms,
-                                          paper_bound_from_norms)
+    from specformer_deploy.serving.bounds import (
+        CertificateConstants,
+        certificate_arrays,
+        head_bound_from_norms,
+        paper_bound_from_norms,
+    )
 
     rng = np.random.default_rng(seed)
     scales = {"q": scale_q, "k": scale_k, "v": 1.0}

@@ -11,14 +11,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from onnx import numpy_helper
 
-import pytest
-
 from specformer_deploy.artifact.audit import audit_file
-from specformer_deploy.artifact.onnx_meta import (PREFIX, NotAnExportError, head_blocks, oriented, read_metadata,
-                                                  require_export)
+from specformer_deploy.artifact.onnx_meta import (
+    PREFIX,
+    NotAnExportError,
+    head_blocks,
+    oriented,
+    read_metadata,
+    require_export,
+    require_export_metadata,
+)
 from specformer_deploy.model.heads import attention_layers, layer_heads
 from specformer_deploy.training.msvp import exact_spectral_norms
 from specformer_deploy.training.train import load_run_model
@@ -52,7 +58,8 @@ def test_onnx_and_pt2_match_pytorch_on_new_inputs(exported_pair) -> None:
     np.testing.assert_allclose(logits_ort, logits.numpy(), atol=1e-4, rtol=0)
     # attn_input_norms against an independent hook on each block's first LayerNorm
     taps = []
-    hooks = [b.norm1.register_forward_hook(lambda m, a, o: taps.append(o.flatten(1).norm(dim=1))) for b in model.net.blocks]
+    hooks = [b.norm1.register_forward_hook(lambda m, a, o: taps.append(o.flatten(1).norm(dim=1)))
+             for b in model.net.blocks]
     with torch.no_grad():
         model(pixels)
     for h in hooks:
@@ -115,6 +122,9 @@ def test_require_export_returns_the_metadata_or_says_what_is_missing(exported_pa
     bare = _rewrite(src, tmp_path / "bare.onnx", lambda proto: proto.metadata_props.__delitem__(slice(None)))
     with pytest.raises(NotAnExportError, match="has no specformer metadata"):
         require_export(bare, need_pt2=False)
+    partial = {k: v for k, v in require_export(src, need_pt2=False).items() if k != "spectral"}
+    with pytest.raises(NotAnExportError, match="has no specformer metadata"):
+        require_export_metadata(partial, src)
 
 
 def test_head_blocks_read_transposed_initializers_as_out_in(exported_pair) -> None:
@@ -230,7 +240,8 @@ def test_plain_timm_onnx_reports_sigmas_but_verifies_nothing(tmp_path: Path, tin
     report = audit_file(path, heads=4)
     assert report.exit_code == 2 and report.verdict == "unverifiable"
     assert "nothing could be verified" in report.problems[0]
-    expected = torch.stack([torch.linalg.matrix_norm(layer_heads(a).qkv.double(), ord=2) for a in attention_layers(net)])
+    expected = torch.stack([torch.linalg.matrix_norm(layer_heads(a).qkv.double(), ord=2)
+                            for a in attention_layers(net)])
     np.testing.assert_allclose(np.array(report.sigmas["sigma_q"]), expected[:, 0].detach().numpy(), rtol=1e-6)
 
 
@@ -240,7 +251,8 @@ def test_msvp_model_has_lower_sigmas_and_the_plot_is_a_png(exported_pair, tmp_pa
     for name in ("q", "k", "v"):
         assert max(map(max, msvp.sigmas[f"sigma_{name}"])) < max(map(max, vanilla.sigmas[f"sigma_{name}"])), name
     plot = tmp_path / "fig2a.png"
-    cli = _cli("audit", exported_pair["msvp"]["onnx"], "--compare", exported_pair["vanilla"]["onnx"], "--plot", str(plot))
+    cli = _cli("audit", exported_pair["msvp"]["onnx"], "--compare", exported_pair["vanilla"]["onnx"],
+               "--plot", str(plot))
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image

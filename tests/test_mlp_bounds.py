@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from specformer_deploy.training.data import load_dataset
 from specformer_deploy.artifact.export import export_run
 from specformer_deploy.model.mlp import ClippedReLU, mlp_modules
 from specformer_deploy.serving.runtime import SpecformerRuntime
+from specformer_deploy.training.data import load_dataset
 from specformer_deploy.training.train import TrainConfig, load_run_model, train
 
 

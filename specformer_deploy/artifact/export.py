@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,8 +24,15 @@ import torch
 from torch import nn
 
 from specformer_deploy import __version__
-from specformer_deploy.artifact.onnx_meta import (FORMAT_VERSION, graph_digest, initializer_arrays, metadata_digests,
-                                                  tensor_digests, weights_digest, write_metadata)
+from specformer_deploy.artifact.onnx_meta import (
+    FORMAT_VERSION,
+    graph_digest,
+    initializer_arrays,
+    metadata_digests,
+    tensor_digests,
+    weights_digest,
+    write_metadata,
+)
 from specformer_deploy.artifact.pt2 import ExportedLogits, load_exported_logits  # noqa: F401 - re-exported
 from specformer_deploy.model.heads import attention_layers, layer_heads, query_bias
 from specformer_deploy.training.checkpoint import CheckpointError, RunFiles
@@ -203,7 +211,7 @@ def _parity_inputs(config: dict[str, Any]) -> torch.Tensor:
     train_cfg, model_cfg = config["train"], config["model"]
     try:
         bundle = load_dataset(train_cfg["dataset"], model_cfg["img_size"], train_cfg.get("data_dir"))
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # any failure to load the data is the same user problem
         raise ExportError(f"parity is checked on the run's own test data, which could not be loaded: {err}") from err
     count = min(PARITY_IMAGES, len(bundle.test))
     return torch.stack([bundle.test[i][0] for i in range(count)])

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 __all__ = ["PREFIX", "FORMAT_VERSION", "NotAnExportError", "read_metadata", "read_metadata_file", "require_export",
-           "write_metadata", "tensor_digests", "weights_digest", "graph_digest", "metadata_digests",
-           "initializer_arrays", "oriented", "head_blocks", "spectral_norms"]
+           "require_export_metadata", "write_metadata", "tensor_digests", "weights_digest", "graph_digest",
+           "metadata_digests", "initializer_arrays", "oriented", "head_blocks", "spectral_norms"]
 
 PREFIX = "specformer."
 FORMAT_VERSION = 1
@@ -65,15 +66,21 @@ def require_export(onnx_path: str | Path, need_pt2: bool) -> dict[str, Any]:
         raise NotAnExportError(f"{path} does not exist")
     try:
         meta = read_metadata_file(path)
-    except Exception as err:  # noqa: BLE001 - protobuf raises several types for a corrupt file
+    except Exception as err:  # protobuf raises several types for a corrupt file
         raise NotAnExportError(f"{path} is not a readable ONNX file (truncated or corrupt?): {err}") from err
-    if any(key not in meta for key in REQUIRED_KEYS):
-        raise NotAnExportError(f"{path} has no specformer metadata: export it with `specformer-deploy export`")
+    require_export_metadata(meta, path)
     pt2 = path.with_suffix(".pt2")
     if need_pt2 and not pt2.is_file():
         raise NotAnExportError(f"{pt2} is missing: attacks and probes take their gradients from it "
                                "(`specformer-deploy export` writes it beside the .onnx)")
     return meta
+
+
+def require_export_metadata(meta: dict[str, Any], path: str | Path) -> None:
+    """Raise :class:`NotAnExportError` unless ``meta`` (read from ``path``) has every entry that
+    consumers read; for callers that already parsed the file (the serving runtime verifies it too)."""
+    if any(key not in meta for key in REQUIRED_KEYS):
+        raise NotAnExportError(f"{path} has no specformer metadata: export it with `specformer-deploy export`")
 
 
 def write_metadata(model: onnx.ModelProto, values: dict[str, Any]) -> None:
@@ -89,7 +96,7 @@ def write_metadata(model: onnx.ModelProto, values: dict[str, Any]) -> None:
         entry.key, entry.value = key, value
 
 
-def _feed(h: "hashlib._Hash", name: str, array: np.ndarray) -> None:
+def _feed(h: hashlib._Hash, name: str, array: np.ndarray) -> None:
     h.update(name.encode())
     h.update(b"\0" + array.dtype.str.encode() + b"\0")
     h.update(json.dumps(list(array.shape)).encode())

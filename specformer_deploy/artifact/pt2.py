@@ -25,7 +25,7 @@ class ExportedLogits(nn.Module):
         self.program = program
         self.training = False
 
-    def train(self, mode: bool = True) -> "ExportedLogits":
+    def train(self, mode: bool = True) -> ExportedLogits:
         self.training = mode
         return self
 

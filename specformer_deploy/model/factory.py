@@ -58,7 +58,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return cls(**data)
 
 
@@ -138,7 +138,7 @@ def load_pretrained(model: NormalizedClassifier, path: str | Path) -> None:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any reader failure is the same user problem
+    except Exception as err:  # any reader failure is the same user problem
         raise ModelError(f"cannot read pretrained weights {path}: {err}") from err
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]

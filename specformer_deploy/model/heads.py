@@ -9,8 +9,8 @@ A head's W_O is the ``[d_out, D_h]`` block of *columns* of ``proj.weight`` that 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -79,7 +79,8 @@ def layer_heads(attn: nn.Module) -> LayerHeads:
         weight = attn.qkv.weight
         head_dim = weight.shape[0] // (3 * num_heads)
         if getattr(attn, "gate", None) is not None:
-            raise UnsupportedAttentionError("gated attention (timm Attention(gated=True)) is not covered by MSVP's bounds")
+            raise UnsupportedAttentionError("gated attention (timm Attention(gated=True)) is not covered by "
+                                            "MSVP's bounds")
         qkv = weight.view(3, num_heads, head_dim, weight.shape[1])
         width = num_heads * head_dim
         refs = {name: ("qkv.weight", i * width, (i + 1) * width) for i, name in enumerate("qkv")}

@@ -7,8 +7,8 @@ there and drops out of the local Jacobian; a sparsity loss on the activations ma
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -19,9 +19,10 @@ import math
 import numbers
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 import torch.nn.functional as F

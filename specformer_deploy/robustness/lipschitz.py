@@ -8,14 +8,15 @@ below. Nothing here materialises a Jacobian: each iteration is one jvp and one v
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from specformer_deploy.model.heads import attention_layers
 
-__all__ = ["unfused_attention", "jacobian_norm", "local_lower_bound", "attention_layer_function", "network_function", "attention_inputs"]
+__all__ = ["unfused_attention", "jacobian_norm", "local_lower_bound", "attention_layer_function", "network_function",
+           "attention_inputs"]
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 

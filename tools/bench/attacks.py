@@ -42,55 +42,39 @@ Examples::
 
 from __future__ import annotations
 
-import sys as _sys
-from pathlib import Path as _Path
-
-_sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from common import emit_json, load_average  # noqa: E402
-
 import argparse
 import math
-import os
-import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py: the benchmarks' shared helpers
 
-from specformer_deploy.robustness.attacks import format_eps, parse_attack, pgd  # noqa: E402
-from specformer_deploy.model.factory import build_model, resolve_model_config  # noqa: E402
+from common import emit_json, load_average, machine, pixel_budget, spread, timed_calls, usable_cpus, versions
+
+from specformer_deploy.model.factory import build_model, resolve_model_config
+from specformer_deploy.robustness.attacks import format_eps, pgd
 
 TARGET_RATIO = 1.0
 
 
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _pixel_value(text: str) -> float:
-    """``8/255`` or ``0.0314`` (the attack spec parser's rules, Linf)."""
-    try:
-        return parse_attack(f"pgd:{text}").eps
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err).replace("attack 'pgd:", "'").replace("EPS ", "")) from None
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Throughput (images/s) of specformer_deploy.robustness.attacks.pgd against torchattacks.PGD on the same "
-                    "model, inputs and budget (Linf eps, step size, steps), interleaved repetitions.",
+        description="Throughput (images/s) of specformer_deploy.robustness.attacks.pgd against torchattacks.PGD on "
+                    "the same model, inputs and budget (Linf eps, step size, steps), interleaved repetitions.",
         epilog="Target displayed: ours/torchattacks >= 1.0 (ratio of median throughputs). Weights are random.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="specformer-tiny", help="preset or timm ViT name")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--batch", type=int, default=128, help="images per attack call")
-    parser.add_argument("--eps", type=_pixel_value, default=8 / 255, help="Linf radius, e.g. 8/255 or 0.0314")
-    parser.add_argument("--alpha", type=_pixel_value, default=2 / 255, help="step size, e.g. 2/255")
+    parser.add_argument("--eps", type=pixel_budget, default=8 / 255, help="Linf radius, e.g. 8/255 or 0.0314")
+    parser.add_argument("--alpha", type=pixel_budget, default=2 / 255, help="step size, e.g. 2/255")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--random-start", action="store_true",
                         help="both start from a uniform random point in the ball (outputs then differ)")
@@ -98,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls of each")
     parser.add_argument("--min-block-s", type=float, default=0.5,
                         help="each timed block repeats the call enough times to last at least this long")
-    parser.add_argument("--threads", type=int, default=default_threads(),
+    parser.add_argument("--threads", type=int, default=usable_cpus(),
                         help="torch intra-op threads (default: all usable CPUs)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
@@ -116,41 +100,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
-    import timm
-    import torchattacks
-
-    env: dict[str, Any] = {
-        "python": platform.python_version(), "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "torchattacks": torchattacks.__version__, "timm": timm.__version__, "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(), "device": args.device,
-    }
-    if hasattr(os, "sched_getaffinity"):
-        env["cpu_affinity"] = len(os.sched_getaffinity(0))
+    env: dict[str, Any] = {**machine(), **versions("torch", "torchattacks", "timm"),
+                           "threads": torch.get_num_threads(), "device": args.device}
     if args.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     return env
 
 
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 def block(fn: Callable[[], Any], calls: int, device: torch.device) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of ``calls`` calls."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    for _ in range(calls):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started, time.process_time() - cpu_started
+    """(wall seconds, process CPU seconds) of ``calls`` calls, GPU work included."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    return timed_calls(fn, calls, sync)
 
 
 def run(args: argparse.Namespace, status) -> dict[str, Any]:
@@ -212,8 +172,7 @@ def run(args: argparse.Namespace, status) -> dict[str, Any]:
                      "images_per_cpu_s_median": statistics.median(cpu_rate[name])}
     out["ratio_of_medians"] = out["ours"]["images_per_s_median"] / out["torchattacks"]["images_per_s_median"]
     out["ratio_of_best"] = out["ours"]["images_per_s_best"] / out["torchattacks"]["images_per_s_best"]
-    out["paired_ratio"] = {"median": statistics.median(paired), "q25": quantile(paired, 0.25),
-                           "q75": quantile(paired, 0.75), "min": min(paired), "max": max(paired)}
+    out["paired_ratio"] = spread(paired)
     # CPU time of this process: on a shared machine it leaves out the time spent waiting for a core.
     out["cpu_time_ratio_of_medians"] = (out["ours"]["images_per_cpu_s_median"]
                                         / out["torchattacks"]["images_per_cpu_s_median"])

@@ -51,23 +51,17 @@ Examples::
 # torch-free process that is timed; the parent imports torch lazily, only to export.
 from __future__ import annotations
 
-import sys as _sys
-from pathlib import Path as _Path
-
-_sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from common import emit_json  # noqa: E402
-
 import argparse
 import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py: the benchmarks' shared helpers
+from common import blas_thread_env, emit_json, load_average, machine, spread
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -77,7 +71,6 @@ DEFAULT_MODEL = "vit_base_patch16_224"
 STAGES = ["onnx.load", "initializer_arrays", "read_metadata", "head_blocks", "spectral_norms (SVD)",
           "weights_digest", "graph_digest", "metadata_digests", "certificate inputs (||W_O|| SVD, ||b_q||)"]
 EXTRA_STAGES = ["tensor_digests (only on mismatch)"]
-BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,13 +110,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def worker(path: str, reps: int) -> dict[str, Any]:
     started = time.perf_counter()
-    from specformer_deploy import audit  # the only project import; it pulls in onnx, numpy, onnx_meta
+    from specformer_deploy.artifact import audit  # the only project import; it pulls in onnx, numpy, onnx_meta
 
     import_s = time.perf_counter() - started
     torch_after_import = "torch" in sys.modules
     import onnx
-    from specformer_deploy.artifact.onnx_meta import (graph_digest, head_blocks, initializer_arrays, metadata_digests,
-                                             read_metadata, spectral_norms, tensor_digests, weights_digest)
+
+    from specformer_deploy.artifact.onnx_meta import (
+        graph_digest,
+        head_blocks,
+        initializer_arrays,
+        metadata_digests,
+        read_metadata,
+        spectral_norms,
+        tensor_digests,
+        weights_digest,
+    )
 
     full, full_cpu, report = [], [], None
     stages: dict[str, list[float]] = {name: [] for name in STAGES + EXTRA_STAGES}
@@ -136,7 +138,6 @@ def worker(path: str, reps: int) -> dict[str, Any]:
         stages_cpu[name].append(time.process_time() - c0)
         return value
 
-    check_inputs = getattr(audit, "_check_certificate_inputs", None)
     file_meta: dict[str, Any] = {}
     for _ in range(reps):  # one whole audit, then one staged pass: drifts of the machine hit both alike
         t0, c0 = time.perf_counter(), time.process_time()
@@ -152,16 +153,15 @@ def worker(path: str, reps: int) -> dict[str, Any]:
         file_meta = {"package_version": meta.get("package_version"), "format_version": meta.get("format_version"),
                      "sigma_o_full": "sigma_o_full" in meta.get("spectral", {}),
                      "bias_q_norm": "bias_q_norm" in meta}
-        blocks = timed("head_blocks", lambda found: [head_blocks(found, layer, heads, head_dim)
-                                                     for layer in meta["attention_weights"]], arrays)
+        blocks = timed("head_blocks", lambda found, layers, h, d: [head_blocks(found, layer, h, d) for layer in layers],
+                       arrays, meta["attention_weights"], heads, head_dim)
         timed("spectral_norms (SVD)", spectral_norms, [b[n] for b in blocks for n in audit.PROJECTIONS])
         timed("weights_digest", weights_digest, arrays)
         timed("graph_digest", graph_digest, proto)
         timed("metadata_digests", metadata_digests, meta)
-        if check_inputs is not None:  # the audit's own step 3 (a private helper; skipped if it is renamed)
-            scratch = audit.AuditReport(path, audit.EXIT_CONSISTENT, "consistent")
-            timed("certificate inputs (||W_O|| SVD, ||b_q||)", check_inputs, scratch, arrays,
-                  meta["attention_weights"], meta)
+        scratch = audit.AuditReport(path, audit.EXIT_CONSISTENT, "consistent")
+        timed("certificate inputs (||W_O|| SVD, ||b_q||)", audit._check_certificate_inputs, scratch, arrays,
+              meta["attention_weights"], meta)
         timed("tensor_digests (only on mismatch)", tensor_digests, arrays)
         del proto, arrays, blocks
     return {
@@ -197,9 +197,9 @@ def write_random_run(model_name: str, num_classes: int, run_dir: Path, seed: int
     from safetensors.torch import save_file
 
     from specformer_deploy import __version__
+    from specformer_deploy.model.factory import build_model, resolve_model_config
     from specformer_deploy.training.checkpoint import RunFiles, atomic_write, atomic_write_text
     from specformer_deploy.training.data import load_dataset
-    from specformer_deploy.model.factory import build_model, resolve_model_config
     from specformer_deploy.training.train import FORMAT_VERSION, TrainConfig
 
     model_cfg = resolve_model_config(model_name, num_classes)
@@ -255,18 +255,10 @@ def export_file(args: argparse.Namespace, target: Path, status) -> dict[str, Any
             "parity": exported["parity"], "opset": exported["opset"]}
 
 
-def child_env(blas_threads: int | None) -> dict[str, str]:
-    env = dict(os.environ)
-    if blas_threads is not None:
-        for key in BLAS_ENV:
-            env[key] = str(blas_threads)
-    return env
-
-
 def run_worker(path: Path, reps: int, blas_threads: int | None, timeout: float) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(path), "--reps", str(reps)]
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=str(ROOT), env=child_env(blas_threads),
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=str(ROOT), env=blas_thread_env(blas_threads),
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         raise SystemExit(f"the audit worker ran past --timeout {timeout:g} s ({reps} audits + {reps} staged passes); "
@@ -285,14 +277,10 @@ def run_cli(path: Path, reps: int, blas_threads: int | None) -> dict[str, Any] |
     for _ in range(reps):
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "specformer_deploy", "audit", str(path)], capture_output=True,
-                              text=True, cwd=str(ROOT), env=child_env(blas_threads))
+                              text=True, cwd=str(ROOT), env=blas_thread_env(blas_threads))
         times.append(time.perf_counter() - t0)
         codes.append(proc.returncode)
     return {"wall_s": times, "exit_codes": codes}
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def render(result: dict[str, Any], console) -> None:
@@ -325,7 +313,7 @@ def render(result: dict[str, Any], console) -> None:
     table.add_row("import specformer_deploy.artifact.audit", f"{w['import_s']:.3f}", "", "", "")
     cli = result["cli"]
     if cli:
-        c = summary(cli["wall_s"])
+        c = spread(cli["wall_s"])
         table.add_row(f"CLI end to end ({len(cli['wall_s'])} run(s), exit {sorted(set(cli['exit_codes']))})",
                       f"{c['median']:.3f}", f"{c['min']:.3f}", f"{c['max']:.3f}", "")
     console.print(table)
@@ -377,16 +365,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     console = Console(stderr=json_to_stdout)
     console = Console(stderr=json_to_stdout, width=max(110, console.width))
     started = time.perf_counter()
-    load = lambda: round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None  # noqa: E731
     result: dict[str, Any] = {
         "config": {"model": args.model, "num_classes": args.num_classes, "reps": args.reps, "cli_reps": args.cli_reps,
                    "seed": args.seed, "weights": "random init", "keep": args.keep,
                    "blas_threads": args.blas_threads},
-        "environment": {"python": platform.python_version(), "platform": platform.platform(),
-                        "cpu_count": os.cpu_count(),
-                        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None},
+        "environment": machine(),
         "target": {"median_audit_s_below": TARGET_S},
-        "load_average_1m": {"before": load()},
+        "load_average_1m": {"before": load_average()},
     }
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp, console.status("starting...") as status:
         path = Path(args.keep) if args.keep else Path(tmp) / "model.onnx"
@@ -399,12 +384,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         w = result["worker"] = run_worker(path, args.reps, args.blas_threads, args.timeout)
         status.update("timing the CLI end to end...")
         result["cli"] = run_cli(path, args.cli_reps, args.blas_threads)
-    result["audit_s"] = summary(w["audit_s"])
-    result["stages"] = {name: summary(values) for name, values in w["stages_s"].items() if values}
-    result["audit_cpu_s"] = summary(w["audit_cpu_s"])
-    result["stages_cpu"] = {name: summary(values) for name, values in w["stages_cpu_s"].items() if values}
+    result["audit_s"] = spread(w["audit_s"])
+    result["stages"] = {name: spread(values) for name, values in w["stages_s"].items() if values}
+    result["audit_cpu_s"] = spread(w["audit_cpu_s"])
+    result["stages_cpu"] = {name: spread(values) for name, values in w["stages_cpu_s"].items() if values}
     result["meets_target"] = result["audit_s"]["median"] < TARGET_S
-    result["load_average_1m"]["after"] = load()
+    result["load_average_1m"]["after"] = load_average()
     result["wall_time_s"] = time.perf_counter() - started
     render(result, console)
     emit_json(result, args.json, console)

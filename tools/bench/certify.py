@@ -15,24 +15,26 @@ digits and exported to a temporary directory first.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
 import argparse
 import json
 import statistics
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from common import load_average, machine, set_torch_threads, timed_calls
 
 
-def _median_time(fn, reps: int) -> list[float]:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+def _call_times(fn: Callable[[], Any], reps: int) -> list[float]:
+    """Wall seconds of each of ``reps`` single calls."""
+    return [timed_calls(fn)[0] for _ in range(reps)]
 
 
 def _prepare(onnx_path: str | None, workdir: Path, model: str) -> Path:
@@ -63,11 +65,11 @@ def main() -> None:
 
     import torch
 
-    from specformer_deploy.training.data import load_dataset
     from specformer_deploy.serving.runtime import ProbeRequest, SpecformerRuntime
+    from specformer_deploy.training.data import load_dataset
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         path = _prepare(args.onnx, Path(tmp), args.model)
         runtime = SpecformerRuntime(path, threads=args.threads)
@@ -75,14 +77,14 @@ def main() -> None:
         results: dict = {"model": str(path), "certificate": [], "probe": {}}
         for batch in [int(b) for b in args.batches.split(",")]:
             pixels = np.stack([test[i % len(test)][0].numpy() for i in range(batch)])
-            plain = lambda: runtime.answer(pixels, certificate=False)  # noqa: E731
-            certified = lambda: runtime.answer(pixels, delta0=0.01)  # noqa: E731
+            plain = lambda pixels=pixels: runtime.answer(pixels, certificate=False)  # noqa: E731
+            certified = lambda pixels=pixels: runtime.answer(pixels, delta0=0.01)  # noqa: E731
             for _ in range(10):
                 plain(), certified()
             t_plain, t_cert = [], []
             for _ in range(args.reps):
-                t_plain += _median_time(plain, 1)
-                t_cert += _median_time(certified, 1)
+                t_plain += _call_times(plain, 1)
+                t_cert += _call_times(certified, 1)
             mp, mc = statistics.median(t_plain), statistics.median(t_cert)
             results["certificate"].append({"batch": batch, "plain_ms": mp * 1e3, "certified_ms": mc * 1e3,
                                            "ratio": mc / mp, "target": 1.05})
@@ -102,12 +104,14 @@ def main() -> None:
             forward_backward(), probe()
         t_fb, t_probe = [], []
         for _ in range(args.probe_reps):
-            t_fb += _median_time(forward_backward, 5)
-            t_probe += _median_time(probe, 1)
+            t_fb += _call_times(forward_backward, 5)
+            t_probe += _call_times(probe, 1)
         fb, pr = statistics.median(t_fb), statistics.median(t_probe)
         results["probe"] = {"steps": args.probe_steps, "forward_backward_ms": fb * 1e3, "probe_ms": pr * 1e3,
                             "units_of_forward_backward": pr / fb}
         results["threads"] = torch.get_num_threads()
+    results["environment"] = machine()
+    results["load_average_1m"] = {"before": load_before, "after": load_average()}
 
     if args.json:
         print(json.dumps(results, indent=2))

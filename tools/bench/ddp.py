@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit_json, load_average  # noqa: E402
+from common import emit_json, load_average, machine, usable_cpus
 
 
 def run_once(nproc: int, compile_model: bool, args: argparse.Namespace, root: Path, tag: str) -> dict:
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--adversarial", action="store_true", help="PGD adversarial training.")
     parser.add_argument("--adv-steps", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per process).")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--threads", type=int, default=usable_cpus(),
                         help="CPU threads shared by the processes of one run (OMP_NUM_THREADS = threads / nproc).")
     parser.add_argument("--rounds", type=int, default=2, help="Alternating repetitions of every configuration.")
     parser.add_argument("--json", dest="json_target", default=None, help="Write the result as JSON ('-': stdout).")
@@ -117,7 +117,7 @@ def main() -> None:
     console.print(f"load average: {load_before} before, {load_average()} after (a shared machine makes these noisy)")
     emit_json({"benchmark": "ddp", "device": args.device, "model": args.model, "batch_size": args.batch_size,
                "epochs": args.epochs, "threads": args.threads, "rounds": args.rounds, "rows": rows,
-               "load_average": [load_before, load_average()]}, args.json_target, console)
+               "load_average": [load_before, load_average()], "environment": machine()}, args.json_target, console)
 
 
 if __name__ == "__main__":

@@ -51,35 +51,31 @@ Examples::
 
 from __future__ import annotations
 
-import sys as _sys
-from pathlib import Path as _Path
-
-_sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from common import emit_json  # noqa: E402
-
 import argparse
 import contextlib
 import copy
 import gc
 import math
-import os
-import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py: the benchmarks' shared helpers
 
-from specformer_deploy.robustness.attacks import pgd  # noqa: E402
-from specformer_deploy.model.heads import attention_layers, layer_heads  # noqa: E402
-from specformer_deploy.model.factory import build_model, resolve_model_config  # noqa: E402
-from specformer_deploy.training.msvp import MSVP, MSVPConfig, power_iteration_, rayleigh_sigma  # noqa: E402
+from common import emit_json, load_average, machine, percentile, pixel_budget, set_torch_threads, timed_calls, versions
+
+from specformer_deploy.model.factory import build_model, resolve_model_config
+from specformer_deploy.model.heads import attention_layers, layer_heads
+from specformer_deploy.robustness.attacks import pgd
+from specformer_deploy.training.msvp import MSVP, MSVPConfig, power_iteration_, rayleigh_sigma
 
 TARGET_RATIO = 1.03
 PAPER_RATIO = {"standard": 1.5, "adversarial": 2.5}
@@ -98,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "--reps 12 --adv-reps 4; --quick: --model specformer-tiny (its preset size) --batch-size 32 "
                "--reps 40 --adv-reps 15. Explicit options win over both.",
     )
-    parser.add_argument("--quick", action="store_true", help="use the small 'specformer-tiny' model and more repetitions")
+    parser.add_argument("--quick", action="store_true",
+                        help="use the small 'specformer-tiny' model and more repetitions")
     parser.add_argument("--model", default=None, help="preset or timm ViT name (default: paper-vit-s)")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: 32; preset's with --quick)")
     parser.add_argument("--patch-size", type=int, default=None, help="patch size (default: 4; preset's with --quick)")
@@ -110,11 +107,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adv-reps", type=int, default=None,
                         help="timed repetitions for adversarial training (default: 4; 15 with --quick)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up repetitions, standard (default: 2)")
-    parser.add_argument("--adv-warmup", type=int, default=1, help="untimed warm-up repetitions, adversarial (default: 1)")
-    parser.add_argument("--adv-steps", type=int, default=10, help="PGD steps per adversarial step; 0 skips PGD-AT (default: 10)")
-    parser.add_argument("--adv-eps", type=float, default=8 / 255, help="Linf radius in pixels (default: 8/255)")
-    parser.add_argument("--adv-step-size", type=float, default=2 / 255, help="PGD step (default: 2/255)")
-    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of both copies, momentum 0.9 (default: 0.01)")
+    parser.add_argument("--adv-warmup", type=int, default=1,
+                        help="untimed warm-up repetitions, adversarial (default: 1)")
+    parser.add_argument("--adv-steps", type=int, default=10,
+                        help="PGD steps per adversarial step; 0 skips PGD-AT (default: 10)")
+    parser.add_argument("--adv-eps", type=pixel_budget, default=8 / 255,
+                        help="Linf radius in pixels, e.g. 8/255 or 0.0314 (default: 8/255)")
+    parser.add_argument("--adv-step-size", type=pixel_budget, default=2 / 255,
+                        help="PGD step, e.g. 2/255 (default: 2/255)")
+    parser.add_argument("--lr", type=float, default=0.01,
+                        help="SGD learning rate of both copies, momentum 0.9 (default: 0.01)")
     parser.add_argument("--power-iters", default="1,10,100",
                         help="comma-separated cold-start power-iteration counts (default: 1,10,100)")
     parser.add_argument("--run", default=None,
@@ -170,15 +172,8 @@ def sync(device: torch.device) -> None:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    import timm
-
-    env: dict[str, Any] = {
-        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-        "timm": timm.__version__, "device": str(device), "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-    }
-    if hasattr(os, "sched_getaffinity"):
-        env["cpu_affinity"] = len(os.sched_getaffinity(0))
+    env: dict[str, Any] = {**machine(), **versions("torch", "timm"), "device": str(device),
+                           "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -220,18 +215,8 @@ class Trainer:
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def quantile(values: list[float], q: float) -> float:
-    data = sorted(values)
-    pos = (len(data) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+    """Wall seconds of one call, GPU work included."""
+    return timed_calls(fn, 1, lambda: sync(device))[0]
 
 
 def compare(vanilla: Trainer, msvp: Trainer, x: torch.Tensor, y: torch.Tensor, adv: dict[str, float] | None,
@@ -264,13 +249,13 @@ def compare(vanilla: Trainer, msvp: Trainer, x: torch.Tensor, y: torch.Tensor, a
         "vanilla_min_s": min(tv), "msvp_min_s": min(tm),
         "ratio_of_medians": ratio, "ratio_of_minima": min(tm) / min(tv),
         "paired_ratio_median": statistics.median(paired),
-        "paired_ratio_p25": quantile(paired, 0.25), "paired_ratio_p75": quantile(paired, 0.75),
+        "paired_ratio_p25": percentile(paired, 0.25), "paired_ratio_p75": percentile(paired, 0.75),
         "meets_target": ratio <= TARGET_RATIO,
         # Only a verdict when the middle half of the paired ratios lies on one side of the target.
-        "verdict": ("met" if quantile(paired, 0.75) <= TARGET_RATIO else
-                    "not met" if quantile(paired, 0.25) > TARGET_RATIO else "inconclusive"),
-        "vanilla_spread": quantile(tv, 0.9) / quantile(tv, 0.1),
-        "msvp_spread": quantile(tm, 0.9) / quantile(tm, 0.1),
+        "verdict": ("met" if percentile(paired, 0.75) <= TARGET_RATIO else
+                    "not met" if percentile(paired, 0.25) > TARGET_RATIO else "inconclusive"),
+        "vanilla_spread": percentile(tv, 0.9) / percentile(tv, 0.1),
+        "msvp_spread": percentile(tm, 0.9) / percentile(tm, 0.1),
         "final_loss_vanilla": vanilla.loss(), "final_loss_msvp": msvp.loss(),
     }
     return result
@@ -471,8 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not console.is_terminal and console.width < 132:  # keep the tables readable in logs
         console = Console(stderr=json_to_stdout, width=132)
     started = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     device = resolve_device(args.device)
 
     torch.manual_seed(args.seed)
@@ -504,6 +488,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "environment": environment(device),
         "target": {"ratio_at_most": TARGET_RATIO, "paper_ratio": PAPER_RATIO},
         "timing": {},
+        "load_average_1m": {"before": load_average()},
     }
 
     status = console.status("timing standard training steps...")
@@ -538,6 +523,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     losses = [result["timing"][m][k] for m in ("standard", "adversarial") if result["timing"][m]
               for k in ("final_loss_vanilla", "final_loss_msvp")]
     result["finite_losses"] = all(math.isfinite(v) for v in losses)
+    result["load_average_1m"]["after"] = load_average()
     result["wall_time_s"] = time.perf_counter() - started
     render(result, console)
     if not result["finite_losses"]:

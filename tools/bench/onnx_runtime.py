@@ -48,40 +48,32 @@ Examples::
 
 from __future__ import annotations
 
-import sys as _sys
-from pathlib import Path as _Path
-
-_sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from common import emit_json, load_average  # noqa: E402
-
 import argparse
 import contextlib
 import io
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py: the benchmarks' shared helpers
 
-from specformer_deploy.artifact.export import CertifiableModel  # noqa: E402
-from specformer_deploy.model.factory import build_model, resolve_model_config  # noqa: E402
+from common import emit_json, load_average, machine, spread, timed_calls, usable_cpus, versions
+
+from specformer_deploy.artifact.export import CertifiableModel
+from specformer_deploy.model.factory import build_model, resolve_model_config
 
 TARGET_RATIO = 1.5
 DEFAULT_MODELS = "specformer-tiny,deit_tiny_patch16_224"
 OUTPUTS = ["logits", "attn_input_norms"]
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls per backend, model and batch")
     parser.add_argument("--min-block-s", type=float, default=0.2,
                         help="each timed block repeats the call enough times to last at least this long")
-    parser.add_argument("--threads", type=int, default=default_threads(),
+    parser.add_argument("--threads", type=int, default=usable_cpus(),
                         help="intra-op threads for both torch and ONNX Runtime (default: all usable CPUs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
@@ -124,19 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def environment(threads: int) -> dict[str, Any]:
-    import onnx
-    import onnxruntime as ort
-    import timm
-
-    env: dict[str, Any] = {
-        "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor()
-        or platform.machine(), "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-        "timm": timm.__version__, "cpu_count": os.cpu_count(), "threads": threads,
-        "torch_threads": torch.get_num_threads(),
-    }
-    if hasattr(os, "sched_getaffinity"):
-        env["cpu_affinity"] = len(os.sched_getaffinity(0))
-    return env
+    return {**machine(), **versions("torch", "onnx", "onnxruntime", "timm"), "threads": threads,
+            "torch_threads": torch.get_num_threads()}
 
 
 
@@ -157,18 +138,8 @@ def make_session(path: Path, threads: int):
 
 
 def block(fn: Callable[[], Any], calls: int) -> float:
-    started = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return time.perf_counter() - started
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+    """Wall seconds of ``calls`` calls."""
+    return timed_calls(fn, calls)[0]
 
 
 def compare(session, wrapper: CertifiableModel, pixels: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
@@ -210,8 +181,7 @@ def compare(session, wrapper: CertifiableModel, pixels: torch.Tensor, args: argp
                      "calls_per_block": calls[name], "block_s": times[name]}
     out["ratio_of_medians"] = out["ort"]["images_per_s_median"] / out["eager"]["images_per_s_median"]
     out["ratio_of_best"] = out["ort"]["images_per_s_best"] / out["eager"]["images_per_s_best"]
-    out["paired_ratio"] = {"median": statistics.median(paired), "q25": quantile(paired, 0.25),
-                           "q75": quantile(paired, 0.75), "min": min(paired), "max": max(paired)}
+    out["paired_ratio"] = spread(paired)
     out["meets_target"] = out["ratio_of_medians"] >= TARGET_RATIO
     return out
 

@@ -31,9 +31,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tools/: load_test, serve_local
-from common import emit_json, load_average  # noqa: E402
-from load_test import MODES, default_image, run_load  # noqa: E402
-from serve_local import LocalTorchServe  # noqa: E402
+from common import emit_json, load_average, machine
+from load_test import MODES, default_image, run_load
+from serve_local import LocalTorchServe
 
 BENCH_MODES = ("certificate", "probe")
 
@@ -105,7 +105,8 @@ def main() -> None:
     console.print(table)
     console.print(f"load average: {load_before} before, {load_average()} after (a shared machine makes these noisy)")
     emit_json({"benchmark": "workers", "onnx": args.onnx, "device_ids": device_ids, "concurrency": args.concurrency,
-               "rounds": args.rounds, "rows": rows, "load_average": [load_before, load_average()]},
+               "rounds": args.rounds, "rows": rows, "load_average": [load_before, load_average()],
+               "environment": machine()},
               args.json_target, console)
 
 
