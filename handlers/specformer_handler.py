@@ -45,12 +45,19 @@ class SpecformerHandler(BaseHandler):
         import torch
 
         torch.set_num_threads(threads)
+        # A file that fails its integrity check fails it on every retry: raising here would make
+        # TorchServe restart the worker forever while requests wait. The worker loads, refuses,
+        # and answers every request 503 at once (see handle()).
+        self.refusal: str | None = None
         try:
             self.runtime = SpecformerRuntime(model_dir / serialized, device_id=None if gpu_id is None else int(gpu_id),
-                                             threads=threads)
-        except IntegrityError as err:
-            logger.error("specformer: refusing to start: %s", err)
-            raise
+                                             threads=threads, check_pt2=True)
+        except (IntegrityError, FileNotFoundError) as err:
+            self.refusal = str(err)
+            logger.error("specformer: REFUSING TO SERVE model %r: %s; run specformer-deploy audit %s",
+                         getattr(context, "model_name", None), err, serialized)
+            self.initialized = True
+            return
         runtime = self.runtime
         # One warning line when a GPU was asked for and the worker serves on CPU all the same.
         if gpu_id is not None and runtime.device == "cpu":
@@ -60,11 +67,15 @@ class SpecformerHandler(BaseHandler):
             logger.warning("specformer: model-config.yaml asks for GPUs (deviceType gpu, deviceIds %s) but TorchServe "
                            "assigned this worker no gpu_id (it found no GPU with nvidia-smi, or the deviceIds are "
                            "not among them); serving on CPU", model_yaml.get("deviceIds"))
-        logger.info("specformer: loaded %s on %s with %s (gpu_id %s, %d threads), weights sha256 verified",
+        logger.info("specformer: loaded %s on %s with %s (gpu_id %s, %d threads); weights, graph, metadata and "
+                    "model.pt2 verified against their export",
                     serialized, runtime.device, runtime.providers[0], gpu_id, threads)
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
+        if self.refusal is not None:  # never a prediction from a model that failed its integrity check
+            message = f"model failed its integrity check: {self.refusal}"
+            return [self._error(context, index, 503, message, "integrity") for index in range(len(data))]
         from specformer_deploy.serving.request import ClientError, parse_request, split_form
 
         answers: list[Any] = [None] * len(data)

@@ -19,7 +19,8 @@ import numpy as np
 
 from specformer_deploy.budgets import madry_step_size
 from specformer_deploy.serving.bounds import CertificateConstants, certificate_arrays
-from specformer_deploy.artifact.onnx_meta import initializer_arrays, metadata_digests, read_metadata, weights_digest
+from specformer_deploy.artifact.integrity import IntegrityError, digest_problems, load_verified_pt2
+from specformer_deploy.artifact.onnx_meta import initializer_arrays, read_metadata, weights_digest
 
 __all__ = ["SpecformerRuntime", "IntegrityError", "ProbeRequest", "RequestError", "LIMITS", "cuda_usable",
            "cuda_unusable_reason", "check_options", "PROBE_AGREEMENT"]
@@ -32,10 +33,6 @@ LIMITS = {"max_steps": 100, "max_restarts": 100, "max_delta0": 1e4, "max_top_k":
 # The probe's model.pt2 may run on the session's GPU only if its logits there agree with the
 # ONNX session's on the same image to within this fraction of the logit scale (max(1, max|z|)).
 PROBE_AGREEMENT = 1e-3
-
-
-class IntegrityError(RuntimeError):
-    """The ONNX file's weights or metadata do not match their export-time digests."""
 
 
 class RequestError(ValueError):
@@ -131,7 +128,12 @@ class SpecformerRuntime:
     (``"cuda:N"`` or ``"cpu"``)."""
 
     def __init__(self, onnx_path: str | Path, *, device_id: int | None = None, threads: int | None = None,
-                 verify: bool = True) -> None:
+                 verify: bool = True, check_pt2: bool = False) -> None:
+        """``verify``: refuse (:class:`IntegrityError`) a file whose weights, graph or metadata
+        differ from their export-time digests, exactly as `audit` checks them. ``check_pt2``: also
+        load ``model.pt2`` now and refuse it unless it matches the ONNX file (the server's choice,
+        so a worker never starts with a probe that would fail or lie); without it ``model.pt2`` is
+        loaded and checked the same way on the first probe, and torch is never imported before."""
         import onnx
         import onnxruntime as ort
 
@@ -145,9 +147,11 @@ class SpecformerRuntime:
         self.meta = read_metadata(proto)
         if "integrity" not in self.meta or "spectral" not in self.meta:
             raise IntegrityError(f"{self.path} has no specformer metadata: export it with `specformer-deploy export`")
+        self.verified = verify
         if verify:
             self._verify(proto)
         self._mlp = self._mlp_weights(proto)
+        arrays = initializer_arrays(proto) if check_pt2 else None
         del proto
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -165,6 +169,7 @@ class SpecformerRuntime:
         self.class_names = list(self.meta["class_names"])
         self._probe_model = None
         self.probe_device: str | None = None  # where model.pt2 runs, once the first probe loaded it
+        self._verified_pt2 = self._load_pt2(arrays) if check_pt2 else None  # checked, on CPU, not yet moved
 
     def _cuda_session(self, options, device_id: int):
         """``(session on GPU device_id, None)``, or ``(None, why not)``."""
@@ -189,13 +194,37 @@ class SpecformerRuntime:
         return session, None
 
     def _verify(self, proto) -> None:
-        integrity = self.meta["integrity"]
-        if weights_digest(initializer_arrays(proto)) != integrity.get("weights_sha256"):
-            raise IntegrityError(f"{self.path}: the weights' SHA-256 does not match the metadata (changed after "
-                                 "export); refusing to serve it - run `specformer-deploy audit` for details")
-        changed = [k for k, v in metadata_digests(self.meta).items() if integrity.get("metadata_sha256", {}).get(k) != v]
-        if changed:
-            raise IntegrityError(f"{self.path}: metadata changed after export: {', '.join(changed)}")
+        """Every digest `audit` verifies (weights, graph, metadata), via the same code."""
+        problems = digest_problems(proto, self.meta)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise IntegrityError(f"SHA-256 does not match the export's: {shown} ({self.path.name} changed after "
+                                 "export)", problems)
+
+    def _load_pt2(self, arrays: dict[str, np.ndarray] | None = None):
+        """``model.pt2`` on CPU after checking it against this ONNX file (``load_verified_pt2``).
+
+        ``arrays`` are the ONNX initializers; without them they are read again from the file,
+        whose weights must still match the digest verified at load (when ``verify`` was asked)."""
+        if arrays is None:
+            import onnx
+
+            arrays = initializer_arrays(onnx.load(str(self.path)))
+            if self.verified and weights_digest(arrays) != self.meta["integrity"].get("weights_sha256"):
+                raise IntegrityError(f"{self.path.name}: the weights changed on disk after it was loaded")
+        if self.device == "cpu":
+            session = self.session
+        else:  # GPU kernels (TF32, other reductions) differ from the CPU trace by more than export parity
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+
+        def onnx_logits(pixels: np.ndarray) -> np.ndarray:
+            return session.run(["logits"], {"pixels": pixels})[0]
+
+        return load_verified_pt2(self.path.with_suffix(".pt2"), arrays, onnx_logits, self.image_size)
 
     def _mlp_weights(self, proto) -> list[dict[str, Any]] | None:
         """fc1/fc2 weights (and thresholds) of ReLU-family MLPs, read once for local MLP bounds."""
@@ -322,22 +351,21 @@ class SpecformerRuntime:
 
     # -- probe -----------------------------------------------------------------------------
     def _logits_model(self, pixels: np.ndarray | None = None):
-        """``model.pt2``'s logits module, loaded on first use: on the session's GPU when it agrees
-        with the ONNX session there (checked on ``pixels[:1]``, or a grey image), else on CPU."""
+        """``model.pt2``'s logits module, loaded and checked against the ONNX file on first use
+        (raises :class:`IntegrityError` when it is missing or does not match): on the session's GPU
+        when it agrees with the ONNX session there (checked on ``pixels[:1]``, or a grey image),
+        else on CPU."""
         if self._probe_model is None:
-            pt2 = self.path.with_suffix(".pt2")
-            if not pt2.is_file():
-                raise FileNotFoundError(f"the probe needs {pt2} (written by export beside the .onnx)")
-            from specformer_deploy.artifact.pt2 import load_exported_logits
-
-            model, device = load_exported_logits(pt2), "cpu"
+            model = self._verified_pt2 if self._verified_pt2 is not None else self._load_pt2()
+            device = "cpu"
+            self._verified_pt2 = None
             if self.device != "cpu":
                 if pixels is None:
                     pixels = np.full((1, 3, self.image_size, self.image_size), 0.5, dtype=np.float32)
                 moved, why = self._probe_model_on(model, self.device, pixels[:1])
                 if moved is None:
                     logger.warning("specformer: the PGD probe runs on cpu, not %s: %s", self.device, why)
-                    model = load_exported_logits(pt2)  # .to() moves in place: start again from a clean copy
+                    model = self._load_pt2()  # .to() moves in place: start again from a clean copy
                 else:
                     model, device = moved, self.device
             self._probe_model, self.probe_device = model, device
