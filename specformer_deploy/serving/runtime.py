@@ -234,8 +234,9 @@ class SpecformerRuntime:
         arrays = initializer_arrays(proto)
 
         def oriented(ref: dict[str, Any]) -> np.ndarray:
-            array = arrays[ref["initializer"]]
-            return array.T if ref.get("transposed") else array
+            from specformer_deploy.artifact import onnx_meta
+
+            return onnx_meta.oriented(arrays[ref["initializer"]], ref)
 
         layers = []
         for entry in info["layers"]:
