@@ -140,6 +140,23 @@ def test_nothing_is_written_for_a_bad_export_or_option(tmp_path) -> None:
         package_deployment(tmp_path / "missing.onnx", "x", store, model_config={"jobQueueSize": 0})
 
 
+def test_benchmark_percentiles_match_numpy() -> None:
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tools" / "bench"))
+    from common import latency_summary, percentile
+
+    rng = np.random.default_rng(3)
+    for size in (1, 2, 7, 300):
+        values = rng.lognormal(size=size).tolist()
+        for q in (0.0, 0.5, 0.9, 0.99, 1.0):
+            assert percentile(values, q) == pytest.approx(np.percentile(values, 100 * q), rel=1e-12)
+    summary = latency_summary([0.010, 0.020, 0.030])
+    assert (summary["n"], summary["p50_ms"], summary["max_ms"]) == (3, pytest.approx(20.0), pytest.approx(30.0))
+    with pytest.raises(ValueError):
+        percentile([], 0.5)
+
+
 # -- the split deployment on a real TorchServe --------------------------------------------------
 
 @pytest.mark.serving

@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+from common import percentile  # noqa: E402  (tools/bench/common.py: one quantile rule for every benchmark)
+
 MODES = {
     "prediction": {"certificate": False},
     "certificate": {"certificate": True},
@@ -92,8 +95,9 @@ def run_load(url: str, token: str, image: bytes, requests: int, concurrency: int
         list(pool.map(one, range(requests)))
     wall = time.perf_counter() - started
     ok = statuses.get(200, 0)
-    latencies.sort()
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3 if latencies else None  # noqa
+    def pick(q: float) -> float | None:
+        return percentile(latencies, q) * 1e3 if latencies else None
+
     return {"requests": requests, "concurrency": concurrency, "ok": ok, "failures": requests - ok,
             "statuses": {str(k): v for k, v in sorted(statuses.items())}, "wall_s": wall,
             "requests_per_s": ok / wall if wall else 0.0, "p50_ms": pick(0.50), "p99_ms": pick(0.99)}

@@ -91,7 +91,13 @@ class LocalTorchServe:
             if (self.root / "key_file.json").exists() and self.ready():
                 return
             time.sleep(1)
-        raise RuntimeError(f"torchserve did not become ready; logs in {self.root / 'logs'}")
+        raise RuntimeError(f"torchserve did not become ready in 240 s; logs in {self.root / 'logs'}; the last "
+                           f"lines of model_log.log:\n{self.log_tail('model_log.log')}")
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        """The last ``lines`` lines of one of TorchServe's logs (the logs go when a test's directory does)."""
+        path = self.root / "logs" / name
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(none)"
 
     def environment(self) -> dict[str, str]:
         """The environment of ``torchserve --start/--stop``: logs and temporary files under ``root``.
