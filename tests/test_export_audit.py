@@ -16,6 +16,7 @@ import torch
 from onnx import numpy_helper
 
 from specformer_deploy.artifact.audit import audit_file
+from specformer_deploy.artifact.integrity import digest_problems
 from specformer_deploy.artifact.onnx_meta import (
     PREFIX,
     NotAnExportError,
@@ -311,3 +312,22 @@ def test_changed_output_projection_is_caught_as_a_certificate_input(exported_pai
     assert report.exit_code == 1
     assert any(p.startswith("||W_O|| of layer 2: metadata") for p in report.problems)
     assert not any(p.startswith("||W_O|| of layer 1") for p in report.problems)
+
+
+def test_audit_finds_the_digest_problems_the_serving_worker_refuses(exported_pair, tmp_path: Path) -> None:
+    src = Path(exported_pair["msvp"]["onnx"])
+
+    def edit(proto: onnx.ModelProto) -> None:
+        init = next(i for i in proto.graph.initializer if i.name == "model.net.blocks.0.attn.proj.bias")
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 1.0, init.name))
+        for prop in proto.metadata_props:
+            if prop.key == PREFIX + "class_names":
+                prop.value = json.dumps(["cat"] + json.loads(prop.value)[1:])
+
+    tampered = _rewrite(src, tmp_path / "both.onnx", edit)
+    proto = onnx.load(str(tampered))
+    refused = digest_problems(proto, read_metadata(proto))
+    assert refused == ["weight tensor model.net.blocks.0.attn.proj.bias changed after export",
+                       "metadata value specformer.class_names changed after export"]
+    report = audit_file(tampered)
+    assert report.exit_code == 1 and report.problems == refused  # the bias moves no sigma

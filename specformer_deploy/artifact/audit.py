@@ -14,9 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from specformer_deploy.artifact.onnx_meta import (graph_digest, head_blocks, initializer_arrays, metadata_digests,
-                                                  oriented, read_metadata, spectral_norms, tensor_digests,
-                                                  weights_digest)
+from specformer_deploy.artifact.integrity import verify_digests
+from specformer_deploy.artifact.onnx_meta import (
+    head_blocks,
+    initializer_arrays,
+    oriented,
+    read_metadata,
+    spectral_norms,
+)
 
 __all__ = ["AuditReport", "audit_file", "EXIT_CONSISTENT", "EXIT_INCONSISTENT", "EXIT_UNVERIFIABLE"]
 
@@ -109,14 +114,6 @@ def _recompute(arrays: dict[str, np.ndarray], layers: list[dict[str, Any]], head
     return out
 
 
-def _tensor_owner(name: str, layers: list[dict[str, Any]]) -> str:
-    for layer in layers:
-        for key in PROJECTIONS:
-            if layer[key]["initializer"] == name:
-                return f" (layer {layer['layer']} attention weights)"
-    return ""
-
-
 def audit_file(path: str | Path, heads: int | None = None) -> AuditReport:
     """Audit one file; never raises for a bad file (the report carries exit code 2 instead)."""
     path = Path(path)
@@ -152,35 +149,11 @@ def _audit_export(path: Path, proto: Any, arrays: dict[str, np.ndarray], meta: d
 
 
 def _check_digests(report: AuditReport, proto: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Weights, graph and metadata values against the digests stored at export."""
-    integrity = meta["integrity"]
-    _check_weights(report, arrays, integrity, meta["attention_weights"])
-    graph_now = graph_digest(proto)
-    report.integrity["graph_sha256"] = {"stored": integrity.get("graph_sha256"), "recomputed": graph_now}
-    if graph_now != integrity.get("graph_sha256"):
-        report.problems.append("the graph (nodes, constants, inputs or outputs) changed after export")
-    stored_meta_digests = integrity.get("metadata_sha256", {})
-    meta_now = metadata_digests(meta)
-    for key in sorted(set(meta_now) | set(stored_meta_digests)):
-        if meta_now.get(key) != stored_meta_digests.get(key):
-            report.problems.append(f"metadata value specformer.{key} changed after export")
-
-
-def _check_weights(report: AuditReport, arrays: dict[str, np.ndarray], integrity: dict[str, Any],
-                   layers: list[dict[str, Any]]) -> None:
-    """One digest over all weights; when it differs, the per-tensor digests name the changed tensors."""
-    recomputed = weights_digest(arrays)
-    report.integrity["weights_sha256"] = {"stored": integrity.get("weights_sha256"), "recomputed": recomputed}
-    if recomputed == integrity.get("weights_sha256"):
-        return
-    stored_tensors = integrity.get("tensor_sha256", {})
-    now = tensor_digests(arrays)
-    changed = sorted(n for n in set(now) | set(stored_tensors) if now.get(n) != stored_tensors.get(n))
-    for name in changed:
-        what = "added" if name not in stored_tensors else "removed" if name not in now else "changed"
-        report.problems.append(f"weight tensor {name} {what} after export{_tensor_owner(name, layers)}")
-    if not changed:
-        report.problems.append("the weights digest differs from the metadata's")
+    """Weights, graph and metadata values against the digests stored at export, by the same code the
+    serving worker runs before it loads a file (:func:`specformer_deploy.artifact.integrity.verify_digests`)."""
+    verdict = verify_digests(proto, meta, arrays)
+    report.integrity = {"weights_sha256": verdict.weights, "graph_sha256": verdict.graph}
+    report.problems.extend(verdict.problems)
 
 
 def _check_sigmas(report: AuditReport, sigmas: dict[str, np.ndarray], stored: dict[str, Any]) -> None:
@@ -222,7 +195,8 @@ def _check_certificate_inputs(report: AuditReport, arrays: dict[str, np.ndarray]
             now = np.zeros(len(stored_b[layer]))
         else:
             start, stop = ref["range"]
-            now = np.linalg.norm(arrays[ref["initializer"]][start:stop].astype(np.float64).reshape(-1, head_dim), axis=1)
+            bias = arrays[ref["initializer"]][start:stop].astype(np.float64)
+            now = np.linalg.norm(bias.reshape(-1, head_dim), axis=1)
         bad = ~np.isclose(np.asarray(stored_b[layer], dtype=np.float64), now, rtol=SIGMA_RTOL, atol=1e-9)
         for head in np.nonzero(bad)[0]:
             report.problems.append(f"||b_q|| of layer {layer} head {head}: metadata {stored_b[layer][head]:.6g}, "
