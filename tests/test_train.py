@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from specformer_deploy.training.checkpoint import CheckpointError
 from specformer_deploy.training.data import load_dataset
-from specformer_deploy.model.factory import ModelError
+from specformer_deploy.model.factory import ModelError, NormalizedClassifier
 from specformer_deploy.training.msvp import MSVP
 from specformer_deploy.training.train import TrainConfig, load_run_model, train
 
@@ -137,13 +137,127 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
     missing = _cli("train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "y"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     assert not (tmp_path / "y" / "checkpoint.pt").exists()
+    both = _cli("train", "--config", str(tmp_path / "x" / "config.json"), "--resume", "--out", str(tmp_path / "x"))
+    assert both.returncode == 2 and "pass one of them" in both.stderr
     helptext = _cli("train", "--help")
     assert helptext.returncode == 0 and "--lambda-q" in helptext.stdout and "--adversarial" in helptext.stdout
 
 
-def test_adversarial_training_runs_pgd(tmp_path: Path) -> None:
-    summary = train(TrainConfig(epochs=1, batch_size=64, warmup_epochs=0, adversarial=True, adv_steps=2),
-                    tmp_path / "adv", show_progress=False)
-    config = json.loads((tmp_path / "adv" / "config.json").read_text())
-    assert config["train"]["adversarial"] is True and summary["adversarial"] is True
-    assert 0.0 <= summary["test_accuracy"] <= 1.0
+def test_adversarial_training_trains_on_pgd_examples(tmp_path: Path) -> None:
+    """Watch every training-mode forward pass of a PGD-AT epoch (a global forward pre-hook on
+    the real run): each batch is a batch of distinct training images, each moved by at most eps
+    (Linf) and by nearly eps somewhere, and the move raises the loss under that step's weights
+    more than random noise of the same size does. Standard training, or noise instead of PGD,
+    fails this."""
+    eps = 8 / 255
+    bundle = load_dataset("digits", 16)
+    clean, labels = bundle.train.images, bundle.train.labels
+    seen: list[dict[str, torch.Tensor]] = []
+    busy = False
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        nonlocal busy
+        if busy or not isinstance(module, NormalizedClassifier) or not module.training:
+            return
+        busy = True
+        try:
+            x = args[0].detach()
+            distance, index = torch.cdist(x.flatten(1), clean.flatten(1), p=float("inf")).min(dim=1)
+            source, y = clean[index], labels[index]
+            noise = (source + eps * torch.randint(0, 2, source.shape).mul(2).sub(1)).clamp(0, 1)
+            module.eval()
+            with torch.no_grad():
+                losses = [float(F.cross_entropy(module(batch), y)) for batch in (x, source, noise)]
+            module.train()
+            seen.append({"distance": distance, "index": index, "losses": torch.tensor(losses)})
+        finally:
+            busy = False
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        train(TrainConfig(epochs=1, batch_size=64, warmup_epochs=0, adversarial=True, adv_eps=eps, adv_steps=2,
+                          seed=4), tmp_path / "adv", show_progress=False)
+    finally:
+        handle.remove()
+    assert len(seen) == len(clean) // 64  # one forward pass per optimizer step, full batches
+    distance = torch.cat([s["distance"] for s in seen])
+    assert float(distance.max()) <= eps + 1e-6
+    assert float(distance.min()) > eps / 2
+    index = torch.cat([s["index"] for s in seen])
+    assert index.unique().numel() == index.numel()  # an epoch of distinct images, each perturbed once
+    losses = torch.stack([s["losses"] for s in seen])  # [steps, (pgd, clean, noise)]
+    assert bool((losses[:, 0] > losses[:, 1]).all()) and bool((losses[:, 0] > losses[:, 2]).all()), losses
+
+
+def test_a_run_repeated_from_its_config_json_ends_with_the_same_weights(tmp_path: Path) -> None:
+    """`train --config runs/a/config.json --out runs/b` repeats run a (Mixup, MSVP and the data
+    order included); an option on the command line overrides the file's. The real command, run
+    in this process (typer's CliRunner) to spare two interpreter start-ups."""
+    from typer.testing import CliRunner
+
+    from specformer_deploy.cli import app
+
+    def cli(*args: str) -> None:
+        result = CliRunner().invoke(app, ["train", *args])
+        assert result.exit_code == 0, (result.output, result.exception)
+
+    cli("--out", str(tmp_path / "a"), "--epochs", "1", "--seed", "5", "--lambda-q", "1e-3", "--mixup-alpha", "0.4",
+        "--device", "cpu")
+    config = str(tmp_path / "a" / "config.json")
+    cli("--config", config, "--out", str(tmp_path / "b"))
+    cli("--config", config, "--seed", "6", "--out", str(tmp_path / "c"))
+
+    def run(name: str) -> tuple[dict, dict, dict]:
+        options = json.loads((tmp_path / name / "config.json").read_text())["train"]
+        return (options, load_file(str(tmp_path / name / "model.safetensors")),
+                load_file(str(tmp_path / name / "msvp_vectors.safetensors")))
+
+    (a, weights_a, vectors_a), (b, weights_b, vectors_b), (c, weights_c, _) = run("a"), run("b"), run("c")
+    assert a == b and (a["epochs"], a["seed"], a["lambda_q"], a["mixup_alpha"]) == (1, 5, 1e-3, 0.4)
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert all(torch.equal(vectors_a[k], vectors_b[k]) for k in vectors_a)
+    assert c == {**a, "seed": 6}
+    assert not all(torch.equal(weights_a[k], weights_c[k]) for k in weights_a)
+
+
+def test_options_files_accept_yaml_and_refuse_what_they_cannot_mean(tmp_path: Path) -> None:
+    from specformer_deploy.training.config import ConfigFileError, read_options_file
+
+    options = tmp_path / "options.yaml"
+    options.write_text("# a sweep point\nbatch-size: 64\nlr: 5e-2\nmixup: null\nmsvp: false\ndata_dir: /data\n")
+    assert read_options_file(options) == {"batch_size": 64, "lr": 0.05, "mixup": None, "msvp": False,
+                                          "data_dir": "/data"}
+    cases = {"epochs: 2\nbogus: 1\n": "unknown option\\(s\\) bogus; known options are model, ",
+             "epochs: '2'\n": "epochs must be of type",
+             "lr: true\n": "lr must be of type",
+             "- epochs\n": "must hold a mapping",
+             "train: {epochs: 2}\nextra_section: 1\n": "unknown section\\(s\\) extra_section",
+             "format_version: 99\ntrain: {epochs: 2}\n": "format_version 99",
+             "epochs: [\n": "not readable YAML"}
+    for text, message in cases.items():
+        options.write_text(text)
+        with pytest.raises(ConfigFileError, match=message):
+            read_options_file(options)
+    with pytest.raises(ConfigFileError, match="does not exist"):
+        read_options_file(tmp_path / "missing.yaml")
+
+
+def test_train_command_options_are_the_train_config_fields() -> None:
+    """The command is generated from TrainConfig: same names, same defaults, and the flags the
+    README uses (a field added to the dataclass is an option without touching the CLI)."""
+    from typer.main import get_command
+
+    from specformer_deploy.cli import app
+    from specformer_deploy.model.factory import DEFAULT_MODEL
+    from specformer_deploy.training.config import command_line_fields
+
+    params = {p.name: p for p in get_command(app).commands["train"].params}
+    fields = {f.name: f.default for f, _ in command_line_fields()}
+    assert set(params) == set(fields) | {"config", "out", "resume", "json_output"}
+    assert {name: params[name].default for name in fields} == fields
+    assert TrainConfig().model == DEFAULT_MODEL and TrainConfig() == TrainConfig(**fields)
+    flags = {name: (p.opts, p.secondary_opts) for name, p in params.items()}
+    assert flags["msvp"] == (["--msvp"], ["--no-msvp"]) and flags["mixup"] == (["--mixup"], ["--no-mixup"])
+    assert flags["compile"] == (["--compile"], []) and flags["adversarial"] == (["--adversarial"], [])
+    assert flags["json_output"] == (["--json"], []) and flags["batch_size"] == (["--batch-size"], [])
+    assert flags["lambda_q"] == (["--lambda-q"], []) and flags["data_dir"] == (["--data-dir"], [])
