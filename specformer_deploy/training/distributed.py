@@ -109,9 +109,8 @@ def _restart_store(world_size: int, timeout: timedelta) -> dist.Store | None:
 
     torchrun shares its rendezvous TCPStore with the workers and keeps it across restarts, so
     the restarted group can read the addresses the dead group published and fail to connect
-    ("Connection refused"; pytorch/pytorch#135712, #167288). Seen here in 2 of 3 restarts.
-    Prefixing the keys with the restart count (what torch itself did before it shared the
-    store) separates the attempts. ``None``: the default store is fine.
+    ("Connection refused"; pytorch/pytorch#135712, #167288). Keys prefixed with the restart
+    count keep each attempt's rendezvous apart. ``None``: the default store is fine.
     """
     restarts = elastic_restart_count()
     if restarts == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
