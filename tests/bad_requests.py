@@ -85,14 +85,15 @@ def corpus(png: bytes) -> list[Case]:
     bad_form_body, bad_form_type = multipart({"data": png, "probe": b"pgd", "steps": b"1" * 100_000})
     return [
         # what the hostile client found
-        Case("non-ascii json key", raw_json('{"pixels": %s, "temp\u00e9rature": 2}' % pixels), mentions="unknown"),
+        Case("non-ascii json key", raw_json(f'{{"pixels": {pixels}, "temp\u00e9rature": 2}}'), mentions="unknown"),
         Case("non-ascii option value", j(pixels=good, probe="pgd\u00e9\u4e2d"), mentions="probe"),
         Case("non-ascii header value", png, "image/png", {"X-Probe": "pgd\u00e9"}, mentions="probe"),
-        Case("cr/lf in a key", raw_json('{"pixels": %s, "a\\r\\nb": 1}' % pixels), mentions="unknown"),
+        Case("cr/lf in a key", raw_json(f'{{"pixels": {pixels}, "a\\r\\nb": 1}}'), mentions="unknown"),
         Case("1 MB option value", j(pixels=good, probe="p" * 1_000_000), mentions="probe"),
-        Case("1 MB option name", raw_json('{"pixels": %s, "%s": 1}' % (pixels, "k" * 1_000_000)), mentions="unknown"),
+        Case("1 MB option name", raw_json(f'{{"pixels": {pixels}, "{"k" * 1_000_000}": 1}}'), mentions="unknown"),
         Case("deep nesting", b"[" * 100_000 + b"]" * 100_000, mentions="nested"),
-        Case("deep nesting in an object", b'{"pixels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", mentions="nested"),
+        Case("deep nesting in an object", b'{"pixels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+             mentions="nested"),
         Case("10^5-digit integer", b'{"top_k": 1' + b"0" * 100_000 + b', "pixels": ' + pixels.encode() + b"}"),
         Case("10^5-digit steps header", png, "image/png", {"X-Probe": "pgd", "X-Steps": "9" * 100_000},
              mentions="steps"),
@@ -162,9 +163,9 @@ def torchserve_view(case: Case) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(request dict, headers)`` as TorchServe 0.12's worker hands them to ``handle()``.
 
     Raw bodies arrive under ``body``: JSON decoded when the content type is application/json and
-    it decodes (else the bytes), text/* decoded to str, anything else bytes. Multipart forms
-    arrive one key per field with bytes values, and so do url-encoded forms. Headers carry each parameter's content type as a
-    dict under the parameter's name, then the request headers (lower-cased names)."""
+    it decodes (else the bytes), text/* decoded to str, anything else bytes. Multipart and
+    url-encoded forms arrive one key per field with bytes values. Headers carry each parameter's
+    content type as a dict under the parameter's name, then the request headers (lower-cased)."""
     if case.content_type.startswith("multipart/form-data"):
         request: dict[str, Any] = {name: bytearray(value) for name, value in _form_fields(case).items()}
         parameter_types = {name: "image/png" if name == "data" else "" for name in request}
@@ -177,7 +178,7 @@ def torchserve_view(case: Case) -> tuple[dict[str, Any], dict[str, Any]]:
         if case.content_type == "application/json":
             try:
                 value = json.loads(case.body.decode("utf-8"))
-            except Exception:  # noqa: BLE001 - TorchServe forwards the bytes when decoding fails
+            except Exception:
                 value = case.body
         elif case.content_type.startswith("text"):
             value = case.body.decode("utf-8", "replace")

@@ -7,6 +7,7 @@ RequestProcessor and metrics cache on an exported model.
 
 from __future__ import annotations
 
+import base64
 import http
 import json
 import math
@@ -15,10 +16,10 @@ import string
 
 import numpy as np
 import pytest
+from bad_requests import IMAGE_SIZE, Case, corpus, default_png, multipart, torchserve_view
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bad_requests import IMAGE_SIZE, Case, corpus, default_png, multipart, torchserve_view
 from specformer_deploy.budgets import madry_step_size
 from specformer_deploy.serving.limits import LimitsError, ServingLimits
 from specformer_deploy.serving.request import ClientError, ParsedRequest, parse_request, split_form
@@ -66,8 +67,8 @@ def test_multipart_fields_are_options() -> None:
 
 def test_probe_cost_cap_names_the_cap_and_the_probe_endpoint() -> None:
     limits = ServingLimits(max_probe_cost=100, probe_endpoint="digits-probe")
-    request = Case("cost", json.dumps({"image": __import__("base64").b64encode(PNG).decode(), "probe": "pgd",
-                                       "steps": 100, "restarts": 4}).encode())
+    request = Case("cost", json.dumps({"image": base64.b64encode(PNG).decode(), "probe": "pgd", "steps": 100,
+                                       "restarts": 4}).encode())
     with pytest.raises(ClientError) as info:
         _parse(request, limits)
     assert ("steps x restarts = 400 exceeds this endpoint's cap handler.max_probe_cost = 100 (model-config.yaml)"
@@ -169,7 +170,7 @@ def test_fuzz_arbitrary_json(options, as_bytes, kind) -> None:
     if kind == "pixels":
         payload["pixels"] = np.full((3, IMAGE_SIZE, IMAGE_SIZE), 0.5).tolist()
     elif kind == "image":
-        payload["image"] = __import__("base64").b64encode(PNG).decode()
+        payload["image"] = base64.b64encode(PNG).decode()
     body = json.dumps(payload).encode() if as_bytes else payload
     _accepts_or_4xx(body, {})
 
@@ -192,3 +193,97 @@ def test_fuzz_arbitrary_headers_and_form_fields(headers, form) -> None:
 def test_fuzz_deep_nesting(depth, opener) -> None:
     closer = b"]" if opener == b"[" else b"}"
     _accepts_or_4xx(opener * depth + b"0" + closer * depth, {})
+
+
+# -- the real handler, with TorchServe's own context and metrics cache -----------------------
+
+def _context(model_dir, handler_config: dict):
+    from pathlib import Path
+
+    import ts
+    from ts.context import Context
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    metrics.model_name = "digits"
+    metrics.set_request_ids("r0")
+    return Context("digits", str(model_dir), {"model": {"serializedFile": "model.onnx"}}, 8, None, "0.12.0",
+                   metrics=metrics, model_yaml_config={"handler": handler_config})
+
+
+def _handle(handler, context, cases: list[Case]):
+    from ts.context import RequestProcessor
+
+    views = [torchserve_view(case) for case in cases]
+    context.request_processor = [RequestProcessor(headers) for _, headers in views]
+    out = handler.handle([request for request, _ in views], context)
+    return [(context.get_response_status(i), answer) for i, answer in enumerate(out)]
+
+
+@pytest.fixture(scope="module")
+def handler_and_context(exported_pair):
+    from pathlib import Path
+
+    from specformer_handlers.specformer_handler import SpecformerHandler
+
+    context = _context(Path(exported_pair["msvp"]["onnx"]).parent, {"max_probe_cost": 100, "threads_per_worker": 1})
+    handler = SpecformerHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+@pytest.mark.slow
+def test_corpus_through_the_handler_in_one_batch(handler_and_context, caplog) -> None:
+    """The whole corpus as one batch: each request gets its own status; good ones are answered
+    exactly as the runtime answers them alone; rejections are counted by reason."""
+    handler, context = handler_and_context
+    good = Case("good", PNG, "image/png", status=200)
+    batch = [good, *CASES, good]
+    with caplog.at_level("INFO"):
+        results = _handle(handler, context, batch)
+    runtime = handler.runtime
+    alone = runtime.answer(_parse(good).pixels[None])[0]
+    for case, ((status, phrase), answer) in zip(batch, results):
+        body = json.loads(answer)
+        assert status == case.status, f"{case.name}: {status} {body}"
+        assert phrase is None or (phrase == http.HTTPStatus(status).phrase), f"{case.name}: {phrase!r}"
+        assert answer.isascii()
+        if status != 200:
+            assert body["status"] == status and case.mentions.lower() in body["error"].lower(), body
+            assert not ADDRESS.search(body["error"])
+        elif case is good:
+            assert body["prediction"] == alone["prediction"]
+            assert body["certificate"]["bound"] == pytest.approx(alone["certificate"]["bound"], rel=1e-9)
+    rejected = [r.getMessage() for r in caplog.records if "SpecformerRejectedRequests" in r.getMessage()]
+    assert any("Reason:probe_cost" in line for line in rejected), rejected
+    assert any("Reason:bad_json" in line for line in rejected)
+    timings = " ".join(r.getMessage() for r in caplog.records)
+    for name in ("SpecformerInferenceTime", "SpecformerCertificateTime", "SpecformerProbeTime"):
+        assert f"[METRICS]{name}.Milliseconds:" in timings, name
+
+
+@pytest.mark.slow
+def test_probe_restarts_keep_the_strongest_and_do_not_depend_on_the_batch(handler_and_context) -> None:
+    runtime = handler_and_context[0].runtime
+    pixels = np.stack([_parse(Case("g", PNG, "image/png")).pixels,
+                       np.full((3, IMAGE_SIZE, IMAGE_SIZE), 0.5, dtype=np.float32)])
+    labels = runtime.infer(pixels)[0].argmax(axis=1)
+    one = runtime.probe(pixels, labels, ProbeRequest("pgd", 0.05, 5, "linf", 1))
+    four = runtime.probe(pixels, labels, ProbeRequest("pgd", 0.05, 5, "linf", 4))
+    alone = runtime.probe(pixels[1:], labels[1:], ProbeRequest("pgd", 0.05, 5, "linf", 4))
+    assert alone[0] == four[1]  # seeded per image: the batch does not change an answer
+    for a, b in zip(one, four):
+        assert b["restarts"] == 4 and a["restarts"] == 1
+        assert b["flipped"] or b["margin"] <= a["margin"] + 1e-5  # the first restart is the single run
+        assert b["linf_distance"] <= 0.05 + 1e-6
+
+
+@pytest.mark.slow
+def test_a_bad_handler_config_is_a_load_error_naming_the_key(exported_pair) -> None:
+    from pathlib import Path
+
+    from specformer_handlers.specformer_handler import SpecformerHandler
+
+    context = _context(Path(exported_pair["msvp"]["onnx"]).parent, {"max_probe_cost": "lots"})
+    with pytest.raises(LimitsError, match="handler.max_probe_cost"):
+        SpecformerHandler().initialize(context)

@@ -7,8 +7,9 @@ operator) knows what to change. Pure Python: the serving side reads it without t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["ServingLimits", "LimitsError", "DEFAULT_MAX_REQUEST_BYTES"]
 
@@ -32,7 +33,7 @@ class ServingLimits:
     threads_per_worker: int | None = None
 
     @classmethod
-    def from_handler_config(cls, config: Mapping[str, Any] | None) -> "ServingLimits":
+    def from_handler_config(cls, config: Mapping[str, Any] | None) -> ServingLimits:
         """Validate model-config.yaml's ``handler:`` mapping; unknown keys are left to the handler."""
         config = dict(config or {})
         values: dict[str, Any] = {}

@@ -27,8 +27,9 @@ import http
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -198,6 +199,8 @@ def split_form(request: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     A raw POST arrives as ``{"body": ...}``; ``curl -F data=@img -F probe=pgd`` (multipart) and
     query parameters arrive as one key per field with bytes values: those are options."""
     body = next((request[k] for k in BODY_KEYS if request.get(k) is not None), None)
+    if body is None:  # e.g. the image sent under another field name: the caller says where it goes
+        return None, {}
     form = {}
     for key, value in request.items():
         if key in BODY_KEYS:
