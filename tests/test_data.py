@@ -11,7 +11,6 @@ import torch
 
 from specformer_deploy.training.data import DataError, load_dataset
 
-
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

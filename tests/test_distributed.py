@@ -43,7 +43,7 @@ def _torchrun(args: list[str], out: Path, *, nproc: int = 2, extra: list[str] = 
     command = [*TORCHRUN, *args, f"--nproc-per-node={nproc}", "-m", "specformer_deploy", "train", *CLI_OPTIONS,
                *extra, "--out", str(out)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log or out.with_suffix(".log"), "w")  # noqa: SIM115 - closed by _finish
+    log = open(log or out.with_suffix(".log"), "w")  # closed by _finish
     process = subprocess.Popen(command, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
     process.log = log  # type: ignore[attr-defined]
     return process

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specformer_deploy.model.heads import UnsupportedAttentionError, attention_layers, layer_heads
 from specformer_deploy.model.factory import ModelError, build_model, resolve_model_config
+from specformer_deploy.model.heads import UnsupportedAttentionError, attention_layers, layer_heads
 from specformer_deploy.training.msvp import MSVP, MSVPConfig, exact_spectral_norms, power_iteration_
 
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from specformer_deploy.model.factory import ModelError, NormalizedClassifier
 from specformer_deploy.training.checkpoint import CheckpointError
 from specformer_deploy.training.data import load_dataset
-from specformer_deploy.model.factory import ModelError, NormalizedClassifier
 from specformer_deploy.training.msvp import MSVP
 from specformer_deploy.training.train import TrainConfig, load_run_model, train
 
@@ -101,7 +101,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     assert json.loads(resumed.stdout)["epochs"] == 3
     a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(killed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    va, vb = load_file(str(tmp_path / "ref" / "msvp_vectors.safetensors")), load_file(str(killed / "msvp_vectors.safetensors"))
+    va = load_file(str(tmp_path / "ref" / "msvp_vectors.safetensors"))
+    vb = load_file(str(killed / "msvp_vectors.safetensors"))
     assert all(torch.equal(va[k], vb[k]) for k in va)
     assert len((killed / "metrics.jsonl").read_text().splitlines()) == 3
 
@@ -125,8 +126,8 @@ def test_pretrained_weights_load_and_mismatch_is_clear(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="do not match the model"):
         train(TrainConfig(epochs=1, img_size=32, pretrained=str(run / "model.safetensors")), tmp_path / "b",
               show_progress=False)
-    start = train(TrainConfig(epochs=1, batch_size=32, warmup_epochs=0, lr=1e-9, pretrained=str(run / "model.safetensors")),
-                  tmp_path / "c", show_progress=False)
+    start = train(TrainConfig(epochs=1, batch_size=32, warmup_epochs=0, lr=1e-9,
+                              pretrained=str(run / "model.safetensors")), tmp_path / "c", show_progress=False)
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert start["test_accuracy"] == pytest.approx(first["test_accuracy"], abs=0.02)
 

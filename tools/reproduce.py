@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from specformer_deploy.training.checkpoint import read_metrics
-from specformer_deploy.robustness.evaluate import PROTOCOLS, evaluate_model, load_attack_model
-from specformer_deploy.training.msvp import exact_spectral_norms
 from specformer_deploy.artifact.plots import plot_sigma_per_layer
+from specformer_deploy.robustness.evaluate import PROTOCOLS, evaluate_model, load_attack_model
+from specformer_deploy.training.checkpoint import read_metrics
+from specformer_deploy.training.msvp import exact_spectral_norms
 from specformer_deploy.training.train import TrainConfig, load_run_model, train
 
 # name -> TrainConfig overrides

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ class RunFiles:
             raise CheckpointError(f"{self.root} has no {self.checkpoint.name} to resume from")
         try:
             return torch.load(self.checkpoint, map_location=map_location, weights_only=True)
-        except Exception as err:  # noqa: BLE001 - truncated/corrupt files raise many types
+        except Exception as err:  # truncated or corrupt files raise many types
             raise CheckpointError(f"{self.checkpoint} is unreadable (truncated or corrupt?): {err}") from err
 
     def load_weights(self) -> dict[str, torch.Tensor]:
@@ -61,7 +62,7 @@ class RunFiles:
             raise CheckpointError(f"{self.root} has no {self.weights.name} (did training finish an epoch?)")
         try:
             return load_file(str(self.weights))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # truncated or corrupt files raise many types
             raise CheckpointError(f"{self.weights} is unreadable (truncated or corrupt?): {err}") from err
 
 

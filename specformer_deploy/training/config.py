@@ -151,8 +151,8 @@ def _yaml_loader() -> type:
     class Loader(yaml.SafeLoader):
         pass
 
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                                 list("-+0123456789"))
+    exponent_float = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent_float, list("-+0123456789"))
     return Loader
 
 
@@ -167,7 +167,7 @@ def read_options_file(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        data = yaml.load(path.read_text(), Loader=_yaml_loader())  # noqa: S506 - a SafeLoader
+        data = yaml.load(path.read_text(), Loader=_yaml_loader())  # a SafeLoader
     except FileNotFoundError:
         raise ConfigFileError(f"--config {path} does not exist") from None
     except (OSError, yaml.YAMLError) as err:

@@ -7,9 +7,9 @@ at the model's image size. Nothing is downloaded; a missing or malformed directo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ def _cifar(data_dir: Path, size: int, name: str) -> DatasetBundle:
     try:
         train = reader(str(folder.parent), train=True, transform=_cifar_transform(size, augment=True))
         test = reader(str(folder.parent), train=False, transform=_cifar_transform(size, augment=False))
-    except Exception as err:  # noqa: BLE001 - unpickling a foreign file raises many types
+    except Exception as err:  # unpickling a foreign file raises many types
         raise DataError(f"{folder} holds a file that is not a readable CIFAR python-pickle batch "
                         f"({_CIFAR_LAYOUTS[name][1]}): {type(err).__name__}: {err}") from err
     top = max(max(train.targets), max(test.targets))

@@ -13,15 +13,17 @@ keep metrics global and the power-iteration vectors identical on every rank.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["resolve_device", "DistContext", "DistributedConfigError", "init_distributed", "launched_by_torchrun", "per_rank_batch",
+__all__ = ["resolve_device", "DistContext", "DistributedConfigError", "init_distributed", "launched_by_torchrun",
+           "per_rank_batch",
            "agree", "all_reduce_sums", "sync_from_rank0", "broadcast_object", "shutdown", "elastic_restart_count"]
 
 

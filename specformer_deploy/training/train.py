@@ -17,9 +17,10 @@ import itertools
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,12 +39,27 @@ from specformer_deploy.model.factory import ModelConfig, build_model, load_pretr
 from specformer_deploy.model.heads import UnsupportedAttentionError
 from specformer_deploy.model.mlp import activation_sparsity
 from specformer_deploy.robustness.attacks import pgd
-from specformer_deploy.training.checkpoint import CheckpointError, RunFiles, atomic_write, atomic_write_text, read_metrics
+from specformer_deploy.training.checkpoint import (
+    CheckpointError,
+    RunFiles,
+    atomic_write,
+    atomic_write_text,
+    read_metrics,
+)
 from specformer_deploy.training.config import FORMAT_VERSION, TrainConfig
 from specformer_deploy.training.data import DatasetBundle, load_dataset
-from specformer_deploy.training.distributed import (DistContext, agree, all_reduce_sums, broadcast_object,
-                                                    elastic_restart_count, init_distributed, per_rank_batch,
-                                                    resolve_device, shutdown, sync_from_rank0)
+from specformer_deploy.training.distributed import (
+    DistContext,
+    agree,
+    all_reduce_sums,
+    broadcast_object,
+    elastic_restart_count,
+    init_distributed,
+    per_rank_batch,
+    resolve_device,
+    shutdown,
+    sync_from_rank0,
+)
 from specformer_deploy.training.msvp import MSVP, exact_spectral_norms
 
 __all__ = ["TrainConfig", "RunState", "train", "setup_run", "train_one_epoch", "evaluate_accuracy", "save_checkpoint",
@@ -142,8 +158,12 @@ def _run_epochs(state: RunState, console: Console, show_progress: bool,
     with progress:
         task = progress.add_task("train", total=state.total_steps, completed=state.step, info="")
         for epoch in range(state.start_epoch, state.cfg.epochs):
-            totals = train_one_epoch(state, epoch, lambda loss: progress.update(
-                task, advance=1, description=f"epoch {epoch + 1}/{state.cfg.epochs}", info=f"loss {loss:.4f}"))
+            description = f"epoch {epoch + 1}/{state.cfg.epochs}"
+
+            def show_step(loss: float, description: str = description) -> None:
+                progress.update(task, advance=1, description=description, info=f"loss {loss:.4f}")
+
+            totals = train_one_epoch(state, epoch, show_step)
             accuracy = evaluate_accuracy(state.model, state.bundle.test, state.device, ctx=state.ctx)
             record = _epoch_record(state, epoch, totals, accuracy)
             state.metrics.append(record)
@@ -356,10 +376,11 @@ def _build_data_and_model(ctx: DistContext, cfg: TrainConfig,
         model = build_model(model_cfg)
         if cfg.pretrained and load_weights:
             load_pretrained(model, cfg.pretrained)
-    except Exception as err:  # noqa: BLE001 - reported on every rank below, then re-raised here
+    except Exception as err:  # reported on every rank below, then re-raised here
         if not ctx.distributed:
             raise
-        error = str(err) if isinstance(err, (ValueError, OSError, UnsupportedAttentionError)) else f"{type(err).__name__}: {err}"
+        known = isinstance(err, (ValueError, OSError, UnsupportedAttentionError))
+        error = str(err) if known else f"{type(err).__name__}: {err}"
     agree(ctx, {}, error)
     assert bundle is not None and model is not None and model_cfg is not None
     return bundle, model_cfg, model
@@ -367,9 +388,10 @@ def _build_data_and_model(ctx: DistContext, cfg: TrainConfig,
 
 def _write_run_config(files: RunFiles, ctx: DistContext, cfg: TrainConfig, model_cfg: ModelConfig,
                       bundle: DatasetBundle) -> None:
+    data = {"dataset": bundle.name, "class_names": bundle.class_names, "train_size": len(bundle.train),
+            "test_size": len(bundle.test)}
     run_config = {"format_version": FORMAT_VERSION, "package_version": __version__, "train": asdict(cfg),
-                  "model": model_cfg.to_dict(), "data": {"dataset": bundle.name, "class_names": bundle.class_names,
-                                                         "train_size": len(bundle.train), "test_size": len(bundle.test)},
+                  "model": model_cfg.to_dict(), "data": data,
                   # Mixup/CutMix and PGD noise are drawn per process: part of what repeats a run.
                   "distributed": {"world_size": ctx.world_size, "backend": ctx.backend}}
     atomic_write_text(files.config, json.dumps(run_config, indent=2) + "\n")
