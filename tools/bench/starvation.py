@@ -9,6 +9,9 @@ the archives and config.properties that `specformer-deploy package` writes, toke
      (to NAME-probe; with ``--layout shared`` to NAME itself, one worker pool for everything) and,
      once they have run ``--ramp`` seconds, the same client sends certificate-only requests again,
      one at a time, for ``--duration`` seconds (long enough to see many probe batches finish).
+     A probe client whose probe is refused (503: the probe queue is full) waits ``--backoff``
+     seconds before the next one, as a client should; with 0 the refusals become a request storm
+     that measures the client's CPU more than the server.
 
 It prints the certificate requests' idle and loaded p50/p99, the loaded/idle ratios, the probes
 answered per second while the certificates were measured, the statuses seen and the load average.
@@ -18,6 +21,7 @@ always stopped.
 
     python tools/bench/starvation.py --onnx runs/demo/export/model.onnx
     python tools/bench/starvation.py --onnx model.onnx --layout shared --json -   # one pool, for comparison
+    python tools/bench/starvation.py --onnx model.onnx --probe-clients 120 --duration 20   # probe queue overflows
 """
 
 from __future__ import annotations
@@ -63,10 +67,11 @@ def certificate_latencies(url: str, token: str, body: bytes, count: int, stop_at
 
 
 class ProbeLoad:
-    """``clients`` threads, each sending probes back to back until :meth:`stop`."""
+    """``clients`` threads, each sending probes back to back until :meth:`stop`, pausing ``backoff``
+    seconds after a refusal (a full probe queue answers 503 at once)."""
 
-    def __init__(self, url: str, token: str, body: bytes, clients: int) -> None:
-        self.url, self.token, self.body = url, token, body
+    def __init__(self, url: str, token: str, body: bytes, clients: int, backoff: float) -> None:
+        self.url, self.token, self.body, self.backoff = url, token, body, backoff
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.finished: list[tuple[float, int]] = []  # (time answered, status)
@@ -77,6 +82,8 @@ class ProbeLoad:
             status, _ = timed_request(self.url, self.token, self.body, "application/json", timeout=300)
             with self.lock:
                 self.finished.append((time.perf_counter(), status))
+            if status != 200:
+                self.stopping.wait(self.backoff)  # as a client does after a 503 (queue full)
 
     def start(self) -> None:
         for thread in self.threads:
@@ -125,7 +132,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             idle, idle_statuses = certificate_latencies(cheap_url, token, cheap, args.requests, float("inf"))
 
             console.print(f"loaded: {args.probe_clients} clients sending {args.probe_steps}-step probes")
-            load = ProbeLoad(probe_url, token, probe, args.probe_clients)
+            load = ProbeLoad(probe_url, token, probe, args.probe_clients, args.backoff)
             load_before = load_average()
             load.start()
             time.sleep(args.ramp)
@@ -144,7 +151,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     ratio_p99 = loaded_summary["p99_ms"] / idle_summary["p99_ms"]
     return {
         "benchmark": "starvation", "onnx": args.onnx, "layout": args.layout,
-        "probe_clients": args.probe_clients, "probe_steps": args.probe_steps,
+        "probe_clients": args.probe_clients, "probe_steps": args.probe_steps, "backoff_s": args.backoff,
         "idle": {**idle_summary, "statuses": idle_statuses},
         "loaded": {**loaded_summary, "statuses": loaded_statuses, "seconds": ended - started},
         "ratio_p50": loaded_summary["p50_ms"] / idle_summary["p50_ms"], "ratio_p99": ratio_p99,
@@ -163,15 +170,18 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300, help="Idle certificate requests (1..5000).")
     parser.add_argument("--probe-clients", type=int, default=16, help="Clients sending probes (1..128).")
     parser.add_argument("--probe-steps", type=int, default=100, help="PGD steps per probe (1..100).")
+    parser.add_argument("--backoff", type=float, default=1.0, help="Seconds a probe client waits after a refusal "
+                                                                   "(0..60).")
     parser.add_argument("--ramp", type=float, default=5.0, help="Seconds of probe load before measuring.")
     parser.add_argument("--duration", type=float, default=30.0, help="Seconds of loaded measurement (1..600).")
     parser.add_argument("--drain", type=float, default=120.0, help="Seconds to wait for probes in flight at the end.")
     parser.add_argument("--json", dest="json_target", default=None, help="Write the result as JSON ('-': stdout).")
     args = parser.parse_args()
     if not (1 <= args.requests <= 5000 and 1 <= args.probe_clients <= 128 and 1 <= args.probe_steps <= 100
-            and 1 <= args.duration <= 600 and 0 <= args.ramp <= 600 and 0 <= args.drain <= 600):
+            and 1 <= args.duration <= 600 and 0 <= args.ramp <= 600 and 0 <= args.drain <= 600
+            and 0 <= args.backoff <= 60):
         parser.error("--requests must be in [1, 5000], --probe-clients in [1, 128], --probe-steps in [1, 100], "
-                     "--duration in [1, 600], --ramp and --drain in [0, 600]")
+                     "--duration in [1, 600], --ramp and --drain in [0, 600], --backoff in [0, 60]")
     console = Console(stderr=True)
     result = run(args, console)
     idle, loaded = result["idle"], result["loaded"]
