@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
-from common import percentile  # noqa: E402  (tools/bench/common.py: one quantile rule for every benchmark)
+from common import percentile  # tools/bench/common.py: one quantile rule for every benchmark
 
 MODES = {
     "prediction": {"certificate": False},

@@ -40,9 +40,9 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tools/: load_test, serve_local
-from common import emit_json, latency_summary, load_average  # noqa: E402
-from load_test import MODES, default_image, timed_request  # noqa: E402
-from serve_local import LocalTorchServe  # noqa: E402
+from common import emit_json, latency_summary, load_average
+from load_test import MODES, default_image, timed_request
+from serve_local import LocalTorchServe
 
 TARGET_RATIO = 10.0  # loaded p99 within this factor of the idle p99
 MAX_LOADED_REQUESTS = 20_000
