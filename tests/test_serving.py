@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.serving, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from bad_requests import Case, corpus  # noqa: E402
+from bad_requests import Case, corpus, multipart  # noqa: E402
 from load_test import default_image, run_load  # noqa: E402
 from serve_local import LocalTorchServe  # noqa: E402
 
@@ -131,6 +131,15 @@ def test_hostile_requests_in_a_batch_fail_alone(server, png) -> None:
         if case is good:
             assert answer["prediction"] == alone["prediction"]
     _no_worker_died(server)
+
+
+def test_multipart_form_fields_are_the_options(server, png) -> None:
+    """``curl -F data=@digit.png -F probe=pgd -F eps=8/255 -F steps=3``: the same answer as headers."""
+    body, content_type = multipart({"data": png, "probe": b"pgd", "eps": b"8/255", "steps": b"3"})
+    status, form = server.post(body, content_type)
+    _, headers = server.post(png, "image/png", {"X-Probe": "pgd", "X-Eps": "8/255", "X-Steps": "3"})
+    assert status == 200 and form["probe"] == headers["probe"] and form["probe"]["steps"] == 3
+    assert form["prediction"] == headers["prediction"]
 
 
 def test_metrics_endpoint_shows_timings_and_rejections_by_reason(server, png) -> None:

@@ -3,11 +3,11 @@
 The TorchServe handler is a thin shell around this module and ``runtime``; keeping the parsing
 here lets it be tested without a server. Accepted bodies:
 
-- image bytes (PNG, JPEG, anything PIL reads), options in request headers, query parameters or
-  other multipart form fields (``curl -F data=@digit.png -F probe=pgd``);
+- image bytes (PNG, JPEG, anything PIL reads), options in request headers or in the other
+  fields of a multipart form (``curl -F data=@digit.png -F probe=pgd``);
 - JSON ``{"image": "<base64>", ...options}`` or ``{"pixels": [[[...]]], ...options}``.
 
-Options (JSON keys, form fields, query parameters, or headers of the same name, optionally
+Options (JSON keys, form fields, or headers of the same name, optionally
 prefixed ``x-``): ``delta0`` (float, default 0.01), ``top_k`` (int, default 5), ``certificate``
 (bool, default true), ``probe`` (``pgd`` | ``fgsm``), ``eps`` (a number or a fraction like
 ``8/255``, default 2/255), ``steps`` (int, default 10), ``restarts`` (int, default 1), ``norm``
@@ -196,8 +196,9 @@ def _header_options(headers: Mapping[str, Any]) -> dict[str, Any]:
 def split_form(request: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     """TorchServe's per-request dict -> ``(body, other fields)``.
 
-    A raw POST arrives as ``{"body": ...}``; ``curl -F data=@img -F probe=pgd`` (multipart) and
-    query parameters arrive as one key per field with bytes values: those are options."""
+    A raw POST arrives as ``{"body": ...}``; ``curl -F data=@img -F probe=pgd`` (multipart) as one
+    key per field with bytes values: the fields other than the image are options. (TorchServe
+    hands a handler no query parameters: ``?probe=pgd`` is not an option.)"""
     body = next((request[k] for k in BODY_KEYS if request.get(k) is not None), None)
     if body is None:  # e.g. the image sent under another field name: the caller says where it goes
         return None, {}
