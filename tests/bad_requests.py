@@ -178,7 +178,7 @@ def torchserve_view(case: Case) -> tuple[dict[str, Any], dict[str, Any]]:
         if case.content_type == "application/json":
             try:
                 value = json.loads(case.body.decode("utf-8"))
-            except Exception:
+            except (UnicodeDecodeError, ValueError, RecursionError):  # as the frontend: unparsable JSON stays bytes
                 value = case.body
         elif case.content_type.startswith("text"):
             value = case.body.decode("utf-8", "replace")

@@ -54,6 +54,7 @@ class LocalTorchServe:
         self.device_ids = device_ids
         self.probe_workers = probe_workers
         self.models: list[str] = [name]
+        self.free_ports = free_ports
         self.ports = ({"inference": _free_port(), "management": _free_port(), "metrics": _free_port()} if free_ports
                       else {"inference": 8080, "management": 8081, "metrics": 8082})
         self.url = f"http://127.0.0.1:{self.ports['inference']}"
@@ -75,6 +76,8 @@ class LocalTorchServe:
         for kind, port in self.ports.items():
             default = {"inference": 8080, "management": 8081, "metrics": 8082}[kind]
             config = config.replace(f"127.0.0.1:{default}", f"127.0.0.1:{port}")
+        if self.free_ports:  # gRPC listens too (7070/7071 by default): a second server must not collide there
+            config += (f"\ngrpc_inference_port={_free_port()}\ngrpc_management_port={_free_port()}\n")
         (self.root / "config.properties").write_text(config)
         # torchserve --start daemonizes Java, which inherits stdout/stderr: give it a file, not a pipe.
         (self.root / "logs").mkdir(exist_ok=True)

@@ -145,7 +145,7 @@ def pt2_problems(program, arrays: dict[str, np.ndarray], onnx_logits: Callable[[
     try:
         with torch.no_grad():
             logits = program(torch.from_numpy(pixels))[0].float().cpu().numpy()
-    except Exception as err:  # a program with a changed graph can fail in any way: report, do not crash
+    except Exception as err:  # noqa: BLE001 - a changed graph can fail in any way: report, do not crash
         return problems + [f"model.pt2 does not run on the reference pixels: {type(err).__name__}: {err}"]
     tolerance = PT2_LOGIT_TOLERANCE * max(1.0, float(np.abs(reference).max()))
     difference = float(np.abs(logits - reference).max()) if logits.shape == reference.shape else np.inf

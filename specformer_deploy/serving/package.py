@@ -167,18 +167,14 @@ def _check_name(name: str) -> None:
 
 def _check_export(onnx_path: Path) -> list[str]:
     """The class names of a valid export; refuses anything ``package`` cannot serve."""
-    if not onnx_path.is_file():
-        raise PackageError(f"{onnx_path} does not exist")
-    pt2 = onnx_path.with_suffix(".pt2")
-    if not pt2.is_file():
-        raise PackageError(f"{pt2} is missing: probes need it (export writes it beside the .onnx)")
+    from specformer_deploy.artifact.onnx_meta import NotAnExportError, require_export
+
     if not HANDLER.is_file():
         raise PackageError(f"the handler {HANDLER} is missing: reinstall specformer-deploy")
-    from specformer_deploy.artifact.onnx_meta import read_metadata_file
-
-    meta = read_metadata_file(onnx_path)
-    if "class_names" not in meta:
-        raise PackageError(f"{onnx_path} has no specformer metadata: export it with `specformer-deploy export`")
+    try:
+        meta = require_export(onnx_path, need_pt2=True)
+    except NotAnExportError as err:
+        raise PackageError(str(err)) from err
     return list(meta["class_names"])
 
 

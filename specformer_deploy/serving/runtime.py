@@ -17,10 +17,16 @@ from typing import Any
 
 import numpy as np
 
+from specformer_deploy.artifact.integrity import IntegrityError, digest_problems, load_verified_pt2
+from specformer_deploy.artifact.onnx_meta import (
+    NotAnExportError,
+    initializer_arrays,
+    read_metadata,
+    require_export_metadata,
+    weights_digest,
+)
 from specformer_deploy.budgets import madry_step_size
 from specformer_deploy.serving.bounds import CertificateConstants, certificate_arrays
-from specformer_deploy.artifact.integrity import IntegrityError, digest_problems, load_verified_pt2
-from specformer_deploy.artifact.onnx_meta import initializer_arrays, read_metadata, weights_digest
 
 __all__ = ["SpecformerRuntime", "IntegrityError", "ProbeRequest", "RequestError", "LIMITS", "cuda_usable",
            "cuda_unusable_reason", "check_options", "PROBE_AGREEMENT"]
@@ -56,7 +62,7 @@ class ProbeRequest:
     norm: str = "linf"  # linf | l2
     restarts: int = 1
 
-    def validate(self, image_size: int) -> "ProbeRequest":
+    def validate(self, image_size: int) -> ProbeRequest:
         if self.attack not in ("pgd", "fgsm"):
             raise RequestError(f"probe must be 'pgd' or 'fgsm', got {self.attack!r}", "probe")
         if self.norm not in ("linf", "l2"):
@@ -142,11 +148,13 @@ class SpecformerRuntime:
             raise FileNotFoundError(f"{self.path} does not exist")
         try:
             proto = onnx.load(str(self.path))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise IntegrityError(f"{self.path} is not a readable ONNX file: {err}") from err
         self.meta = read_metadata(proto)
-        if "integrity" not in self.meta or "spectral" not in self.meta:
-            raise IntegrityError(f"{self.path} has no specformer metadata: export it with `specformer-deploy export`")
+        try:
+            require_export_metadata(self.meta, self.path)
+        except NotAnExportError as err:
+            raise IntegrityError(str(err)) from None
         self.verified = verify
         if verify:
             self._verify(proto)
