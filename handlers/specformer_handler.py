@@ -93,7 +93,7 @@ class SpecformerHandler(BaseHandler):
                 groups.setdefault(parsed.group_key, []).append((index, parsed))
             except ClientError as err:
                 answers[index] = self._error(context, index, err.status, err.message, err.reason)
-            except Exception as err:
+            except Exception as err:  # never let one request take the batch down
                 logger.exception("specformer: unexpected error parsing request %d", index)
                 answers[index] = self._error(context, index, 500, f"internal error: {type(err).__name__}",
                                              "internal")
@@ -109,7 +109,7 @@ class SpecformerHandler(BaseHandler):
                     answers[index] = json.dumps(result)
                     context.set_response_content_type(index, "application/json")
                 self._record_times(context, timings)
-            except Exception as err:
+            except Exception as err:  # the server's own fault: 500 for this group, the others are answered
                 logger.exception("specformer: inference failed for %d request(s)", len(members))
                 for index, _ in members:
                     answers[index] = self._error(context, index, 500, f"internal error: {type(err).__name__}",
@@ -125,7 +125,7 @@ class SpecformerHandler(BaseHandler):
         try:
             for part, seconds in timings.items():
                 metrics.add_time(f"Specformer{part.capitalize()}Time", round(seconds * 1000.0, 3), None, "ms", [])
-        except Exception:
+        except Exception:  # a metric never costs a client its answer
             logger.exception("specformer: could not record timing metrics")
 
     @staticmethod
@@ -144,6 +144,6 @@ class SpecformerHandler(BaseHandler):
             try:
                 metrics.add_counter("SpecformerRejectedRequests", 1, None,
                                     [Dimension("Reason", reason), Dimension("Status", str(status))])
-            except Exception:
+            except Exception:  # a metric never costs a client its answer
                 logger.exception("specformer: could not count a rejected request")
         return json.dumps({"error": message, "status": status})  # ensure_ascii: the body is ASCII too
