@@ -56,7 +56,7 @@ def decode_image(data: bytes, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> 
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"image refused as a decompression bomb: {err}") from err
-    except Exception as err:
+    except Exception as err:  # PIL raises many types for bad data
         raise ImageError(f"not a readable image (truncated or not PNG/JPEG?): {err}") from err
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)

@@ -148,7 +148,7 @@ class SpecformerRuntime:
             raise FileNotFoundError(f"{self.path} does not exist")
         try:
             proto = onnx.load(str(self.path))
-        except Exception as err:
+        except Exception as err:  # protobuf raises several types for a corrupt file
             raise IntegrityError(f"{self.path} is not a readable ONNX file: {err}") from err
         self.meta = read_metadata(proto)
         try:
