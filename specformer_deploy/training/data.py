@@ -7,7 +7,6 @@ at the model's image size. Nothing is downloaded; a missing or malformed directo
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,25 +45,17 @@ def resize_batch(pixels: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class TensorImages(Dataset):
-    """Images held in memory as uint8 ``[N, 3, H, W]`` (or float in [0, 1]) with an optional transform."""
+    """Images held in memory as float pixels in [0, 1], ``[N, 3, S, S]`` at the model's size."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, size: int,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.images = images
         self.labels = labels.long()
-        self.size = size
-        self.transform = transform
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index]
-        image = image.float().div(255.0) if image.dtype == torch.uint8 else image
-        image = resize_batch(image.unsqueeze(0), self.size)[0]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[index])
+        return self.images[index], int(self.labels[index])
 
 
 def _digits(size: int) -> DatasetBundle:
@@ -81,8 +72,8 @@ def _digits(size: int) -> DatasetBundle:
     train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
     names = [str(i) for i in range(10)]
     # No flips or crops: a mirrored digit is another symbol, and 8x8 sources leave no margin.
-    return DatasetBundle(TensorImages(images[train_idx], labels[train_idx], size),
-                         TensorImages(images[test_idx], labels[test_idx], size), names, "digits")
+    return DatasetBundle(TensorImages(images[train_idx], labels[train_idx]),
+                         TensorImages(images[test_idx], labels[test_idx]), names, "digits")
 
 
 _CIFAR_LAYOUTS = {
