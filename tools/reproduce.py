@@ -161,7 +161,8 @@ def render(results: dict[str, Any]) -> str:
     if results["adversarial"]:
         adv = results["adversarial"]
         keys = list(next(iter(adv.values())))
-        how = "from scratch" if opts.get("adv_from_scratch") else f"fine-tuning the standard models, lr {opts['adv_lr']:g}"
+        how = ("from scratch" if opts.get("adv_from_scratch")
+               else f"fine-tuning the standard models, lr {opts['adv_lr']:g}")
         parts.append(_table(f"Table 2 layout: PGD-{opts['adv_steps']} adversarial training ({opts['adv_epochs']} "
                             f"epochs, {how}), adversarial protocol on {opts['adv_limit']} test images",
                             ["Model", *keys], [[n, *(f"{100 * r[k]:.2f}" for k in keys)] for n, r in adv.items()]))
@@ -178,7 +179,8 @@ def render(results: dict[str, Any]) -> str:
         sweep = results["sweep"]
         keys = list(next(iter(sweep.values())))
         parts.append(_table("Table 5 layout: MSVP lambda sweep (lambda_q = lambda_k = lambda_v), standard protocol",
-                            ["lambda", *keys], [[lam, *(f"{100 * r[k]:.2f}" for k in keys)] for lam, r in sweep.items()]))
+                            ["lambda", *keys],
+                            [[lam, *(f"{100 * r[k]:.2f}" for k in keys)] for lam, r in sweep.items()]))
     parts.append("Figure 2a layout: `fig2a.png` (max singular value per layer of W_Q, W_K, W_V).\n")
     return "\n".join(parts)
 
