@@ -39,9 +39,9 @@ class SpecformerHandler(BaseHandler):
         options = model_yaml.get("handler") or {}
         self.limits = ServingLimits.from_handler_config(options)  # a bad cap fails the load, naming its key
         threads = self.limits.threads_per_worker or max(1, (os.cpu_count() or 1) // 2)
-        # The probe's torch ops get the same thread budget as ONNX Runtime. torch's default (one
+        # The probe's torch ops get the same thread budget as ONNX Runtime: torch's default (one
         # thread per core in every worker) oversubscribes the cores as soon as there are several
-        # workers: measured here, 2 workers served probes 5.6x slower than 1 before this line.
+        # workers (tools/bench/workers.py measures what that costs).
         import torch
 
         torch.set_num_threads(threads)

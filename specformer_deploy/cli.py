@@ -5,8 +5,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -66,7 +67,7 @@ def _command_line_options(ctx: typer.Context, options: dict[str, Any]) -> dict[s
 @_with_train_options
 def train(
     ctx: typer.Context,
-    config: Optional[Path] = typer.Option(None, "--config", metavar="FILE", help="YAML (or JSON) file of options, "
+    config: Path | None = typer.Option(None, "--config", metavar="FILE", help="YAML (or JSON) file of options, "
                                           "or a run's config.json to repeat that run; options given on the "
                                           "command line override it."),
     out: Path = typer.Option(Path("runs/latest"), help="Run directory to write."),
@@ -120,7 +121,7 @@ def train(
 def export(
     run_dir: Path = typer.Argument(..., help="A run directory written by `train`."),
     out: Path = typer.Option(..., "--out", help="The .onnx file to write; model.pt2 is written beside it."),
-    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the exporter's)."),
+    opset: int | None = typer.Option(None, help="ONNX opset (default: the exporter's)."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Export a run to ONNX (pixels -> logits, attn_input_norms) with spectral metadata, plus model.pt2.
@@ -131,8 +132,8 @@ def export(
     import contextlib
     import io
 
-    from specformer_deploy.training.checkpoint import CheckpointError
     from specformer_deploy.artifact.export import ExportError, export_run
+    from specformer_deploy.training.checkpoint import CheckpointError
 
     exporter_chatter = io.StringIO()
     try:
@@ -179,9 +180,9 @@ def _print_audit(report, console: Console) -> None:
 def audit(
     model: Path = typer.Argument(..., help="An ONNX file (ideally written by `export`)."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
-    plot: Optional[Path] = typer.Option(None, help="Write the max-sigma-per-layer figure (paper Fig. 2a) here."),
-    compare: Optional[Path] = typer.Option(None, help="A second ONNX file drawn beside the first in --plot."),
-    heads: Optional[int] = typer.Option(None, help="Heads per layer for files without metadata."),
+    plot: Path | None = typer.Option(None, help="Write the max-sigma-per-layer figure (paper Fig. 2a) here."),
+    compare: Path | None = typer.Option(None, help="A second ONNX file drawn beside the first in --plot."),
+    heads: int | None = typer.Option(None, help="Heads per layer for files without metadata."),
 ) -> None:
     """Recompute every head's spectral norm and the weights' SHA-256 and compare them with the metadata.
 
@@ -207,7 +208,8 @@ def audit(
             def label(r) -> str:
                 msvp = (r.model.get("msvp") or {}).get("enabled")
                 name = Path(r.path)
-                return (f"{name.parent.name}/{name.stem}" if name.stem == "model" else name.stem) + ("" if msvp is None else (" (MSVP)" if msvp else " (vanilla)"))
+                stem = f"{name.parent.name}/{name.stem}" if name.stem == "model" else name.stem
+                return stem + ("" if msvp is None else (" (MSVP)" if msvp else " (vanilla)"))
 
             plot_sigma_per_layer([(label(r), r.sigmas) for r in drawable], plot)
             console.print(f"plot written to {plot}")
@@ -224,14 +226,14 @@ def audit(
 @app.command()
 def evaluate(
     model: Path = typer.Argument(..., help="A run directory, or an exported .onnx with model.pt2 beside it."),
-    dataset: Optional[str] = typer.Option(None, help="Dataset (default: the one the model was trained on)."),
-    data_dir: Optional[Path] = typer.Option(None, help="Directory for cifar10/cifar100/imagefolder."),
+    dataset: str | None = typer.Option(None, help="Dataset (default: the one the model was trained on)."),
+    data_dir: Path | None = typer.Option(None, help="Directory for cifar10/cifar100/imagefolder."),
     protocol: str = typer.Option("standard", help="standard: clean, FGSM 2/255, PGD-2 2/255; adversarial: clean, "
                                                   "CW-20, PGD-20, PGD-100 at 8/255 (the paper's protocols)."),
-    attack: Optional[list[str]] = typer.Option(None, help="NAME:EPS[:STEPS[:RESTARTS]] instead of the protocol, "
+    attack: list[str] | None = typer.Option(None, help="NAME:EPS[:STEPS[:RESTARTS]] instead of the protocol, "
                                                           "repeatable: fgsm, pgd, pgd-l2, cw, autoattack, "
                                                           "autoattack-l2; EPS like 8/255."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate the first N test images only."),
+    limit: int | None = typer.Option(None, help="Evaluate the first N test images only."),
     batch_size: int = typer.Option(128, min=1, help="Attack batch size."),
     seed: int = typer.Option(0, help="Seed of random starts."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -240,9 +242,9 @@ def evaluate(
     """Accuracy under attack, in the layout of the paper's Tables 1/2 (accuracies in [0, 1])."""
     from rich.progress import Progress
 
+    from specformer_deploy.robustness.evaluate import PROTOCOLS, evaluate_model, load_attack_model
     from specformer_deploy.training.checkpoint import CheckpointError
     from specformer_deploy.training.data import DataError
-    from specformer_deploy.robustness.evaluate import PROTOCOLS, evaluate_model, load_attack_model
     from specformer_deploy.training.train import resolve_device
 
     if protocol not in PROTOCOLS:
@@ -285,12 +287,12 @@ def package(
                                        "/predictions/NAME-probe (archives STORE/NAME.mar, STORE/NAME-probe.mar)."),
     store: Path = typer.Option(Path("model_store"), help="Model store directory; gets TorchServe's "
                                                           "config.properties when it has none."),
-    workers: Optional[int] = typer.Option(None, min=1, help="Workers of NAME (minWorkers = maxWorkers); "
+    workers: int | None = typer.Option(None, min=1, help="Workers of NAME (minWorkers = maxWorkers); "
                                           "default 1, or one per GPU with --device-ids."),
-    probe_workers: Optional[int] = typer.Option(None, min=0, help="Workers of NAME-probe; default 1, or one per "
+    probe_workers: int | None = typer.Option(None, min=0, help="Workers of NAME-probe; default 1, or one per "
                                                 "GPU with --device-ids. 0: no NAME-probe, NAME serves probes "
                                                 "itself (cheap requests then wait behind running probes)."),
-    device_ids: Optional[str] = typer.Option(None, help="Serve on these GPUs, e.g. 0,1 (deviceType gpu, deviceIds): "
+    device_ids: str | None = typer.Option(None, help="Serve on these GPUs, e.g. 0,1 (deviceType gpu, deviceIds): "
                                              "TorchServe assigns workers to them round-robin. A worker on a host "
                                              "without a usable CUDA provider serves on CPU. Default: CPU only."),
     batch_size: int = typer.Option(8, min=1, help="TorchServe batch size (both models)."),
@@ -301,15 +303,15 @@ def package(
     queue_size: int = typer.Option(512, min=1, help="Requests NAME queues (jobQueueSize); beyond it TorchServe "
                                                     "answers 503."),
     probe_queue_size: int = typer.Option(64, min=1, help="Probe requests NAME-probe queues (jobQueueSize)."),
-    max_probe_cost: Optional[int] = typer.Option(None, min=1, help="Largest probe served, steps x restarts per "
+    max_probe_cost: int | None = typer.Option(None, min=1, help="Largest probe served, steps x restarts per "
                                                  "image (default: the handler's, 100)."),
-    max_top_k: Optional[int] = typer.Option(None, min=1, help="Largest top_k a request may ask for (default: the "
+    max_top_k: int | None = typer.Option(None, min=1, help="Largest top_k a request may ask for (default: the "
                                             "handler's, 100)."),
-    max_image_pixels: Optional[int] = typer.Option(None, min=1, help="Largest decoded image, against decompression "
+    max_image_pixels: int | None = typer.Option(None, min=1, help="Largest decoded image, against decompression "
                                                    "bombs (default: the handler's, 40,000,000)."),
-    max_request_bytes: Optional[int] = typer.Option(None, min=1, help="Largest request body the handler reads "
+    max_request_bytes: int | None = typer.Option(None, min=1, help="Largest request body the handler reads "
                                                     "(default: the handler's, 8 MiB)."),
-    threads_per_worker: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime and torch threads of each "
+    threads_per_worker: int | None = typer.Option(None, min=1, help="ONNX Runtime and torch threads of each "
                                                      "worker (default 1)."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
@@ -364,7 +366,7 @@ def certify(
     images: list[Path] = typer.Argument(..., help="PNG/JPEG files; resized to the model's input size."),
     delta0: float = typer.Option(0.01, help="Radius of the Frobenius ball around each attention layer's input."),
     top_k: int = typer.Option(5, help="How many classes to list."),
-    probe: Optional[str] = typer.Option(None, help="Also run a real attack: pgd or fgsm (gradients from model.pt2)."),
+    probe: str | None = typer.Option(None, help="Also run a real attack: pgd or fgsm (gradients from model.pt2)."),
     eps: str = typer.Option("2/255", help="Probe radius in pixel space: a number or a fraction like 8/255."),
     steps: int = typer.Option(10, help="Probe steps (PGD), at most 100."),
     restarts: int = typer.Option(1, help="PGD random restarts (the strongest is kept), at most 100."),
@@ -377,9 +379,9 @@ def certify(
     layers (the paper's Theorem 4.3 with its validity flag, and a form that always holds) and, with
     --probe, a real attack whose adversarial image is classified by the ONNX model.
     """
+    from specformer_deploy.budgets import BudgetError, parse_epsilon
     from specformer_deploy.serving.images import ImageError, decode_image
     from specformer_deploy.serving.runtime import IntegrityError, ProbeRequest, RequestError, SpecformerRuntime
-    from specformer_deploy.budgets import BudgetError, parse_epsilon
 
     try:
         eps_value = parse_epsilon(eps, "--eps")

@@ -168,7 +168,8 @@ def test_killed_rank_is_restarted_by_torchrun_and_resumes(two_processes: Path, t
     assert process.returncode == 0, output[-4000:]
     assert f"resuming {out} at epoch {killed + 1}/3 after a torchrun restart" in output
     # The restarted group replays the lost epoch exactly: the result is the uninterrupted run's.
-    assert _max_diff(load_file(str(out / "model.safetensors")), load_file(str(two_processes / "model.safetensors"))) == 0
+    assert _max_diff(load_file(str(out / "model.safetensors")),
+                     load_file(str(two_processes / "model.safetensors"))) == 0
     assert _max_diff(load_file(str(out / "msvp_vectors.safetensors")),
                      load_file(str(two_processes / "msvp_vectors.safetensors"))) == 0
     assert [m["loss"] for m in _metrics(out)] == [m["loss"] for m in _metrics(two_processes)]
@@ -201,4 +202,5 @@ def test_compiled_model_under_ddp_trains_what_eager_trains(one_process: Path, tm
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["replicas"]["max_weight_drift"] == 0.0
     # The run directory holds the plain module's weights (no torch.compile `_orig_mod.` prefix).
-    assert _max_diff(load_file(str(one_process / "model.safetensors")), load_file(str(out / "model.safetensors"))) < 1e-3
+    assert _max_diff(load_file(str(one_process / "model.safetensors")),
+                     load_file(str(out / "model.safetensors"))) < 1e-3
