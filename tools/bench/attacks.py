@@ -56,7 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py: the benchmarks' shared helpers
 
-from common import emit_json, load_average, machine, pixel_budget, spread, timed_calls, usable_cpus, versions
+from common import finish, load_average, machine, pixel_budget, spread, timed_calls, usable_cpus, versions
 
 from specformer_deploy.model.factory import build_model, resolve_model_config
 from specformer_deploy.robustness.attacks import format_eps, pgd
@@ -244,11 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     with console.status("starting...") as status:
         result["result"] = run(args, status)
-    result["load_average_1m"]["after"] = load_average()
-    result["wall_time_s"] = time.perf_counter() - started
-    render(result, console)
-    emit_json(result, args.json, console)
-    return result
+    return finish(result, started, render, args.json, console)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py: the benchmarks' shared helpers
-from common import blas_thread_env, emit_json, load_average, machine, spread
+from common import blas_thread_env, finish, load_average, machine, spread
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -389,11 +389,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["audit_cpu_s"] = spread(w["audit_cpu_s"])
     result["stages_cpu"] = {name: spread(values) for name, values in w["stages_cpu_s"].items() if values}
     result["meets_target"] = result["audit_s"]["median"] < TARGET_S
-    result["load_average_1m"]["after"] = load_average()
-    result["wall_time_s"] = time.perf_counter() - started
-    render(result, console)
-    emit_json(result, args.json, console)
-    return result
+    return finish(result, started, render, args.json, console)
 
 
 if __name__ == "__main__":

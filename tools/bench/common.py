@@ -29,6 +29,17 @@ def emit_json(result: dict[str, Any], target: str | None, console: Any) -> None:
         console.print(f"JSON written to {target}")
 
 
+def finish(result: dict[str, Any], started: float, render: Callable[[dict[str, Any], Any], None],
+           target: str | None, console: Any) -> dict[str, Any]:
+    """Every benchmark's ending: the load average after the run (beside the one before), the wall
+    time, the table for a person and the JSON for machines."""
+    result.setdefault("load_average_1m", {})["after"] = load_average()
+    result["wall_time_s"] = time.perf_counter() - started
+    render(result, console)
+    emit_json(result, target, console)
+    return result
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-quantile (0 <= q <= 1), interpolated linearly between order statistics as
     ``numpy.percentile``'s default does; tail latencies need the same rule in every benchmark."""
