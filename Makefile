@@ -35,6 +35,7 @@ demo: setup
 	  --image $(DEMO_OUT)/digit.png
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 test-fast: setup
