@@ -324,6 +324,7 @@ def export_metadata(model: nn.Module, config: dict[str, Any], files: RunFiles, p
         **_model_section(model, config, exact, tokens),
         **_training_section(config, files),
         **_spectral_section(model, config, files, exact),
+        **_smoothing_section(config),
         "attention_weights": _weight_references(model, arrays),
         "mlp": _mlp_references(model, arrays, config["model"].get("mlp_act", "gelu"), mlp_inputs),
         "parity": parity,
@@ -387,6 +388,14 @@ def _spectral_section(model: nn.Module, config: dict[str, Any], files: RunFiles,
         "bias_q_norm": _query_bias_norms(model),
         "spectral_power_iteration": _power_estimates(model, files, config),
     }
+
+
+def _smoothing_section(config: dict[str, Any]) -> dict[str, Any]:
+    """The noise level a noise-trained run learned to classify under (``train --noise-sd``): the
+    sigma at which randomized smoothing certifies it. Absent for runs trained without noise, whose
+    smoothed classifier is not what they were trained for."""
+    sigma = float(config["train"].get("noise_sd") or 0.0)
+    return {"smoothing": {"sigma": sigma}} if sigma > 0 else {}
 
 
 def _integrity_section(arrays: dict[str, np.ndarray], proto: onnx.ModelProto,
