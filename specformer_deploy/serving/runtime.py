@@ -27,6 +27,7 @@ from specformer_deploy.artifact.onnx_meta import (
 )
 from specformer_deploy.budgets import madry_step_size
 from specformer_deploy.serving.bounds import CertificateConstants, certificate_arrays
+from specformer_deploy.serving.smoothing import SmoothingParams, smoothing_answer
 
 __all__ = ["SpecformerRuntime", "IntegrityError", "ProbeRequest", "RequestError", "LIMITS", "cuda_usable",
            "cuda_unusable_reason", "check_options", "PROBE_AGREEMENT"]
@@ -445,3 +446,26 @@ class SpecformerRuntime:
                             "linf_distance": float(np.abs(delta[i]).max()),
                             "l2_distance": float(np.linalg.norm(delta[i]))})
         return results
+
+    # -- randomized smoothing --------------------------------------------------------------
+    @property
+    def smoothing_sigma(self) -> float | None:
+        """The Gaussian noise std the model was trained with (metadata ``smoothing.sigma``), or
+        ``None`` for a model trained without noise (its smoothed accuracy is then poor)."""
+        block = self.meta.get("smoothing")
+        sigma = block.get("sigma") if isinstance(block, dict) else None
+        return float(sigma) if sigma is not None else None
+
+    def smoothing(self, pixels: np.ndarray, params: SmoothingParams) -> dict[str, Any]:
+        """The randomized-smoothing block for one image ``[3, S, S]`` (pixels in [0, 1]): CERTIFY, or
+        certify-at-radius when ``params.radius`` is given, on this runtime's own ONNX session."""
+        pixels = np.asarray(pixels, dtype=np.float32)
+        expected = (3, self.image_size, self.image_size)
+        if pixels.shape != expected:
+            raise ValueError(f"smoothing takes one image of shape {expected}, got {pixels.shape}")
+        session = self.session
+
+        def classify(batch: np.ndarray) -> np.ndarray:
+            return session.run(["logits"], {"pixels": batch})[0].argmax(axis=1)
+
+        return smoothing_answer(classify, pixels, len(self.class_names), params)
