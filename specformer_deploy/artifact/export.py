@@ -34,7 +34,7 @@ from specformer_deploy.artifact.onnx_meta import (
     write_metadata,
 )
 from specformer_deploy.artifact.pt2 import ExportedLogits, load_exported_logits  # noqa: F401 - re-exported
-from specformer_deploy.model.heads import attention_layers, layer_heads, query_bias
+from specformer_deploy.model.heads import attention_applicability, attention_layers, layer_heads, query_bias
 from specformer_deploy.training.checkpoint import CheckpointError, RunFiles
 from specformer_deploy.training.data import load_dataset
 from specformer_deploy.training.msvp import MSVP, MSVPConfig, exact_spectral_norms
@@ -128,11 +128,13 @@ def _weight_references(model: nn.Module, arrays: dict[str, np.ndarray]) -> list[
     module_names = {id(m): n for n, m in model.named_modules()}
     params = dict(model.named_parameters())
     layers = []
+    reasons = attention_applicability(model)
     for index, attn in enumerate(attention_layers(model)):
         heads = layer_heads(attn)
         prefix = module_names[id(attn)]
         entry: dict[str, Any] = {"layer": index, "module": prefix, "attention": heads.kind,
-                                 "certified": heads.certified}
+                                 "certified": heads.certified, "applicable": reasons[index] is None,
+                                 "reason": reasons[index]}
         for key, (param, start, stop) in heads.slices().items():
             full = f"{prefix}.{param}"
             ref = _find_initializer(arrays, full, params[full].detach().cpu().numpy())
