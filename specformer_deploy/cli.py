@@ -225,7 +225,8 @@ def audit(
 
 @app.command()
 def evaluate(
-    model: Path = typer.Argument(..., help="A run directory, or an exported .onnx with model.pt2 beside it."),
+    model: Path = typer.Argument(..., help="A run directory, or an exported .onnx with model.pt2 beside it "
+                                           "(--smoothing: the exported .onnx)."),
     dataset: str | None = typer.Option(None, help="Dataset (default: the one the model was trained on)."),
     data_dir: Path | None = typer.Option(None, help="Directory for cifar10/cifar100/imagefolder."),
     protocol: str = typer.Option("standard", help="standard: clean, FGSM 2/255, PGD-2 2/255; adversarial: clean, "
@@ -233,14 +234,36 @@ def evaluate(
     attack: list[str] | None = typer.Option(None, help="NAME:EPS[:STEPS[:RESTARTS]] instead of the protocol, "
                                                           "repeatable: fgsm, pgd, pgd-l2, cw, autoattack, "
                                                           "autoattack-l2; EPS like 8/255."),
+    smoothing: float | None = typer.Option(None, metavar="SIGMA", help="Instead of attacks: certified accuracy of "
+                                           "the randomized-smoothing classifier at noise std SIGMA (pixels in [0, 1]; "
+                                           "use the sigma the model was trained with, see `audit`), per L2 radius."),
+    n: int = typer.Option(10_000, "--n", min=1, help="--smoothing: estimation samples per image (CERTIFY and "
+                                                     "PREDICT)."),
+    n0: int = typer.Option(100, "--n0", min=1, help="--smoothing: selection samples per image (CERTIFY)."),
+    alpha: float = typer.Option(0.001, help="--smoothing: failure probability of each certificate."),
+    radii: str = typer.Option("0,0.25,0.5,0.75,1.0", help="--smoothing: the table's L2 radii, comma-separated."),
+    plot: Path | None = typer.Option(None, help="--smoothing: draw certified accuracy against radius here."),
     limit: int | None = typer.Option(None, help="Evaluate the first N test images only."),
-    batch_size: int = typer.Option(128, min=1, help="Attack batch size."),
-    seed: int = typer.Option(0, help="Seed of random starts."),
+    batch_size: int | None = typer.Option(None, min=1, help="Attack batch size (128), or noise samples per ONNX "
+                                                            "Runtime call with --smoothing (1000)."),
+    seed: int = typer.Option(0, help="Seed of random starts (attacks) or of the noise (--smoothing)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    json_output: bool = typer.Option(False, "--json", help='Print {"clean": acc, "<attack>": acc, ...} on stdout.'),
+    json_output: bool = typer.Option(False, "--json", help='Print {"clean": acc, "<attack>": acc, ...} (or the '
+                                                           'certified-accuracy table) on stdout.'),
 ) -> None:
-    """Accuracy under attack, in the layout of the paper's Tables 1/2 (accuracies in [0, 1])."""
+    """Accuracy under attack, in the layout of the paper's Tables 1/2 (accuracies in [0, 1]); with
+    --smoothing, certified accuracy per L2 radius in the layout of Cohen et al.'s tables (abstentions
+    count as wrong). Under torchrun, --smoothing shards the test images over the processes."""
     from rich.progress import Progress
+
+    if smoothing is not None:
+        if attack:
+            _fail("--attack and --smoothing are different evaluations: pass one of them")
+        _evaluate_smoothing(model, smoothing, n=n, n0=n0, alpha=alpha, radii=radii, plot=plot, limit=limit,
+                            batch_size=batch_size or 1_000, seed=seed, device=device, json_output=json_output,
+                            dataset=dataset, data_dir=data_dir)
+        return
+    batch_size = batch_size or 128
 
     from specformer_deploy.robustness.evaluate import PROTOCOLS, evaluate_model, load_attack_model
     from specformer_deploy.training.checkpoint import CheckpointError
@@ -262,7 +285,8 @@ def evaluate(
                 progress.update(tasks[key], completed=done)
 
             results = evaluate_model(net, info, specs, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-                                     limit=limit, batch_size=batch_size, seed=seed, device=target, on_progress=update)
+                                     limit=limit, batch_size=batch_size, seed=seed, device=target,
+                                     on_progress=update)
     except (CheckpointError, DataError, ValueError) as err:
         _fail(str(err))
     if json_output:
@@ -278,6 +302,81 @@ def evaluate(
         table.add_column(details["attacks"][key]["label"], justify="right")
     table.add_row(str(model), *[f"{100 * results[k]:.2f}" for k in keys])
     Console(width=max(120, Console().width)).print(table)
+
+
+def _evaluate_smoothing(model: Path, sigma: float, *, n: int, n0: int, alpha: float, radii: str, plot: Path | None,
+                        limit: int | None, batch_size: int, seed: int, device: str, json_output: bool,
+                        dataset: str | None, data_dir: Path | None) -> None:
+    """`evaluate --smoothing`: certify the test images (sharded under torchrun), print one table on rank 0."""
+    from rich.progress import Progress
+
+    from specformer_deploy.robustness.smoothing_eval import (
+        SmoothingEvalOptions,
+        certified_radii,
+        evaluate_smoothing,
+        parse_radii,
+        plot_certified_accuracy,
+    )
+    from specformer_deploy.serving.runtime import IntegrityError, cuda_usable
+    from specformer_deploy.training.data import DataError
+    from specformer_deploy.training.distributed import DistributedConfigError, init_distributed, shutdown
+
+    if device not in ("auto", "cpu", "cuda"):
+        _fail(f"--device must be auto, cpu or cuda, got {device!r}")
+    on_gpu = device == "cuda" or (device == "auto" and cuda_usable())
+    ctx = None
+    try:
+        options = SmoothingEvalOptions(sigma=sigma, n=n, n0=n0, alpha=alpha, radii=parse_radii(radii), limit=limit,
+                                       seed=seed, batch_size=batch_size, dataset=dataset,
+                                       data_dir=str(data_dir) if data_dir else None)
+        options.params(seed)
+        ctx = init_distributed("cuda" if on_gpu else "cpu")
+        with Progress(console=err_console, transient=True, disable=not ctx.is_main) as progress:
+            task = progress.add_task(f"certifying (rank 0 of {ctx.world_size})", total=None)
+            results = evaluate_smoothing(model, options, ctx, device_id=ctx.local_rank if on_gpu else None,
+                                         on_progress=lambda done, total: progress.update(task, completed=done,
+                                                                                         total=total))
+    except (DataError, IntegrityError, DistributedConfigError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    finally:
+        if ctx is not None:
+            shutdown(ctx)
+    if not ctx.is_main:
+        return
+    trained = results["trained_sigma"]
+    if trained != sigma:
+        why = "was trained without noise" if trained is None else f"was trained with noise sigma {trained}"
+        err_console.print(f"[yellow]note:[/] the model {why}; its smoothed classifier at sigma {sigma} is not the "
+                          "one it learned")
+    if plot is not None:
+        plot_certified_accuracy([(f"sigma {sigma}", certified_radii(results["per_image"]))], plot, options.radii)
+        err_console.print(f"plot written to {plot}")
+    if json_output:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    _print_certified_accuracy(model, results)
+
+
+def _print_certified_accuracy(model: Path, results: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{model} on {results['dataset']}: randomized smoothing, sigma {results['sigma']}, "
+                        f"n {results['n']}, n0 {results['n0']}, alpha {results['alpha']} ({results['images']} test "
+                        f"images; certified accuracy in %, L2 radius in pixels in [0, 1])")
+    table.add_column("Model")
+    for radius in results["radii"]:
+        table.add_column(f"r = {radius:g}", justify="right")
+    table.add_column("smoothed clean", justify="right")
+    table.add_column("s / image", justify="right")
+    table.add_row(str(model), *[f"{100 * a:.1f}" for a in results["certified_accuracy"]],
+                  f"{100 * results['smoothed_clean_accuracy']:.1f}", f"{results['seconds_per_image']:.2f}")
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    console.print(f"abstentions count as wrong ({results['abstained']} abstained); base model clean accuracy "
+                  f"{100 * results['base_clean_accuracy']:.1f}%; no radius above {results['max_radius_for_n']:.3f} "
+                  f"is certifiable with n = {results['n']}; {results['interval']}: "
+                  + ", ".join(f"r {r:g}: [{100 * lo:.1f}, {100 * hi:.1f}]"
+                              for r, (lo, hi) in zip(results["radii"], results["certified_interval"])))
 
 
 @app.command()
