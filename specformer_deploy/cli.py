@@ -470,17 +470,29 @@ def certify(
     steps: int = typer.Option(10, help="Probe steps (PGD), at most 100."),
     restarts: int = typer.Option(1, help="PGD random restarts (the strongest is kept), at most 100."),
     norm: str = typer.Option("linf", help="Probe norm: linf or l2."),
+    smoothing: bool = typer.Option(False, "--smoothing", help="Also certify an L2 radius in pixel space by "
+                                   "randomized smoothing (Cohen et al. 2019), holding with probability 1 - alpha."),
+    sigma: float | None = typer.Option(None, help="Smoothing noise std in pixels [0, 1] (default: the noise the "
+                                       "model was trained with, from its export)."),
+    n: int = typer.Option(10_000, help="Smoothing estimation samples (with --radius: the most the test may use)."),
+    n0: int = typer.Option(100, help="Smoothing selection samples (which class to certify)."),
+    alpha: float = typer.Option(0.001, help="Smoothing failure probability: the radius holds with prob. 1 - alpha."),
+    radius: float | None = typer.Option(None, help="Only decide whether the smoothed prediction is robust at this "
+                                        "L2 radius (a sequential test that stops early), instead of estimating one."),
+    seed: int = typer.Option(0, help="Seed of the smoothing noise (the server answers the same for the same seed)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON answer per image on stdout."),
 ) -> None:
     """Predict and certify images offline: the same answer the server gives (same runtime code).
 
-    Each answer has the prediction (top-k), per-layer local Lipschitz certificates of the attention
-    layers (the paper's Theorem 4.3 with its validity flag, and a form that always holds) and, with
-    --probe, a real attack whose adversarial image is classified by the ONNX model.
+    Each answer has the prediction (top-k) and per-layer local Lipschitz constants of the attention
+    layers (each in its own layer's input space: not a statement about the image). --smoothing adds
+    randomized smoothing's certified L2 radius in pixel space; --probe a real attack whose
+    adversarial image is classified by the ONNX model (empirical, no guarantee).
     """
     from specformer_deploy.budgets import BudgetError, parse_epsilon
     from specformer_deploy.serving.images import ImageError, decode_image
     from specformer_deploy.serving.runtime import IntegrityError, ProbeRequest, RequestError, SpecformerRuntime
+    from specformer_deploy.serving.smoothing import SmoothingError, SmoothingParams
 
     try:
         eps_value = parse_epsilon(eps, "--eps")
@@ -491,6 +503,15 @@ def certify(
         runtime = SpecformerRuntime(model)
     except (FileNotFoundError, IntegrityError) as err:
         _fail(str(err))
+    params = None
+    if smoothing:
+        sigma = sigma if sigma is not None else runtime.smoothing_sigma
+        if sigma is None:
+            _fail(f"{model} was not trained with noise (its export has no specformer.smoothing.sigma): give --sigma")
+        try:
+            params = SmoothingParams(sigma=sigma, n0=n0, n=n, alpha=alpha, radius=radius, seed=seed).validate()
+        except SmoothingError as err:
+            _fail(f"--{err}")
     pixels = []
     for path in images:
         try:
@@ -503,7 +524,7 @@ def certify(
     try:
         import numpy as np
 
-        answers = runtime.answer(np.stack(pixels), delta0=delta0, top_k=top_k, probe=request)
+        answers = runtime.answer(np.stack(pixels), delta0=delta0, top_k=top_k, probe=request, smoothing=params)
     except (RequestError, FileNotFoundError, IntegrityError) as err:  # IntegrityError: model.pt2, checked by a probe
         _fail(str(err))
     for path, answer in zip(images, answers):
@@ -520,26 +541,49 @@ def _print_answers(answers: list[dict]) -> None:
     console = Console()
     console = Console(width=max(110, console.width))
     for answer in answers:
-        pred, cert = answer["prediction"], answer["certificate"]
+        pred, cert = answer["prediction"], answer["attention_lipschitz"]
         console.print(f"[bold]{answer['image']}[/]: class {pred['class']!r} (label {pred['label']}, "
                       f"p={pred['probability']:.3f})")
-        table = Table(show_header=True)
+        table = Table(show_header=True, title=f"{cert['certificate']}: {cert['space']} (delta0 = {cert['delta0']:g})")
         for column in ("layer", "N", "||X0||_F", "bound (always valid)", "paper bound", "paper valid"):
             table.add_column(column, justify="right")
         for layer in cert["layers"]:
-            if layer["bound"] is None:
+            if not layer["applicable"]:
                 table.add_row(str(layer["layer"]), str(layer["tokens"]), f"{layer['input_norm']:.3f}",
-                              "n/a", "n/a", "n/a (not dot-product attention)")
+                              "not applicable", "", layer["reason"])
                 continue
             table.add_row(str(layer["layer"]), str(layer["tokens"]), f"{layer['input_norm']:.3f}",
                           f"{layer['bound']:.4g}", f"{layer['paper_bound']:.4g}",
                           "yes" if layer["paper_bound_valid"] else "[red]NO[/]")
         console.print(table)
+        console.print("per-layer constants: they do not add up to a radius for the image", style="dim")
+        if "smoothing" in answer:
+            _print_smoothing(console, answer["smoothing"])
         if "probe" in answer:
             p = answer["probe"]
             verdict = "[red]label flipped[/]" if p["flipped"] else "[green]label held[/]"
-            console.print(f"probe {p['attack']} {p['norm']} eps={p['eps']:.4g} steps={p['steps']}: {verdict} "
-                          f"(adversarial class {p['adversarial_class']!r}, margin {p['margin']:.3f})")
+            console.print(f"probe {p['attack']} {p['norm']} eps={p['eps']:.4g} steps={p['steps']} ({p['space']}; "
+                          f"{p['kind']}): {verdict} (adversarial class {p['adversarial_class']!r}, "
+                          f"margin {p['margin']:.3f})")
+
+
+def _print_smoothing(console: Console, block: dict) -> None:
+    """The randomized-smoothing block as a few readable lines: the verdict, then what it promises."""
+    settings = (f"sigma={block['sigma']:g}, n0={block['n0']}, n={block['n']}, alpha={block['alpha']:g}, "
+                f"seed={block['seed']}, samples used {block['samples_used']}")
+    if "radius_asked" in block:
+        verdict = {True: "[green]robust[/]", False: "[red]not robust[/]", None: "[yellow]undecided[/] (budget spent)"}
+        label = "abstain" if block["label"] is None else f"label {block['label']}"
+        console.print(f"smoothing ({block['space']}): {label}, {verdict[block['robust']]} at L2 radius "
+                      f"{block['radius_asked']:g}")
+    elif block["abstain"]:
+        console.print(f"smoothing ({block['space']}): [yellow]abstain[/] (p_lower {block['p_lower']:.4f} <= 1/2: "
+                      "no class is certified)")
+    else:
+        console.print(f"smoothing ({block['space']}): label {block['label']}, certified L2 radius "
+                      f"[bold]{block['radius']:.4f}[/] (p_lower {block['p_lower']:.4f}, count {block['count']})")
+    console.print(f"  {block['guarantee']}")
+    console.print(f"  {settings}; the largest radius n samples can certify: {block['max_radius_for_n']:.4f}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -81,6 +81,7 @@ def test_only_the_uncovered_layer_is_refused() -> None:
     """Applicability is per layer: one post-norm block among pre-norm ones is refused alone."""
     net = timm.create_model("vit_tiny_patch16_224", num_classes=10, **{**SMALL, "depth": 3})
     post = timm.create_model("vit_base_patch16_rpn_224", num_classes=10, **{**SMALL, "depth": 1})
+    assert isinstance(post.blocks[0], ResPostBlock)  # timm's post-norm block: x + norm1(attn(x))
     net.blocks[1] = post.blocks[0]
     reasons = attention_applicability(net)
     assert reasons[0] is None and reasons[2] is None
