@@ -412,25 +412,30 @@ def package(
                                                     "(default: the handler's, 8 MiB)."),
     threads_per_worker: int | None = typer.Option(None, min=1, help="ONNX Runtime and torch threads of each "
                                                      "worker (default 1)."),
+    max_smoothing_samples: int | None = typer.Option(None, min=0, help="Most randomized-smoothing samples "
+                                                     "(n0 + n) per image (default: the handler's, 10,100; 0: none)."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Build the TorchServe archives (torch-model-archiver) and the store's config.properties.
 
-    Two models by default: NAME (predictions and certificates; refuses probes and names NAME-probe)
-    and NAME-probe (probes, with its own workers and queue), so that probes never delay cheap requests.
+    Two models by default: NAME (predictions and per-layer certificates; refuses probes and
+    randomized smoothing and names NAME-probe) and NAME-probe (probes and smoothing, with its own
+    workers and queue), so that work costing seconds per image never delays cheap requests.
     Every cap is written into the archives' model-config.yaml (handler:), where a deployer can edit it.
     """
     from specformer_deploy.serving.package import PackageError, package_deployment, parse_device_ids
 
     given = {"max_image_pixels": max_image_pixels, "max_request_bytes": max_request_bytes, "max_top_k": max_top_k,
-             "max_probe_cost": max_probe_cost, "threads_per_worker": threads_per_worker}
+             "max_probe_cost": max_probe_cost, "threads_per_worker": threads_per_worker,
+             "max_smoothing_samples": max_smoothing_samples}
     caps = {key: value for key, value in given.items() if value is not None}
     shared = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay}
     main_config = {**shared, "responseTimeout": response_timeout, "jobQueueSize": queue_size, "handler": caps}
     probe_config = {**shared, "responseTimeout": probe_response_timeout, "jobQueueSize": probe_queue_size,
                     "handler": dict(caps)}
     if probe_workers != 0:
-        main_config["handler"] = {key: value for key, value in caps.items() if key != "max_probe_cost"}
+        main_config["handler"] = {key: value for key, value in caps.items()
+                                  if key not in ("max_probe_cost", "max_smoothing_samples")}
     if workers is not None:
         main_config.update(minWorkers=workers, maxWorkers=workers)
     try:

@@ -82,7 +82,8 @@ class ServingLimits:
         samples = n0 + n
         if samples <= self.max_smoothing_samples:
             return None
+        where = (f"; send smoothing requests to /predictions/{self.probe_endpoint}" if self.probe_endpoint else "")
         if self.max_smoothing_samples == 0:
-            return f"this endpoint serves no smoothing (handler.max_smoothing_samples = 0 in {_SOURCE})"
+            return f"this endpoint serves no smoothing (handler.max_smoothing_samples = 0 in {_SOURCE}){where}"
         return (f"n0 + n = {samples} samples per image exceeds this endpoint's cap handler.max_smoothing_samples = "
-                f"{self.max_smoothing_samples} ({_SOURCE}); ask for fewer samples (smoothing n, n0)")
+                f"{self.max_smoothing_samples} ({_SOURCE}); ask for fewer samples (smoothing n, n0){where}")
