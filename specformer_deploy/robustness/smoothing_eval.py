@@ -207,8 +207,9 @@ def evaluate_smoothing(path: str | Path, options: SmoothingEvalOptions, ctx=None
     wall = time.perf_counter() - started
     gathered = gather_objects(ctx, {"records": records, "wall_s": wall})
     trained = runtime.smoothing_sigma
+    msvp = (runtime.meta.get("msvp") or {}).get("enabled")
     return summarize([r for part in gathered for r in part["records"]], options, model=str(path), dataset=dataset,
-                     trained_sigma=trained, world_size=ctx.world_size, device=runtime.device,
+                     trained_sigma=trained, msvp=msvp, world_size=ctx.world_size, device=runtime.device,
                      wall_s=round(max(part["wall_s"] for part in gathered), 3))
 
 
