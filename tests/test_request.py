@@ -117,6 +117,8 @@ def test_smoothing_cap_names_the_cap_and_counts_n0_plus_n() -> None:
     assert _parse(request, ServingLimits(max_smoothing_samples=1100)).smoothing.n == 1000
     with pytest.raises(ClientError, match="serves no smoothing"):
         _parse(request, ServingLimits(max_smoothing_samples=0))
+    with pytest.raises(ClientError, match="send smoothing requests to /predictions/digits-probe"):
+        _parse(request, ServingLimits(max_smoothing_samples=0, probe_endpoint="digits-probe"))  # what package writes
     default = Case("default", json.dumps({"image": image, "smoothing": {"sigma": 0.25}}).encode())
     assert _parse(default).smoothing == SmoothingParams(sigma=0.25)  # the default cap admits the default CERTIFY
     with pytest.raises(LimitsError, match="max_smoothing_samples"):
