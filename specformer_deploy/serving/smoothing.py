@@ -23,7 +23,8 @@ from scipy import stats
 
 __all__ = ["SmoothingParams", "SmoothingError", "Classify", "certify", "predict", "certify_at_radius",
            "smoothing_answer", "certified_accuracy", "clopper_pearson_lower", "clopper_pearson_upper",
-           "max_radius_for_n", "sequential_looks", "sample_counts", "CERTIFICATE", "SPACE", "GUARANTEE"]
+           "max_radius_for_n", "sequential_looks", "sample_counts", "CERTIFICATE", "SPACE", "GUARANTEE",
+           "PREDICT_GUARANTEE"]
 
 Classify = Callable[[np.ndarray], np.ndarray]
 """float32 ``[B, 3, S, S]`` pixels -> int64 labels ``[B]``."""
