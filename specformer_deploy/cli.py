@@ -237,8 +237,9 @@ def evaluate(
     smoothing: float | None = typer.Option(None, metavar="SIGMA", help="Instead of attacks: certified accuracy of "
                                            "the randomized-smoothing classifier at noise std SIGMA (pixels in [0, 1]; "
                                            "use the sigma the model was trained with, see `audit`), per L2 radius."),
-    n: int = typer.Option(10_000, "--n", min=1, help="--smoothing: estimation samples per image (CERTIFY and "
-                                                     "PREDICT)."),
+    n: int = typer.Option(10_000, "--n", "--num-samples", min=1, help="--smoothing: estimation samples per image "
+                          "(CERTIFY and PREDICT); under torchrun write --num-samples (torchrun reads --n as an "
+                          "abbreviation of its own options)."),
     n0: int = typer.Option(100, "--n0", min=1, help="--smoothing: selection samples per image (CERTIFY)."),
     alpha: float = typer.Option(0.001, help="--smoothing: failure probability of each certificate."),
     radii: str = typer.Option("0,0.25,0.5,0.75,1.0", help="--smoothing: the table's L2 radii, comma-separated."),
