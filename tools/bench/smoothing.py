@@ -2,7 +2,8 @@
 
 1. The smoothing loop (``SpecformerRuntime.smoothing``: float32 noise, in-place add, ONNX
    forward, ``bincount``) in samples/s against the bare ONNX Runtime session's images/s on
-   pre-made batches of the same size: the forward pass should be the limit (target >= 0.9x).
+   pre-made batches of the same size: the forward pass should be the limit (target >= 0.9x, the
+   median of the ratios paired within each repetition).
    Beside them, torch on the same network (``model.pt2``'s module, checked against the ONNX file,
    called eagerly under ``inference_mode``) at the same batch.
 2. Seconds per certified image (CERTIFY, ``n0 = 100``, ``n = 10,000``) on test images (target < 1 s).
@@ -78,10 +79,13 @@ def _throughput(runtime, x: np.ndarray, sigma: float, batch: int, blocks: int, r
         rows["torch_images_per_s"].append(blocks * batch / timed_calls(eager, blocks)[0])
     medians = {key: statistics.median(values) for key, values in rows.items()}
     ratios = [lo / ba for lo, ba in zip(rows["loop_samples_per_s"], rows["bare_onnx_images_per_s"])]
+    # The headline is the median of ratios paired within a repetition: the load of a shared
+    # machine drifts between repetitions and would otherwise land on one side of the ratio.
     return {"batch": batch, "samples_per_rep": blocks * batch, "reps": reps, **medians,
-            "loop_vs_bare": medians["loop_samples_per_s"] / medians["bare_onnx_images_per_s"],
-            "loop_vs_bare_paired": spread(ratios), "onnx_vs_torch": medians["bare_onnx_images_per_s"]
-            / medians["torch_images_per_s"], "target_loop_vs_bare": 0.9}
+            "loop_vs_bare": statistics.median(ratios), "loop_vs_bare_paired": spread(ratios),
+            "loop_vs_bare_of_medians": medians["loop_samples_per_s"] / medians["bare_onnx_images_per_s"],
+            "onnx_vs_torch": medians["bare_onnx_images_per_s"] / medians["torch_images_per_s"],
+            "target_loop_vs_bare": 0.9}
 
 
 def _certify_seconds(runtime, images: np.ndarray, sigma: float, n: int, batch: int) -> dict[str, Any]:
@@ -125,7 +129,7 @@ def _render(result: dict[str, Any], console) -> None:
 
     t = result["throughput"]
     table = Table(title=f"smoothing loop vs bare ONNX Runtime, batch {t['batch']} ({result['model']})")
-    for column in ("bare ONNX (img/s)", "smoothing loop (samples/s)", "loop / bare", "torch (img/s)",
+    for column in ("bare ONNX (img/s)", "smoothing loop (samples/s)", "loop / bare (paired median)", "torch (img/s)",
                    "ONNX / torch"):
         table.add_column(column, justify="right")
     verdict = "met" if t["loop_vs_bare"] >= t["target_loop_vs_bare"] else "not met"
@@ -168,7 +172,7 @@ def main() -> int:
                         help="noise std in [0, 1] pixels (default: the model's smoothing.sigma, else 0.25)")
     parser.add_argument("--batch", type=int, default=1000, help="smoothing batch (and the bare session's)")
     parser.add_argument("--blocks", type=int, default=4, help="batches per throughput repetition")
-    parser.add_argument("--reps", type=int, default=5, help="interleaved throughput repetitions")
+    parser.add_argument("--reps", type=int, default=7, help="interleaved throughput repetitions")
     parser.add_argument("--n", type=int, default=10_000, help="estimation samples")
     parser.add_argument("--images", type=int, default=10, help="test images certified at n")
     parser.add_argument("--radius-images", type=int, default=20, help="test images for certify-at-radius")
