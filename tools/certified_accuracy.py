@@ -72,6 +72,8 @@ def markdown(tables: list[dict[str, Any]]) -> str:
         cells += [f"{_pct(t['smoothed_clean_accuracy'])} [{_pct(low)}, {_pct(high)}]", str(t["abstained"]),
                   f"{t['max_radius_for_n']:.3f}", f"{t['seconds_per_image']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+        if _kind(t) == "MSVP":
+            lines += _paired_rows([u for u in tables if u["sigma"] == t["sigma"]], radii)
     cohen = COHEN_CIFAR10
     cohen_cells = [f"{cohen['sigma']:g}", cohen["model"],
                    *[_pct(cohen["certified_accuracy"][r]) if r in cohen["certified_accuracy"] else "" for r in radii],
@@ -82,8 +84,34 @@ def markdown(tables: list[dict[str, Any]]) -> str:
               "is the true label and its certified radius is >= r; abstentions count as wrong. 'smoothed clean': "
               "PREDICT's accuracy (abstentions wrong). 'max certifiable r': sigma * Phi^-1(alpha^(1/n)), the "
               "largest radius n samples can certify, so every column beyond it is 0 by construction, not by the "
-              "model. 's / image': CERTIFY + PREDICT on 2 shared CPU cores."]
+              "model. 's / image': CERTIFY + PREDICT on 2 shared CPU cores. 'MSVP - vanilla': the difference in "
+              "certified accuracy in points on the same images, with the exact McNemar test's p-value on the "
+              "images where the two models disagree."]
     return "\n".join(lines) + "\n"
+
+
+def _paired_rows(tables: list[dict[str, Any]], radii: list[float]) -> list[str]:
+    """Per sigma, MSVP minus vanilla in points at each radius, with the exact McNemar p-value of the
+    paired per-image outcomes (same images, same seed): a small p says the difference is not the
+    luck of which images each model happened to certify."""
+    from scipy.stats import binomtest
+
+    rows = []
+    for sigma in sorted({t["sigma"] for t in tables}):
+        pair = {_kind(t): t for t in tables if t["sigma"] == sigma}
+        if set(pair) != {"vanilla", "MSVP"}:
+            continue
+        a, b = (pair[k]["per_image"] for k in ("vanilla", "MSVP"))
+        if [r["index"] for r in a] != [r["index"] for r in b]:
+            continue
+        ra, rb = certified_radii(a), certified_radii(b)
+        cells = [f"{sigma:g}", "MSVP - vanilla (McNemar p)"]
+        for r in radii:
+            only_a, only_b = int(((ra >= r) & (rb < r)).sum()), int(((rb >= r) & (ra < r)).sum())
+            p = binomtest(only_b, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+            cells.append(f"{100 * (only_b - only_a) / len(a):+.1f} (p {p:.2g})")
+        rows.append("| " + " | ".join(cells + ["", "", "", ""]) + " |")
+    return rows
 
 
 def replace_section(results: Path, section: str) -> None:
