@@ -206,3 +206,36 @@ def test_pgd_just_inside_the_certified_radius_never_changes_the_smoothed_label(n
 
     assert strip(sharded["per_image"]) == strip(table["per_image"])
     assert sharded["certified_accuracy"] == table["certified_accuracy"]
+
+
+def test_the_results_section_is_regenerated_from_json_alone(linear_case, tmp_path: Path) -> None:
+    """tools/certified_accuracy.py: the section between the markers is rebuilt from the saved JSON,
+    the same from the evaluate outputs as from its own --json, and the paired MSVP-vanilla p-value is
+    statsmodels' exact McNemar test."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import certified_accuracy as tool
+
+    runtime, images, labels, _ = linear_case
+    paths = []
+    for kind, sigma in (("vanilla", 0.25), ("msvp", 0.25)):
+        options = SmoothingEvalOptions(sigma=sigma, n=300, n0=30, radii=(0.0, 0.1, 0.2), seed=kind == "msvp")
+        table = summarize(certify_images(runtime, images, labels, range(len(images)), options), options,
+                          msvp=kind == "msvp", dataset="linear", model=f"{kind}.onnx")
+        paths.append(tmp_path / f"{kind}.json")
+        paths[-1].write_text(json.dumps(table))
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"# head\n\n{tool.BEGIN}\nstale\n{tool.END}\n\ntail\n")
+    assert tool.main([*map(str, paths), "--results", str(results), "--json", str(tmp_path / "all.json")]) == 0
+    first = results.read_text()
+    assert first.startswith("# head") and first.endswith("\ntail\n") and "stale" not in first
+    assert tool.main(["--from-json", str(tmp_path / "all.json"), "--results", str(results)]) == 0
+    assert results.read_text() == first
+    vanilla, msvp = (json.loads(p.read_text()) for p in paths)
+    row = next(line for line in first.splitlines() if "MSVP - vanilla" in line)
+    a, b = certified_radii(vanilla["per_image"]) >= 0.1, certified_radii(msvp["per_image"]) >= 0.1
+    expected = mcnemar([[int((a & b).sum()), int((a & ~b).sum())], [int((~a & b).sum()), int((~a & ~b).sum())]],
+                       exact=True).pvalue
+    assert f"(p {expected:.2g})" in row.split("|")[4]
+    assert f"| 0.25 | vanilla | {100 * vanilla['certified_accuracy'][0]:.1f} [" in first
