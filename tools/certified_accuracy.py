@@ -146,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"tables": [compact(t) for t in tables]}, separators=(",", ":")) + "\n")
     if args.plot:
         curves = [(f"sigma {t['sigma']:g}, {_kind(t)}", certified_radii(t["per_image"])) for t in tables]
-        plot_certified_accuracy(curves, args.plot, tables[0]["radii"])
+        sigmas = sorted({t["sigma"] for t in tables})
+        styles = [{"color": f"C{sigmas.index(t['sigma'])}", "linestyle": "-" if _kind(t) == "MSVP" else "--"}
+                  for t in tables]
+        plot_certified_accuracy(curves, args.plot, tables[0]["radii"], styles)
     if args.results:
         replace_section(args.results, section)
     else:

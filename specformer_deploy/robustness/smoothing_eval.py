@@ -214,9 +214,10 @@ def evaluate_smoothing(path: str | Path, options: SmoothingEvalOptions, ctx=None
 
 
 def plot_certified_accuracy(curves: Sequence[tuple[str, np.ndarray]], path: str | Path,
-                            marks: Sequence[float] = ()) -> Path:
+                            marks: Sequence[float] = (), styles: Sequence[dict[str, Any]] | None = None) -> Path:
     """Certified accuracy against radius, one curve per model (Cohen et al.'s figures): the
-    fraction of images whose certified radius (``certified_radii``; -1 = not counted) is >= r."""
+    fraction of images whose certified radius (``certified_radii``; -1 = not counted) is >= r.
+    ``styles``: matplotlib line keywords per curve (colour per sigma, dash per model, say)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,9 +226,9 @@ def plot_certified_accuracy(curves: Sequence[tuple[str, np.ndarray]], path: str 
     top = max([float(np.max(radii, initial=0.0)) for _, radii in curves] + list(marks) + [0.1]) * 1.05
     grid = np.linspace(0.0, top, 400)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, radii in curves:
+    for (label, radii), style in zip(curves, styles or [{}] * len(curves)):
         radii = np.asarray(radii, dtype=float)
-        ax.plot(grid, [(radii >= r).mean() if len(radii) else 0.0 for r in grid], label=label)
+        ax.plot(grid, [(radii >= r).mean() if len(radii) else 0.0 for r in grid], label=label, **style)
     for r in marks:
         ax.axvline(r, color="grey", alpha=0.25, linewidth=0.8)
     ax.set_xlabel("L2 radius (pixels in [0, 1])")
