@@ -141,13 +141,14 @@ def _cli(*args: str, torchrun: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def noisy_export(tmp_path_factory) -> Path:
-    """A tiny ViT trained with Gaussian noise (sigma 0.25) on digits, exported."""
+    """A tiny ViT trained with Gaussian noise (sigma 0.25) on digits, exported (about 75% clean test
+    accuracy in 12 short epochs: small batches and no MSVP or Mixup fit fastest)."""
     from specformer_deploy.artifact.export import export_run
     from specformer_deploy.training.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("smoothing") / "run"
-    train(TrainConfig(epochs=8, batch_size=32, warmup_epochs=1, mixup=False, noise_sd=SIGMA, seed=0), run,
-          show_progress=False)
+    train(TrainConfig(epochs=12, batch_size=16, warmup_epochs=1, lr=0.1, msvp=False, mixup=False, noise_sd=SIGMA,
+                      seed=0), run, show_progress=False)
     export_run(run, run / "export" / "model.onnx")
     return run
 
