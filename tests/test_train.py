@@ -79,8 +79,9 @@ def test_run_directory_is_complete_and_safe_to_load(tmp_path: Path) -> None:
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
-    """SIGKILL a real training process after its first epoch, resume it, compare with an uninterrupted run."""
-    args = ["--epochs", "3", "--seed", "7", "--lambda-q", "1e-3"]
+    """SIGKILL a real training process after its first epoch, resume it, compare with an uninterrupted run
+    (with Gaussian noise augmentation on: its noise is a function of the seed and the saved step)."""
+    args = ["--epochs", "3", "--seed", "7", "--lambda-q", "1e-3", "--noise-sd", "0.1"]
     reference = _cli("train", "--out", str(tmp_path / "ref"), *args)
     assert reference.returncode == 0, reference.stderr
     killed = tmp_path / "killed"
