@@ -1,4 +1,5 @@
-"""TorchServe handler: predictions with local Lipschitz certificates and an on-demand PGD probe.
+"""TorchServe handler: predictions with labelled certificates (per-layer Lipschitz bounds, randomized
+smoothing on request) and an on-demand PGD probe.
 
 Thin on purpose: request parsing lives in ``specformer_deploy.serving.request``, the model and the
 mathematics in ``specformer_deploy.serving.runtime`` (the same code `specformer-deploy certify` runs),
@@ -89,7 +90,8 @@ class SpecformerHandler(BaseHandler):
                                            "application/json, or a multipart form with the image in field data",
                                       reason="empty_body")
                 headers = context.get_all_request_header(index) or {}
-                parsed = parse_request(body, headers, self.runtime.image_size, self.limits, form)
+                parsed = parse_request(body, headers, self.runtime.image_size, self.limits, form,
+                                       smoothing_sigma=self.runtime.smoothing_sigma)
                 groups.setdefault(parsed.group_key, []).append((index, parsed))
             except ClientError as err:
                 answers[index] = self._error(context, index, err.status, err.message, err.reason)
@@ -97,14 +99,14 @@ class SpecformerHandler(BaseHandler):
                 logger.exception("specformer: unexpected error parsing request %d", index)
                 answers[index] = self._error(context, index, 500, f"internal error: {type(err).__name__}",
                                              "internal")
-        for (delta0, top_k, certificate, probe), members in groups.items():
+        for (delta0, top_k, certificate, probe, smoothing), members in groups.items():
             import numpy as np
 
             try:
                 pixels = np.stack([parsed.pixels for _, parsed in members])
                 timings: dict[str, float] = {}
                 results = self.runtime.answer(pixels, delta0=delta0, top_k=top_k, probe=probe,
-                                              certificate=certificate, timings=timings)
+                                              certificate=certificate, smoothing=smoothing, timings=timings)
                 for (index, _), result in zip(members, results):
                     answers[index] = json.dumps(result)
                     context.set_response_content_type(index, "application/json")
@@ -118,7 +120,8 @@ class SpecformerHandler(BaseHandler):
 
     @staticmethod
     def _record_times(context: Any, timings: dict[str, float]) -> None:
-        """Milliseconds per batch group: SpecformerInferenceTime, ...CertificateTime, ...ProbeTime."""
+        """Milliseconds per batch group: SpecformerInferenceTime, ...CertificateTime, ...SmoothingTime,
+        ...ProbeTime."""
         metrics = getattr(context, "metrics", None)
         if metrics is None:
             return

@@ -225,7 +225,8 @@ def audit(
 
 @app.command()
 def evaluate(
-    model: Path = typer.Argument(..., help="A run directory, or an exported .onnx with model.pt2 beside it."),
+    model: Path = typer.Argument(..., help="A run directory, or an exported .onnx with model.pt2 beside it "
+                                           "(--smoothing: the exported .onnx)."),
     dataset: str | None = typer.Option(None, help="Dataset (default: the one the model was trained on)."),
     data_dir: Path | None = typer.Option(None, help="Directory for cifar10/cifar100/imagefolder."),
     protocol: str = typer.Option("standard", help="standard: clean, FGSM 2/255, PGD-2 2/255; adversarial: clean, "
@@ -233,14 +234,37 @@ def evaluate(
     attack: list[str] | None = typer.Option(None, help="NAME:EPS[:STEPS[:RESTARTS]] instead of the protocol, "
                                                           "repeatable: fgsm, pgd, pgd-l2, cw, autoattack, "
                                                           "autoattack-l2; EPS like 8/255."),
+    smoothing: float | None = typer.Option(None, metavar="SIGMA", help="Instead of attacks: certified accuracy of "
+                                           "the randomized-smoothing classifier at noise std SIGMA (pixels in [0, 1]; "
+                                           "use the sigma the model was trained with, see `audit`), per L2 radius."),
+    n: int = typer.Option(10_000, "--n", "--num-samples", min=1, help="--smoothing: estimation samples per image "
+                          "(CERTIFY and PREDICT); under torchrun write --num-samples (torchrun reads --n as an "
+                          "abbreviation of its own options)."),
+    n0: int = typer.Option(100, "--n0", min=1, help="--smoothing: selection samples per image (CERTIFY)."),
+    alpha: float = typer.Option(0.001, help="--smoothing: failure probability of each certificate."),
+    radii: str = typer.Option("0,0.25,0.5,0.75,1.0", help="--smoothing: the table's L2 radii, comma-separated."),
+    plot: Path | None = typer.Option(None, help="--smoothing: draw certified accuracy against radius here."),
     limit: int | None = typer.Option(None, help="Evaluate the first N test images only."),
-    batch_size: int = typer.Option(128, min=1, help="Attack batch size."),
-    seed: int = typer.Option(0, help="Seed of random starts."),
+    batch_size: int | None = typer.Option(None, min=1, help="Attack batch size (128), or noise samples per ONNX "
+                                                            "Runtime call with --smoothing (1000)."),
+    seed: int = typer.Option(0, help="Seed of random starts (attacks) or of the noise (--smoothing)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    json_output: bool = typer.Option(False, "--json", help='Print {"clean": acc, "<attack>": acc, ...} on stdout.'),
+    json_output: bool = typer.Option(False, "--json", help='Print {"clean": acc, "<attack>": acc, ...} (or the '
+                                                           'certified-accuracy table) on stdout.'),
 ) -> None:
-    """Accuracy under attack, in the layout of the paper's Tables 1/2 (accuracies in [0, 1])."""
+    """Accuracy under attack, in the layout of the paper's Tables 1/2 (accuracies in [0, 1]); with
+    --smoothing, certified accuracy per L2 radius in the layout of Cohen et al.'s tables (abstentions
+    count as wrong). Under torchrun, --smoothing shards the test images over the processes."""
     from rich.progress import Progress
+
+    if smoothing is not None:
+        if attack:
+            _fail("--attack and --smoothing are different evaluations: pass one of them")
+        _evaluate_smoothing(model, smoothing, n=n, n0=n0, alpha=alpha, radii=radii, plot=plot, limit=limit,
+                            batch_size=batch_size or 1_000, seed=seed, device=device, json_output=json_output,
+                            dataset=dataset, data_dir=data_dir)
+        return
+    batch_size = batch_size or 128
 
     from specformer_deploy.robustness.evaluate import PROTOCOLS, evaluate_model, load_attack_model
     from specformer_deploy.training.checkpoint import CheckpointError
@@ -262,7 +286,8 @@ def evaluate(
                 progress.update(tasks[key], completed=done)
 
             results = evaluate_model(net, info, specs, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-                                     limit=limit, batch_size=batch_size, seed=seed, device=target, on_progress=update)
+                                     limit=limit, batch_size=batch_size, seed=seed, device=target,
+                                     on_progress=update)
     except (CheckpointError, DataError, ValueError) as err:
         _fail(str(err))
     if json_output:
@@ -278,6 +303,81 @@ def evaluate(
         table.add_column(details["attacks"][key]["label"], justify="right")
     table.add_row(str(model), *[f"{100 * results[k]:.2f}" for k in keys])
     Console(width=max(120, Console().width)).print(table)
+
+
+def _evaluate_smoothing(model: Path, sigma: float, *, n: int, n0: int, alpha: float, radii: str, plot: Path | None,
+                        limit: int | None, batch_size: int, seed: int, device: str, json_output: bool,
+                        dataset: str | None, data_dir: Path | None) -> None:
+    """`evaluate --smoothing`: certify the test images (sharded under torchrun), print one table on rank 0."""
+    from rich.progress import Progress
+
+    from specformer_deploy.robustness.smoothing_eval import (
+        SmoothingEvalOptions,
+        certified_radii,
+        evaluate_smoothing,
+        parse_radii,
+        plot_certified_accuracy,
+    )
+    from specformer_deploy.serving.runtime import IntegrityError, cuda_usable
+    from specformer_deploy.training.data import DataError
+    from specformer_deploy.training.distributed import DistributedConfigError, init_distributed, shutdown
+
+    if device not in ("auto", "cpu", "cuda"):
+        _fail(f"--device must be auto, cpu or cuda, got {device!r}")
+    on_gpu = device == "cuda" or (device == "auto" and cuda_usable())
+    ctx = None
+    try:
+        options = SmoothingEvalOptions(sigma=sigma, n=n, n0=n0, alpha=alpha, radii=parse_radii(radii), limit=limit,
+                                       seed=seed, batch_size=batch_size, dataset=dataset,
+                                       data_dir=str(data_dir) if data_dir else None)
+        options.params(seed)
+        ctx = init_distributed("cuda" if on_gpu else "cpu")
+        with Progress(console=err_console, transient=True, disable=not ctx.is_main) as progress:
+            task = progress.add_task(f"certifying (rank 0 of {ctx.world_size})", total=None)
+            results = evaluate_smoothing(model, options, ctx, device_id=ctx.local_rank if on_gpu else None,
+                                         on_progress=lambda done, total: progress.update(task, completed=done,
+                                                                                         total=total))
+    except (DataError, IntegrityError, DistributedConfigError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    finally:
+        if ctx is not None:
+            shutdown(ctx)
+    if not ctx.is_main:
+        return
+    trained = results["trained_sigma"]
+    if trained != sigma:
+        why = "was trained without noise" if trained is None else f"was trained with noise sigma {trained}"
+        err_console.print(f"[yellow]note:[/] the model {why}; its smoothed classifier at sigma {sigma} is not the "
+                          "one it learned")
+    if plot is not None:
+        plot_certified_accuracy([(f"sigma {sigma}", certified_radii(results["per_image"]))], plot, options.radii)
+        err_console.print(f"plot written to {plot}")
+    if json_output:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    _print_certified_accuracy(model, results)
+
+
+def _print_certified_accuracy(model: Path, results: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{model} on {results['dataset']}: randomized smoothing, sigma {results['sigma']}, "
+                        f"n {results['n']}, n0 {results['n0']}, alpha {results['alpha']} ({results['images']} test "
+                        f"images; certified accuracy in %, L2 radius in pixels in [0, 1])")
+    table.add_column("Model")
+    for radius in results["radii"]:
+        table.add_column(f"r = {radius:g}", justify="right")
+    table.add_column("smoothed clean", justify="right")
+    table.add_column("s / image", justify="right")
+    table.add_row(str(model), *[f"{100 * a:.1f}" for a in results["certified_accuracy"]],
+                  f"{100 * results['smoothed_clean_accuracy']:.1f}", f"{results['seconds_per_image']:.2f}")
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    console.print(f"abstentions count as wrong ({results['abstained']} abstained); base model clean accuracy "
+                  f"{100 * results['base_clean_accuracy']:.1f}%; no radius above {results['max_radius_for_n']:.3f} "
+                  f"is certifiable with n = {results['n']}; {results['interval']}: "
+                  + ", ".join(f"r {r:g}: [{100 * lo:.1f}, {100 * hi:.1f}]"
+                              for r, (lo, hi) in zip(results["radii"], results["certified_interval"])))
 
 
 @app.command()
@@ -313,25 +413,30 @@ def package(
                                                     "(default: the handler's, 8 MiB)."),
     threads_per_worker: int | None = typer.Option(None, min=1, help="ONNX Runtime and torch threads of each "
                                                      "worker (default 1)."),
+    max_smoothing_samples: int | None = typer.Option(None, min=0, help="Most randomized-smoothing samples "
+                                                     "(n0 + n) per image (default: the handler's, 10,100; 0: none)."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Build the TorchServe archives (torch-model-archiver) and the store's config.properties.
 
-    Two models by default: NAME (predictions and certificates; refuses probes and names NAME-probe)
-    and NAME-probe (probes, with its own workers and queue), so that probes never delay cheap requests.
+    Two models by default: NAME (predictions and per-layer certificates; refuses probes and
+    randomized smoothing and names NAME-probe) and NAME-probe (probes and smoothing, with its own
+    workers and queue), so that work costing seconds per image never delays cheap requests.
     Every cap is written into the archives' model-config.yaml (handler:), where a deployer can edit it.
     """
     from specformer_deploy.serving.package import PackageError, package_deployment, parse_device_ids
 
     given = {"max_image_pixels": max_image_pixels, "max_request_bytes": max_request_bytes, "max_top_k": max_top_k,
-             "max_probe_cost": max_probe_cost, "threads_per_worker": threads_per_worker}
+             "max_probe_cost": max_probe_cost, "threads_per_worker": threads_per_worker,
+             "max_smoothing_samples": max_smoothing_samples}
     caps = {key: value for key, value in given.items() if value is not None}
     shared = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay}
     main_config = {**shared, "responseTimeout": response_timeout, "jobQueueSize": queue_size, "handler": caps}
     probe_config = {**shared, "responseTimeout": probe_response_timeout, "jobQueueSize": probe_queue_size,
                     "handler": dict(caps)}
     if probe_workers != 0:
-        main_config["handler"] = {key: value for key, value in caps.items() if key != "max_probe_cost"}
+        main_config["handler"] = {key: value for key, value in caps.items()
+                                  if key not in ("max_probe_cost", "max_smoothing_samples")}
     if workers is not None:
         main_config.update(minWorkers=workers, maxWorkers=workers)
     try:
@@ -371,17 +476,29 @@ def certify(
     steps: int = typer.Option(10, help="Probe steps (PGD), at most 100."),
     restarts: int = typer.Option(1, help="PGD random restarts (the strongest is kept), at most 100."),
     norm: str = typer.Option("linf", help="Probe norm: linf or l2."),
+    smoothing: bool = typer.Option(False, "--smoothing", help="Also certify an L2 radius in pixel space by "
+                                   "randomized smoothing (Cohen et al. 2019), holding with probability 1 - alpha."),
+    sigma: float | None = typer.Option(None, help="Smoothing noise std in pixels [0, 1] (default: the noise the "
+                                       "model was trained with, from its export)."),
+    n: int = typer.Option(10_000, help="Smoothing estimation samples (with --radius: the most the test may use)."),
+    n0: int = typer.Option(100, help="Smoothing selection samples (which class to certify)."),
+    alpha: float = typer.Option(0.001, help="Smoothing failure probability: the radius holds with prob. 1 - alpha."),
+    radius: float | None = typer.Option(None, help="Only decide whether the smoothed prediction is robust at this "
+                                        "L2 radius (a sequential test that stops early), instead of estimating one."),
+    seed: int = typer.Option(0, help="Seed of the smoothing noise (the server answers the same for the same seed)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON answer per image on stdout."),
 ) -> None:
     """Predict and certify images offline: the same answer the server gives (same runtime code).
 
-    Each answer has the prediction (top-k), per-layer local Lipschitz certificates of the attention
-    layers (the paper's Theorem 4.3 with its validity flag, and a form that always holds) and, with
-    --probe, a real attack whose adversarial image is classified by the ONNX model.
+    Each answer has the prediction (top-k) and per-layer local Lipschitz constants of the attention
+    layers (each in its own layer's input space: not a statement about the image). --smoothing adds
+    randomized smoothing's certified L2 radius in pixel space; --probe a real attack whose
+    adversarial image is classified by the ONNX model (empirical, no guarantee).
     """
     from specformer_deploy.budgets import BudgetError, parse_epsilon
     from specformer_deploy.serving.images import ImageError, decode_image
     from specformer_deploy.serving.runtime import IntegrityError, ProbeRequest, RequestError, SpecformerRuntime
+    from specformer_deploy.serving.smoothing import SmoothingError, SmoothingParams
 
     try:
         eps_value = parse_epsilon(eps, "--eps")
@@ -392,6 +509,15 @@ def certify(
         runtime = SpecformerRuntime(model)
     except (FileNotFoundError, IntegrityError) as err:
         _fail(str(err))
+    params = None
+    if smoothing:
+        sigma = sigma if sigma is not None else runtime.smoothing_sigma
+        if sigma is None:
+            _fail(f"{model} was not trained with noise (its export has no specformer.smoothing.sigma): give --sigma")
+        try:
+            params = SmoothingParams(sigma=sigma, n0=n0, n=n, alpha=alpha, radius=radius, seed=seed).validate()
+        except SmoothingError as err:
+            _fail(f"--{err}")
     pixels = []
     for path in images:
         try:
@@ -404,7 +530,7 @@ def certify(
     try:
         import numpy as np
 
-        answers = runtime.answer(np.stack(pixels), delta0=delta0, top_k=top_k, probe=request)
+        answers = runtime.answer(np.stack(pixels), delta0=delta0, top_k=top_k, probe=request, smoothing=params)
     except (RequestError, FileNotFoundError, IntegrityError) as err:  # IntegrityError: model.pt2, checked by a probe
         _fail(str(err))
     for path, answer in zip(images, answers):
@@ -421,26 +547,49 @@ def _print_answers(answers: list[dict]) -> None:
     console = Console()
     console = Console(width=max(110, console.width))
     for answer in answers:
-        pred, cert = answer["prediction"], answer["certificate"]
+        pred, cert = answer["prediction"], answer["attention_lipschitz"]
         console.print(f"[bold]{answer['image']}[/]: class {pred['class']!r} (label {pred['label']}, "
                       f"p={pred['probability']:.3f})")
-        table = Table(show_header=True)
+        table = Table(show_header=True, title=f"{cert['certificate']}: {cert['space']} (delta0 = {cert['delta0']:g})")
         for column in ("layer", "N", "||X0||_F", "bound (always valid)", "paper bound", "paper valid"):
             table.add_column(column, justify="right")
         for layer in cert["layers"]:
-            if layer["bound"] is None:
+            if not layer["applicable"]:
                 table.add_row(str(layer["layer"]), str(layer["tokens"]), f"{layer['input_norm']:.3f}",
-                              "n/a", "n/a", "n/a (not dot-product attention)")
+                              "not applicable", "", layer["reason"])
                 continue
             table.add_row(str(layer["layer"]), str(layer["tokens"]), f"{layer['input_norm']:.3f}",
                           f"{layer['bound']:.4g}", f"{layer['paper_bound']:.4g}",
                           "yes" if layer["paper_bound_valid"] else "[red]NO[/]")
         console.print(table)
+        console.print("per-layer constants: they do not add up to a radius for the image", style="dim")
+        if "smoothing" in answer:
+            _print_smoothing(console, answer["smoothing"])
         if "probe" in answer:
             p = answer["probe"]
             verdict = "[red]label flipped[/]" if p["flipped"] else "[green]label held[/]"
-            console.print(f"probe {p['attack']} {p['norm']} eps={p['eps']:.4g} steps={p['steps']}: {verdict} "
-                          f"(adversarial class {p['adversarial_class']!r}, margin {p['margin']:.3f})")
+            console.print(f"probe {p['attack']} {p['norm']} eps={p['eps']:.4g} steps={p['steps']} ({p['space']}; "
+                          f"{p['kind']}): {verdict} (adversarial class {p['adversarial_class']!r}, "
+                          f"margin {p['margin']:.3f})")
+
+
+def _print_smoothing(console: Console, block: dict) -> None:
+    """The randomized-smoothing block as a few readable lines: the verdict, then what it promises."""
+    settings = (f"sigma={block['sigma']:g}, n0={block['n0']}, n={block['n']}, alpha={block['alpha']:g}, "
+                f"seed={block['seed']}, samples used {block['samples_used']}")
+    if "radius_asked" in block:
+        verdict = {True: "[green]robust[/]", False: "[red]not robust[/]", None: "[yellow]undecided[/] (budget spent)"}
+        label = "abstain" if block["label"] is None else f"label {block['label']}"
+        console.print(f"smoothing ({block['space']}): {label}, {verdict[block['robust']]} at L2 radius "
+                      f"{block['radius_asked']:g}")
+    elif block["abstain"]:
+        console.print(f"smoothing ({block['space']}): [yellow]abstain[/] (p_lower {block['p_lower']:.4f} <= 1/2: "
+                      "no class is certified)")
+    else:
+        console.print(f"smoothing ({block['space']}): label {block['label']}, certified L2 radius "
+                      f"[bold]{block['radius']:.4f}[/] (p_lower {block['p_lower']:.4f}, count {block['count']})")
+    console.print(f"  {block['guarantee']}")
+    console.print(f"  {settings}; the largest radius n samples can certify: {block['max_radius_for_n']:.4f}")
 
 
 if __name__ == "__main__":  # pragma: no cover

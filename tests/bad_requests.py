@@ -23,6 +23,7 @@ from specformer_deploy.serving.images import decode_image
 
 IMAGE_SIZE = 16  # the test models' input size
 PROBE_CAP = 100  # handler.max_probe_cost the served test model runs with (the default)
+SMOOTHING_CAP = 10_100  # handler.max_smoothing_samples (the default): n0 + n per image
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,29 @@ def corpus(png: bytes) -> list[Case]:
         Case("fgsm with l2", j(pixels=good, probe="fgsm", norm="l2"), mentions="fgsm"),
         Case("certificate maybe", j(pixels=good, certificate="maybe"), mentions="certificate"),
         Case("header delta0", png, "image/png", {"X-Delta0": "-1"}, mentions="delta0"),
+        # randomized smoothing (the test models were trained without noise: sigma must be given)
+        Case("smoothing without sigma", j(pixels=good, smoothing=True), mentions="not trained with noise"),
+        Case("smoothing absurd n", j(pixels=good, smoothing={"sigma": 0.25, "n": 10**30}),
+             mentions="max_smoothing_samples"),
+        Case("smoothing over the cap", j(pixels=good, smoothing={"sigma": 0.25, "n": SMOOTHING_CAP}),
+             mentions="max_smoothing_samples"),
+        Case("smoothing alpha 1", j(pixels=good, smoothing={"sigma": 0.25, "alpha": 1.0}), mentions="alpha"),
+        Case("smoothing alpha 0", j(pixels=good, smoothing={"sigma": 0.25, "alpha": 0}), mentions="alpha"),
+        Case("smoothing negative radius", j(pixels=good, smoothing={"sigma": 0.25, "radius": -0.5}),
+             mentions="radius"),
+        Case("smoothing sigma 0", j(pixels=good, smoothing={"sigma": 0}), mentions="sigma"),
+        Case("smoothing negative sigma", j(pixels=good, smoothing_sigma=-0.25), mentions="sigma"),
+        Case("smoothing zero n", j(pixels=good, smoothing={"sigma": 0.25, "n": 0}), mentions="smoothing.n"),
+        Case("smoothing fractional n", j(pixels=good, smoothing={"sigma": 0.25, "n": 10.5}), mentions="smoothing.n"),
+        Case("smoothing unknown field", j(pixels=good, smoothing={"sigma": 0.25, "samples": 9}), mentions="samples"),
+        Case("smoothing not an object", j(pixels=good, smoothing=[0.25]), mentions="smoothing"),
+        Case("smoothing off with a field", j(pixels=good, smoothing=False, smoothing_n=100), mentions="smoothing"),
+        Case("header smoothing n", png, "image/png", {"X-Smoothing-Sigma": "0.25", "X-Smoothing-N": "abc"},
+             mentions="smoothing_n"),
+        Case("smoothing within the cap", j(pixels=good, smoothing={"sigma": 0.25, "n0": 20, "n": 200}), status=200),
+        Case("smoothing at a radius", png, "image/png", {"X-Smoothing": "true", "X-Smoothing-Sigma": "0.25",
+                                                         "X-Smoothing-N": "300", "X-Smoothing-Radius": "0.1"},
+             status=200),
         Case("header steps", png, "image/png", {"X-Probe": "pgd", "X-Steps": "abc"}, mentions="steps"),
         Case("form encoded", png, "application/x-www-form-urlencoded"),
     ]

@@ -136,7 +136,7 @@ def test_a_certificate_is_served_where_torch_cannot_be_imported(exported_pair) -
                             timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     answer = json.loads(result.stdout.strip().splitlines()[-1])
-    layers = answer["certificate"]["layers"]
+    layers = answer["attention_lipschitz"]["layers"]
     assert layers and all(layer["bound"] is not None and layer["bound"] > 0 for layer in layers)
     # The same numbers as the runtime gives in this (torch-importing) process.
     import numpy as np
@@ -147,5 +147,5 @@ def test_a_certificate_is_served_where_torch_cannot_be_imported(exported_pair) -
     pixels = np.full((1, 3, runtime.image_size, runtime.image_size), 0.5, dtype=np.float32)
     expected = runtime.answer(pixels, delta0=0.02)[0]
     assert answer["prediction"]["label"] == expected["prediction"]["label"]
-    expected_bounds = [lay["bound"] for lay in expected["certificate"]["layers"]]
+    expected_bounds = [lay["bound"] for lay in expected["attention_lipschitz"]["layers"]]
     assert [lay["bound"] for lay in layers] == pytest.approx(expected_bounds)

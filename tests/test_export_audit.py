@@ -31,6 +31,7 @@ from specformer_deploy.training.msvp import exact_spectral_norms
 from specformer_deploy.training.train import load_run_model
 
 # The metadata contract: serving, audit, package and evaluate read these entries, clients may too.
+# A run trained with Gaussian noise (`train --noise-sd`) adds one more, "smoothing" (tested below).
 METADATA_KEYS = {"attention_weights", "bias_q_norm", "class_names", "embed_dim", "exporter", "format_version",
                  "head_dim", "heads", "image_size", "integrity", "io", "layers", "mlp", "model", "msvp",
                  "normalization", "num_classes", "package_version", "parity", "spectral",
@@ -104,6 +105,46 @@ def test_export_writes_exactly_the_contracted_metadata_keys(exported_pair) -> No
         integrity = read_metadata(onnx.load(summary["onnx"]))["integrity"]
         assert set(integrity) == {"weights_sha256", "tensor_sha256", "graph_sha256", "metadata_sha256"}
         assert set(integrity["metadata_sha256"]) == METADATA_KEYS - {"integrity"}
+
+
+def test_a_noise_trained_export_records_its_sigma_under_the_digests(exported_pair, tmp_path: Path) -> None:
+    """`train --noise-sd` -> `export` writes specformer.smoothing = {"sigma": s} (the one key a noise-trained
+    run adds), digested like every entry: `audit` shows the sigma, and a changed or removed sigma is an
+    inconsistent file. Runs without noise carry no such key and `audit` says so."""
+    from specformer_deploy.artifact.export import export_run
+    from specformer_deploy.training.train import TrainConfig, train
+
+    run = tmp_path / "noisy"
+    train(TrainConfig(epochs=1, batch_size=32, warmup_epochs=0, noise_sd=0.25, seed=5), run, show_progress=False)
+    onnx_path = Path(export_run(run, run / "export" / "model.onnx")["onnx"])
+    keys = {p.key for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    assert {k for k in keys if k.startswith(PREFIX)} == {PREFIX + k for k in METADATA_KEYS | {"smoothing"}}
+    meta = read_metadata(onnx.load(str(onnx_path)))
+    assert meta["smoothing"] == {"sigma": 0.25}
+    assert set(meta["integrity"]["metadata_sha256"]) == (METADATA_KEYS | {"smoothing"}) - {"integrity"}
+    report = audit_file(onnx_path)
+    assert report.exit_code == 0 and report.to_dict()["model"]["smoothing"] == {"sigma": 0.25}
+    assert any("trained with Gaussian pixel noise sigma 0.25" in note for note in report.notes)
+    cli = _cli("audit", str(onnx_path))
+    assert cli.returncode == 0 and "noise sigma 0.25" in cli.stdout
+
+    def changed(proto: onnx.ModelProto) -> None:
+        for prop in proto.metadata_props:
+            if prop.key == PREFIX + "smoothing":
+                prop.value = json.dumps({"sigma": 0.5})
+
+    def removed(proto: onnx.ModelProto) -> None:
+        kept = [p for p in proto.metadata_props if p.key != PREFIX + "smoothing"]
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(kept)
+
+    for name, edit in (("changed", changed), ("removed", removed)):
+        tampered = audit_file(_rewrite(onnx_path, tmp_path / f"{name}.onnx", edit))
+        assert tampered.exit_code == 1, name
+        assert tampered.problems == ["metadata value specformer.smoothing changed after export"], name
+    plain = audit_file(exported_pair["vanilla"]["onnx"])
+    assert plain.to_dict()["model"]["smoothing"] is None
+    assert any("trained without Gaussian noise" in note for note in plain.notes)
 
 
 def test_require_export_returns_the_metadata_or_says_what_is_missing(exported_pair, tmp_path: Path) -> None:

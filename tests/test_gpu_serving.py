@@ -255,7 +255,7 @@ def test_gpu_archive_is_served_on_a_host_without_gpus(exported_pair, png, pixels
         assert probed["probe"]["margin"] == pytest.approx(expected_probe["margin"], rel=1e-4, abs=1e-4)
     assert served["prediction"]["label"] == expected["prediction"]["label"]
     assert served["prediction"]["probability"] == pytest.approx(expected["prediction"]["probability"], rel=tolerance)
-    for a, b in zip(served["certificate"]["layers"], expected["certificate"]["layers"]):
+    for a, b in zip(served["attention_lipschitz"]["layers"], expected["attention_lipschitz"]["layers"]):
         assert a["bound"] == pytest.approx(b["bound"], rel=tolerance)
         assert a["paper_bound"] == pytest.approx(b["paper_bound"], rel=tolerance)
 

@@ -36,7 +36,7 @@ def test_served_mlp_bounds_lie_between_exact_local_norm_and_global(tmp_path: Pat
     runtime = SpecformerRuntime(summary["onnx"])
     pixels = load_dataset("digits", 16).test[11][0]
     radius = 0.05
-    layers = runtime.answer(pixels[None].numpy(), delta0=radius)[0]["certificate"]["mlp"]
+    layers = runtime.answer(pixels[None].numpy(), delta0=radius)[0]["mlp_lipschitz"]["layers"]
     model, config = load_run_model(run)
     assert config["model"]["mlp_act"] == "clipped-relu"
     taps = []

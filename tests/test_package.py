@@ -87,9 +87,10 @@ def test_package_writes_two_models_and_a_working_config(exported_pair, tmp_path)
     assert main == summary["model_config"] and probe == summary["probe_model_config"]
     for key, value in handler_defaults().items():
         assert probe["handler"][key] == value
-        if key != "max_probe_cost":
+        if key not in ("max_probe_cost", "max_smoothing_samples"):
             assert main["handler"][key] == value
     assert main["handler"]["max_probe_cost"] == 0 and main["handler"]["probe_endpoint"] == "digits-probe"
+    assert main["handler"]["max_smoothing_samples"] == 0  # smoothing costs seconds per image: NAME-probe serves it
     assert "probe_endpoint" not in probe["handler"]
     for config in (main, probe):
         ServingLimits.from_handler_config(config["handler"])  # what the handler will read
@@ -108,7 +109,8 @@ def test_package_options_set_the_caps_and_keep_an_edited_config(exported_pair, t
     result = CliRunner().invoke(app, [
         "package", onnx, "--name", "m", "--store", str(store), "--probe-workers", "2", "--queue-size", "300",
         "--probe-queue-size", "7", "--max-probe-cost", "40", "--max-top-k", "3", "--max-image-pixels", "1000",
-        "--max-request-bytes", "4096", "--threads-per-worker", "2", "--probe-response-timeout", "30"])
+        "--max-request-bytes", "4096", "--threads-per-worker", "2", "--probe-response-timeout", "30",
+        "--max-smoothing-samples", "500"])
     assert result.exit_code == 0, result.output
     assert "kept as it was" in result.output and "serve it with: torchserve --start" in result.output
     assert (store / "config.properties").read_text() == "# the deployer's own\n"
@@ -116,9 +118,10 @@ def test_package_options_set_the_caps_and_keep_an_edited_config(exported_pair, t
     assert (main["jobQueueSize"], probe["jobQueueSize"], probe["minWorkers"], probe["maxWorkers"]) == (300, 7, 2, 2)
     assert probe["responseTimeout"] == 30 and main["responseTimeout"] == 60
     assert probe["handler"] == {"max_image_pixels": 1000, "max_request_bytes": 4096, "max_top_k": 3,
-                                "max_probe_cost": 40, "threads_per_worker": 2}
+                                "max_probe_cost": 40, "max_smoothing_samples": 500, "threads_per_worker": 2}
     assert main["handler"] == {"max_image_pixels": 1000, "max_request_bytes": 4096, "max_top_k": 3,
-                               "max_probe_cost": 0, "threads_per_worker": 2, "probe_endpoint": "m-probe"}
+                               "max_probe_cost": 0, "max_smoothing_samples": 0, "threads_per_worker": 2,
+                               "probe_endpoint": "m-probe"}
 
 
 def test_probe_workers_zero_writes_one_archive_that_serves_probes(exported_pair, tmp_path) -> None:

@@ -24,16 +24,17 @@ from specformer_deploy.budgets import madry_step_size
 from specformer_deploy.serving.limits import LimitsError, ServingLimits
 from specformer_deploy.serving.request import ClientError, ParsedRequest, parse_request, split_form
 from specformer_deploy.serving.runtime import ProbeRequest
+from specformer_deploy.serving.smoothing import SmoothingParams
 
 PNG = default_png()
 CASES = corpus(PNG)
 ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
 
 
-def _parse(case: Case, limits: ServingLimits | None = None) -> ParsedRequest:
+def _parse(case: Case, limits: ServingLimits | None = None, sigma: float | None = None) -> ParsedRequest:
     request, headers = torchserve_view(case)
     body, form = split_form(request)
-    return parse_request(body, headers, IMAGE_SIZE, limits or ServingLimits(), form)
+    return parse_request(body, headers, IMAGE_SIZE, limits or ServingLimits(), form, smoothing_sigma=sigma)
 
 
 def _assert_client_error(err: ClientError, case: Case | None = None) -> None:
@@ -78,6 +79,50 @@ def test_probe_cost_cap_names_the_cap_and_the_probe_endpoint() -> None:
     with pytest.raises(ClientError, match="serves no probes"):
         _parse(Case("fgsm", PNG, "image/png", {"X-Probe": "fgsm"}), ServingLimits(max_probe_cost=0))
     assert _parse(Case("none", PNG, "image/png", status=200), ServingLimits(max_probe_cost=0)).probe is None
+
+
+def test_smoothing_options_in_json_headers_and_form_mean_the_same() -> None:
+    image = base64.b64encode(PNG).decode()
+    fields = {"sigma": 0.5, "n": 500, "n0": 50, "alpha": 0.01, "radius": 0.2, "seed": 3}
+    expected = SmoothingParams(**fields)
+    nested = _parse(Case("json", json.dumps({"image": image, "smoothing": fields}).encode()))
+    flat = _parse(Case("flat", json.dumps({"image": image, **{f"smoothing_{k}": v
+                                                                for k, v in fields.items()}}).encode()))
+    headers = _parse(Case("headers", PNG, "image/png",
+                          {f"X-Smoothing-{k.title()}": str(v) for k, v in fields.items()}))
+    form = _parse(Case("form", *multipart({"data": PNG, "smoothing": b"true",
+                                           **{f"smoothing_{k}": str(v).encode() for k, v in fields.items()}})))
+    assert nested.smoothing == flat.smoothing == headers.smoothing == form.smoothing == expected
+    assert _parse(Case("none", PNG, "image/png", status=200)).smoothing is None
+    assert _parse(Case("off", PNG, "image/png", {"X-Smoothing": "false"})).smoothing is None
+
+
+def test_smoothing_sigma_defaults_to_the_models_training_noise() -> None:
+    image = base64.b64encode(PNG).decode()
+    asked = Case("default", json.dumps({"image": image, "smoothing": True}).encode())
+    assert _parse(asked, sigma=0.25).smoothing == SmoothingParams(sigma=0.25)
+    with pytest.raises(ClientError, match="not trained with noise"):
+        _parse(asked)
+    given_sigma = Case("given", json.dumps({"image": image, "smoothing": {"sigma": 0.12}}).encode())
+    assert _parse(given_sigma, sigma=0.25).smoothing.sigma == 0.12
+
+
+def test_smoothing_cap_names_the_cap_and_counts_n0_plus_n() -> None:
+    image = base64.b64encode(PNG).decode()
+    request = Case("cap", json.dumps({"image": image, "smoothing": {"sigma": 0.25, "n0": 100, "n": 1000}}).encode())
+    with pytest.raises(ClientError) as info:
+        _parse(request, ServingLimits(max_smoothing_samples=1099))
+    assert ("n0 + n = 1100 samples per image exceeds this endpoint's cap handler.max_smoothing_samples = 1099 "
+            "(model-config.yaml)" in info.value.message) and info.value.reason == "smoothing_cost"
+    assert _parse(request, ServingLimits(max_smoothing_samples=1100)).smoothing.n == 1000
+    with pytest.raises(ClientError, match="serves no smoothing"):
+        _parse(request, ServingLimits(max_smoothing_samples=0))
+    with pytest.raises(ClientError, match="send smoothing requests to /predictions/digits-probe"):
+        _parse(request, ServingLimits(max_smoothing_samples=0, probe_endpoint="digits-probe"))  # what package writes
+    default = Case("default", json.dumps({"image": image, "smoothing": {"sigma": 0.25}}).encode())
+    assert _parse(default).smoothing == SmoothingParams(sigma=0.25)  # the default cap admits the default CERTIFY
+    with pytest.raises(LimitsError, match="max_smoothing_samples"):
+        ServingLimits.from_handler_config({"max_smoothing_samples": -1})
 
 
 def test_request_size_top_k_and_pixel_caps_are_4xx_naming_the_key() -> None:
@@ -140,7 +185,8 @@ def test_cli_certify_reads_eps_with_the_one_parser(tmp_path) -> None:
 _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
                      max_leaves=20)
-_option_names = st.sampled_from(["delta0", "top_k", "certificate", "probe", "eps", "steps", "restarts", "norm"])
+_option_names = st.sampled_from(["delta0", "top_k", "certificate", "probe", "eps", "steps", "restarts", "norm",
+                                 "smoothing", "smoothing_n", "smoothing_sigma", "smoothing_alpha"])
 _header_names = st.one_of(_option_names, _option_names.map(lambda n: "X-" + n.replace("_", "-")), st.text())
 _header_values = st.one_of(st.text(), st.text(alphabet=string.digits, min_size=4000, max_size=6000),
                            st.sampled_from(["pgd", "fgsm", "l2", "8/255", "1e-45", "nan", "-1", "\r\n", "1/0"]))
@@ -253,12 +299,14 @@ def test_corpus_through_the_handler_in_one_batch(handler_and_context, caplog) ->
             assert not ADDRESS.search(body["error"])
         elif case is good:
             assert body["prediction"] == alone["prediction"]
-            assert body["certificate"]["bound"] == pytest.approx(alone["certificate"]["bound"], rel=1e-9)
+            for a, b in zip(body["attention_lipschitz"]["layers"], alone["attention_lipschitz"]["layers"]):
+                assert a["bound"] == pytest.approx(b["bound"], rel=1e-9)
     rejected = [r.getMessage() for r in caplog.records if "SpecformerRejectedRequests" in r.getMessage()]
     assert any("Reason:probe_cost" in line for line in rejected), rejected
     assert any("Reason:bad_json" in line for line in rejected)
     timings = " ".join(r.getMessage() for r in caplog.records)
-    for name in ("SpecformerInferenceTime", "SpecformerCertificateTime", "SpecformerProbeTime"):
+    for name in ("SpecformerInferenceTime", "SpecformerCertificateTime", "SpecformerSmoothingTime",
+                 "SpecformerProbeTime"):
         assert f"[METRICS]{name}.Milliseconds:" in timings, name
 
 

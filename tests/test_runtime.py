@@ -56,11 +56,13 @@ def test_certificate_equals_the_bounds_on_the_models_own_tokens(runtime, exporte
         sigma_o = float(torch.linalg.matrix_norm(attn.proj.weight.detach().double(), ord=2))
         bound = layer_bound([attention_head_bound(x0, *w, delta0, b_q=b_q[h]) for h, w in enumerate(weights)], sigma_o)
         paper = layer_bound([paper_head_bound(x0, *w, delta0)[0] for w in weights], sigma_o)
-        served = answer["certificate"]["layers"][layer]
+        served = answer["attention_lipschitz"]["layers"][layer]
         assert served["bound"] == pytest.approx(bound, rel=1e-4)
         assert served["paper_bound"] == pytest.approx(paper, rel=1e-4)
         assert served["paper_bound_valid"] is True  # real LayerNorm outputs have ||X0||_F >> 1
-    assert answer["certificate"]["bound"] == max(layer["bound"] for layer in answer["certificate"]["layers"])
+    block = answer["attention_lipschitz"]
+    assert block["space"].startswith("each attention layer's input") and block["kind"] == "deterministic"
+    assert not {"bound", "paper_bound"} & set(block)  # per layer only: no unlabelled maximum
     assert answer["prediction"]["label"] == int(model(pixels[None]).argmax())
 
 
@@ -68,7 +70,7 @@ def test_certificate_is_never_below_the_empirical_local_constant(runtime, export
     model, _ = load_run_model(exported_pair["msvp"]["run"])
     model.requires_grad_(False)
     pixels = digits_test[3][0]
-    layers = runtime.answer(pixels[None].numpy(), delta0=0.0)[0]["certificate"]["layers"]
+    layers = runtime.answer(pixels[None].numpy(), delta0=0.0)[0]["attention_lipschitz"]["layers"]
     with unfused_attention(model):
         for layer, (attn, x0) in enumerate(zip(attention_layers(model), attention_inputs(model, pixels))):
             fn = lambda x, a=attn: a(x.unsqueeze(0)).squeeze(0)  # noqa: E731
@@ -148,11 +150,43 @@ def test_certify_cli_prints_json_and_rejects_bad_images(exported_pair, digits_te
     assert result.returncode == 0, result.stderr
     answers = json.loads(result.stdout)
     assert [a["image"] for a in answers] == paths
-    assert {"prediction", "certificate", "probe"} <= set(answers[0])
-    assert len(answers[0]["certificate"]["layers"]) == 4
+    assert {"prediction", "attention_lipschitz", "probe"} <= set(answers[0])
+    assert answers[0]["probe"]["space"] == "pixels in [0, 1]" and answers[0]["probe"]["kind"].startswith("empirical")
+    assert len(answers[0]["attention_lipschitz"]["layers"]) == 4
     offline = SpecformerRuntime(exported_pair["msvp"]["onnx"]).answer(
         np.stack([decode_image(Path(p).read_bytes(), 16) for p in paths]), delta0=0.01)
-    assert answers[1]["certificate"]["bound"] == pytest.approx(offline[1]["certificate"]["bound"], rel=1e-9)
+    assert answers[1]["attention_lipschitz"] == offline[1]["attention_lipschitz"]
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     bad = run(exported_pair["msvp"]["onnx"], str(tmp_path / "bad.png"))
     assert bad.returncode == 2 and "bad.png" in bad.stderr and "not a readable image" in bad.stderr
+
+
+def test_certify_smoothing_prints_the_runtime_answer_and_what_it_guarantees(runtime, exported_pair, digits_test,
+                                                                           tmp_path) -> None:
+    from specformer_deploy.serving.smoothing import SmoothingParams
+
+    path = tmp_path / "digit.png"
+    path.write_bytes(_png((digits_test[5][0].numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "specformer_deploy", "certify",  # noqa: E731
+                                     str(exported_pair["msvp"]["onnx"]), str(path), *a],
+                                    capture_output=True, text=True, timeout=300)
+    flags = ["--smoothing", "--sigma", "0.12", "--n", "400", "--n0", "40", "--alpha", "0.01", "--seed", "7"]
+    result = run(*flags, "--json")
+    assert result.returncode == 0, result.stderr
+    block = json.loads(result.stdout)["smoothing"]
+    params = SmoothingParams(sigma=0.12, n0=40, n=400, alpha=0.01, seed=7)
+    expected = runtime.answer(decode_image(path.read_bytes(), 16)[None], smoothing=params)[0]["smoothing"]
+    assert block == expected and block["space"] == "pixels in [0, 1], L2"
+    text = run(*flags)
+    assert text.returncode == 0, text.stderr
+    printed = " ".join(text.stdout.split())  # rich wraps long lines
+    assert " ".join(block["guarantee"].split()) in printed and "largest radius n samples can certify" in printed
+    assert ("abstain" in printed) if block["abstain"] else (f"certified L2 radius {block['radius']:.4f}" in printed)
+    at_radius = run(*flags, "--radius", "0.05", "--json")
+    assert at_radius.returncode == 0, at_radius.stderr
+    assert json.loads(at_radius.stdout)["smoothing"]["radius_asked"] == 0.05
+    no_sigma = run("--smoothing")  # the test model was trained without noise
+    message = " ".join(no_sigma.stderr.split())
+    assert no_sigma.returncode == 2 and "not trained with noise" in message and "give --sigma" in message
+    bad_alpha = run("--smoothing", "--sigma", "0.1", "--alpha", "2")
+    assert bad_alpha.returncode == 2 and "--alpha" in bad_alpha.stderr

@@ -56,14 +56,15 @@ def _json(**payload) -> bytes:
 
 def test_image_bytes_and_json_requests_are_answered(server, png) -> None:
     status, raw = server.post(png, "application/octet-stream")
-    assert status == 200 and {"prediction", "certificate"} <= set(raw)
+    assert status == 200 and {"prediction", "attention_lipschitz"} <= set(raw) and "certificate" not in raw
+    assert raw["attention_lipschitz"]["space"].startswith("each attention layer's input (norm1 output)")
     status, b64 = server.post(_json(image=base64.b64encode(png).decode(), delta0=0.05, top_k=3))
-    assert status == 200 and len(b64["prediction"]["top_k"]) == 3 and b64["certificate"]["delta0"] == 0.05
+    assert status == 200 and len(b64["prediction"]["top_k"]) == 3 and b64["attention_lipschitz"]["delta0"] == 0.05
     pixels = decode_image(png, 16)
     status, from_pixels = server.post(_json(pixels=pixels.tolist()))
     assert status == 200 and from_pixels["prediction"]["label"] == raw["prediction"]["label"]
     status, header_opts = server.post(png, "image/png", headers={"X-Delta0": "0.2", "top_k": "2"})
-    assert status == 200 and header_opts["certificate"]["delta0"] == 0.2
+    assert status == 200 and header_opts["attention_lipschitz"]["delta0"] == 0.2
     assert len(header_opts["prediction"]["top_k"]) == 2
 
 
@@ -72,10 +73,34 @@ def test_served_certificate_equals_certify(server, png, exported_pair) -> None:
     offline = SpecformerRuntime(exported_pair["msvp"]["onnx"]).answer(decode_image(png, 16)[None], delta0=0.03)[0]
     assert status == 200
     assert served["prediction"]["label"] == offline["prediction"]["label"]
-    for a, b in zip(served["certificate"]["layers"], offline["certificate"]["layers"]):
+    for a, b in zip(served["attention_lipschitz"]["layers"], offline["attention_lipschitz"]["layers"]):
         assert a["bound"] == pytest.approx(b["bound"], rel=1e-6)
         assert a["paper_bound"] == pytest.approx(b["paper_bound"], rel=1e-6)
         assert a["paper_bound_valid"] == b["paper_bound_valid"]
+
+
+def test_served_smoothing_equals_certify_for_the_same_seed(server, png, exported_pair, tmp_path) -> None:
+    import subprocess
+
+    image = tmp_path / "digit.png"
+    image.write_bytes(png)
+    for fields in ({"sigma": 0.25, "n0": 50, "n": 600, "alpha": 0.01, "seed": 11},
+                   {"sigma": 0.12, "n": 2000, "radius": 0.05, "seed": 2}):
+        status, served = server.post(_json(image=base64.b64encode(png).decode(), smoothing=fields))
+        assert status == 200, served
+        flags = [part for key, value in fields.items() for part in (f"--{key}", str(value))]
+        command = [sys.executable, "-m", "specformer_deploy", "certify", str(exported_pair["msvp"]["onnx"]),
+                   str(image), "--smoothing", *flags, "--json"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert served["smoothing"] == json.loads(result.stdout)["smoothing"]
+        assert served["smoothing"]["space"] == "pixels in [0, 1], L2" and served["smoothing"]["seed"] == fields["seed"]
+    status, headed = server.post(png, "image/png", headers={"X-Smoothing-Sigma": "0.25", "X-Smoothing-N": "600",
+                                                            "X-Smoothing-N0": "50", "X-Smoothing-Alpha": "0.01",
+                                                            "X-Smoothing-Seed": "11"})
+    assert status == 200 and headed["smoothing"]["n"] == 600
+    status, refused = server.post(_json(image=base64.b64encode(png).decode(), smoothing=True))
+    assert status == 400 and "not trained with noise" in refused["error"]
 
 
 def test_probe_is_consistent_with_offline_pgd(server, png, exported_pair) -> None:

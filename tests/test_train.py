@@ -79,8 +79,9 @@ def test_run_directory_is_complete_and_safe_to_load(tmp_path: Path) -> None:
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
-    """SIGKILL a real training process after its first epoch, resume it, compare with an uninterrupted run."""
-    args = ["--epochs", "3", "--seed", "7", "--lambda-q", "1e-3"]
+    """SIGKILL a real training process after its first epoch, resume it, compare with an uninterrupted run
+    (with Gaussian noise augmentation on: its noise is a function of the seed and the saved step)."""
+    args = ["--epochs", "3", "--seed", "7", "--lambda-q", "1e-3", "--noise-sd", "0.1"]
     reference = _cli("train", "--out", str(tmp_path / "ref"), *args)
     assert reference.returncode == 0, reference.stderr
     killed = tmp_path / "killed"
@@ -190,9 +191,53 @@ def test_adversarial_training_trains_on_pgd_examples(tmp_path: Path) -> None:
     assert bool((losses[:, 0] > losses[:, 1]).all()) and bool((losses[:, 0] > losses[:, 2]).all()), losses
 
 
+def _training_inputs(cfg: TrainConfig, out: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every training-mode input of a real run (a global forward pre-hook), one row per forward
+    pass, and each input minus its nearest training image (L2)."""
+    clean = load_dataset("digits", 16).train.images.flatten(1)
+    inputs: list[torch.Tensor] = []
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        if isinstance(module, NormalizedClassifier) and module.training:
+            inputs.append(args[0].detach().flatten(1))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        train(cfg, out, show_progress=False)
+    finally:
+        handle.remove()
+    seen = torch.stack(inputs)
+    flat = seen.flatten(0, 1)
+    return seen, flat - clean[torch.cdist(flat, clean).argmin(dim=1)]
+
+
+def test_noise_training_feeds_the_model_images_plus_gaussian_noise_of_std_sigma(tmp_path: Path) -> None:
+    """`--noise-sd 0.2` (Mixup off, so each input is one training image): what the model sees
+    minus the image it came from is N(0, 0.2^2) per pixel (std, mean, excess kurtosis, and the
+    Gaussian's tail mass beyond 2 sigma), unclipped (pixels leave [0, 1]); `--noise-sd 0` feeds the
+    images untouched. Uniform noise, clipping, a wrong scale or noise on one batch only fail."""
+    from scipy import stats
+
+    sigma = 0.2
+    common = dict(epochs=1, batch_size=64, warmup_epochs=0, mixup=False, seed=2)
+    seen, noisy = _training_inputs(TrainConfig(noise_sd=sigma, **common), tmp_path / "noisy")
+    assert seen.shape[0] == 1437 // 64  # one forward pass per optimizer step
+    per_step = noisy.reshape(seen.shape[0], -1).std(dim=1)
+    assert float((per_step / sigma - 1).abs().max()) < 0.02  # every step, not just on average
+    values = noisy.flatten().double().numpy()
+    assert abs(values.std() / sigma - 1) < 0.005 and abs(values.mean()) < 0.002
+    assert abs(stats.kurtosis(values)) < 0.05  # Gaussian: 0; uniform: -1.2
+    assert abs((abs(values) > 2 * sigma).mean() - 2 * stats.norm.sf(2)) < 0.003
+    assert float(seen.min()) < -0.5 and float(seen.max()) > 1.5  # not clipped to [0, 1]
+    _, plain = _training_inputs(TrainConfig(noise_sd=0.0, **common), tmp_path / "plain")
+    assert float(plain.abs().max()) == 0.0
+    config = json.loads((tmp_path / "noisy" / "config.json").read_text())
+    assert config["train"]["noise_sd"] == sigma
+
+
 def test_a_run_repeated_from_its_config_json_ends_with_the_same_weights(tmp_path: Path) -> None:
-    """`train --config runs/a/config.json --out runs/b` repeats run a (Mixup, MSVP and the data
-    order included); an option on the command line overrides the file's. The real command, run
+    """`train --config runs/a/config.json --out runs/b` repeats run a (Mixup, noise, MSVP and the
+    data order included); an option on the command line overrides the file's. The real command, run
     in this process (typer's CliRunner) to spare two interpreter start-ups."""
     from typer.testing import CliRunner
 
@@ -203,7 +248,7 @@ def test_a_run_repeated_from_its_config_json_ends_with_the_same_weights(tmp_path
         assert result.exit_code == 0, (result.output, result.exception)
 
     cli("--out", str(tmp_path / "a"), "--epochs", "1", "--seed", "5", "--lambda-q", "1e-3", "--mixup-alpha", "0.4",
-        "--device", "cpu")
+        "--noise-sd", "0.1", "--device", "cpu")
     config = str(tmp_path / "a" / "config.json")
     cli("--config", config, "--out", str(tmp_path / "b"))
     cli("--config", config, "--seed", "6", "--out", str(tmp_path / "c"))
@@ -214,7 +259,7 @@ def test_a_run_repeated_from_its_config_json_ends_with_the_same_weights(tmp_path
                 load_file(str(tmp_path / name / "msvp_vectors.safetensors")))
 
     (a, weights_a, vectors_a), (b, weights_b, vectors_b), (c, weights_c, _) = run("a"), run("b"), run("c")
-    assert a == b and (a["epochs"], a["seed"], a["lambda_q"], a["mixup_alpha"]) == (1, 5, 1e-3, 0.4)
+    assert a == b and (a["epochs"], a["seed"], a["lambda_q"], a["mixup_alpha"], a["noise_sd"]) == (1, 5, 1e-3, 0.4, 0.1)
     assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert all(torch.equal(vectors_a[k], vectors_b[k]) for k in vectors_a)
     assert c == {**a, "seed": 6}

@@ -139,7 +139,7 @@ def test_wheel_installed_elsewhere_packages_and_serves(exported_pair, tmp_path) 
         status, body = _call(f"{inference}/predictions/digits", keys["inference"]["key"],
                              json.dumps({"image": image}).encode())
         assert status == 200, body
-        assert {"prediction", "certificate"} <= set(json.loads(body))
+        assert {"prediction", "attention_lipschitz"} <= set(json.loads(body))
         status, body = _call(f"{inference}/predictions/digits-probe", keys["inference"]["key"],
                              json.dumps({"image": image, "probe": "pgd", "eps": "8/255", "steps": 5}).encode())
         assert status == 200 and json.loads(body)["probe"]["steps"] == 5, body

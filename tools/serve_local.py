@@ -163,6 +163,9 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=Path("runs/torchserve"), help="store, logs and key_file.json")
     parser.add_argument("--image", type=Path, help="image to send (default: a digit of the built-in test set)")
     parser.add_argument("--probe", action="store_true", help="ask for a PGD probe too (sent to NAME-probe)")
+    parser.add_argument("--smoothing", action="store_true",
+                        help="ask for a randomized-smoothing certificate too (sent to NAME-probe)")
+    parser.add_argument("--sigma", type=float, help="smoothing noise std (default: the model's training noise)")
     parser.add_argument("--probe-workers", type=int, default=1,
                         help="workers of NAME-probe (default 1); 0: one model, NAME, serves probes too")
     parser.add_argument("--device-ids", help="package for these GPUs, e.g. 0,1 (as `specformer-deploy package`)")
@@ -186,7 +189,11 @@ def main() -> int:
         print(f"starting torchserve (store, logs and key_file.json in {args.root}) ...", file=sys.stderr)
         server.start()
         headers = {"X-Probe": "pgd", "X-Eps": "8/255"} if args.probe else {}
-        model = server.probe_name if args.probe else server.name
+        if args.smoothing:
+            headers["X-Smoothing"] = "true"
+            if args.sigma is not None:
+                headers["X-Smoothing-Sigma"] = str(args.sigma)
+        model = server.probe_name if args.probe or args.smoothing else server.name
         status, answer = server.post(image, "application/octet-stream", headers, model=model)
         print(f"POST {server.url}/predictions/{model} -> {status}", file=sys.stderr)
         print(json.dumps(answer, indent=2))

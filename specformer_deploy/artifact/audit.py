@@ -131,7 +131,9 @@ def audit_file(path: str | Path, heads: int | None = None) -> AuditReport:
 def _audit_export(path: Path, proto: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> AuditReport:
     """Every check of a file written by `export`; any problem makes the verdict inconsistent."""
     report = AuditReport(str(path), EXIT_CONSISTENT, "consistent")
-    report.model = {k: meta.get(k) for k in ("model", "layers", "heads", "head_dim", "tokens", "msvp", "training")}
+    report.model = {k: meta.get(k) for k in ("model", "layers", "heads", "head_dim", "tokens", "msvp", "training",
+                                             "smoothing")}
+    _note_smoothing(report, meta.get("smoothing"))
     layers = meta["attention_weights"]
     try:
         sigmas = _recompute(arrays, layers, int(meta["heads"]), int(meta["head_dim"]))
@@ -146,6 +148,17 @@ def _audit_export(path: Path, proto: Any, arrays: dict[str, np.ndarray], meta: d
     if report.problems:
         report.exit_code, report.verdict = EXIT_INCONSISTENT, "inconsistent"
     return report
+
+
+def _note_smoothing(report: AuditReport, block: Any) -> None:
+    """The noise sigma the model was trained with: the one randomized smoothing should certify at."""
+    sigma = block.get("sigma") if isinstance(block, dict) else None
+    if sigma is None:
+        report.notes.append("randomized smoothing: trained without Gaussian noise (no specformer.smoothing); its "
+                            "smoothed classifier is not the one it learned")
+    else:
+        report.notes.append(f"randomized smoothing: trained with Gaussian pixel noise sigma {sigma} (train "
+                            f"--noise-sd); certify at this sigma")
 
 
 def _check_digests(report: AuditReport, proto: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ from specformer_deploy.artifact.onnx_meta import (
     write_metadata,
 )
 from specformer_deploy.artifact.pt2 import ExportedLogits, load_exported_logits  # noqa: F401 - re-exported
-from specformer_deploy.model.heads import attention_layers, layer_heads, query_bias
+from specformer_deploy.model.heads import attention_applicability, attention_layers, layer_heads, query_bias
 from specformer_deploy.training.checkpoint import CheckpointError, RunFiles
 from specformer_deploy.training.data import load_dataset
 from specformer_deploy.training.msvp import MSVP, MSVPConfig, exact_spectral_norms
@@ -128,11 +128,13 @@ def _weight_references(model: nn.Module, arrays: dict[str, np.ndarray]) -> list[
     module_names = {id(m): n for n, m in model.named_modules()}
     params = dict(model.named_parameters())
     layers = []
+    reasons = attention_applicability(model)
     for index, attn in enumerate(attention_layers(model)):
         heads = layer_heads(attn)
         prefix = module_names[id(attn)]
         entry: dict[str, Any] = {"layer": index, "module": prefix, "attention": heads.kind,
-                                 "certified": heads.certified}
+                                 "certified": heads.certified, "applicable": reasons[index] is None,
+                                 "reason": reasons[index]}
         for key, (param, start, stop) in heads.slices().items():
             full = f"{prefix}.{param}"
             ref = _find_initializer(arrays, full, params[full].detach().cpu().numpy())
@@ -324,6 +326,7 @@ def export_metadata(model: nn.Module, config: dict[str, Any], files: RunFiles, p
         **_model_section(model, config, exact, tokens),
         **_training_section(config, files),
         **_spectral_section(model, config, files, exact),
+        **_smoothing_section(config),
         "attention_weights": _weight_references(model, arrays),
         "mlp": _mlp_references(model, arrays, config["model"].get("mlp_act", "gelu"), mlp_inputs),
         "parity": parity,
@@ -387,6 +390,14 @@ def _spectral_section(model: nn.Module, config: dict[str, Any], files: RunFiles,
         "bias_q_norm": _query_bias_norms(model),
         "spectral_power_iteration": _power_estimates(model, files, config),
     }
+
+
+def _smoothing_section(config: dict[str, Any]) -> dict[str, Any]:
+    """The noise level a noise-trained run learned to classify under (``train --noise-sd``): the
+    sigma at which randomized smoothing certifies it. Absent for runs trained without noise, whose
+    smoothed classifier is not what they were trained for."""
+    sigma = float(config["train"].get("noise_sd") or 0.0)
+    return {"smoothing": {"sigma": sigma}} if sigma > 0 else {}
 
 
 def _integrity_section(arrays: dict[str, np.ndarray], proto: onnx.ModelProto,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = ["LayerHeads", "UnsupportedAttentionError", "attention_layers", "layer_heads", "query_bias",
-           "SUPPORTED_ATTENTION"]
+           "SUPPORTED_ATTENTION", "inapplicable_reason", "attention_applicability"]
 
 
 class UnsupportedAttentionError(TypeError):
@@ -141,3 +141,48 @@ def attention_layers(model: nn.Module) -> Iterator[nn.Module]:
             raise UnsupportedAttentionError(f"block {type(block).__name__} has no `attn` module")
         layer_heads(attn)  # validates the type with a clear error
         yield attn
+
+
+def _pre_norm_blocks() -> tuple[type, ...]:
+    """Blocks computing ``x + ls(attn(norm1(x)))``: the attention input is norm1's output."""
+    from timm.models.convit import Block as ConvitBlock
+    from timm.models.vision_transformer import Block
+
+    return (Block, ConvitBlock)
+
+
+def inapplicable_reason(block: nn.Module, attn: nn.Module) -> str | None:
+    """Why Theorem 4.3 (and the always-valid form) does not bound this block's attention, or
+    ``None`` when it does.
+
+    The proof covers plain softmax dot-product attention ``P X W_V`` (and GPSA) applied to
+    norm1's output in a pre-norm block. Normalized queries/keys (``qk_norm``) and a norm inside
+    attention (``scale_norm``) change the map the bound is about; in a post-norm block norm1
+    follows attention, so the served input norm is not the attention input's. Anything not
+    recognised is refused too: an upper bound served for an unknown map is not a bound."""
+    from timm.models.vision_transformer import ResPostBlock
+
+    heads = layer_heads(attn)
+    if not heads.certified:
+        return f"{heads.kind} attention is not softmax dot-product attention: Theorem 4.3 does not apply"
+    for name in ("q_norm", "k_norm"):
+        if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity):
+            return ("qk_norm: queries and keys are normalized (q_norm/k_norm) before the scores, which "
+                    "Theorem 4.3's proof does not model")
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+        return ("scale_norm: attention normalizes its output (attn.norm) before the projection, which "
+                "Theorem 4.3's proof does not model")
+    if isinstance(block, ResPostBlock):
+        return ("post-norm block (timm ResPostBlock): norm1 follows attention, so the attention input is the "
+                "raw residual stream, not the norm1 output the served input_norm measures")
+    if not isinstance(block, _pre_norm_blocks()):
+        return (f"block {type(block).__module__}.{type(block).__name__} is not a recognised pre-norm block "
+                "x + attn(norm1(x)); the proof is only known to apply to those")
+    return None
+
+
+def attention_applicability(model: nn.Module) -> list[str | None]:
+    """:func:`inapplicable_reason` for every transformer block, in depth order."""
+    net = getattr(model, "net", model)
+    list(attention_layers(model))  # validates blocks and attention types with clear errors
+    return [inapplicable_reason(block, block.attn) for block in net.blocks]

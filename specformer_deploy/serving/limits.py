@@ -23,12 +23,15 @@ class LimitsError(ValueError):
 
 @dataclass(frozen=True)
 class ServingLimits:
-    """The caps one endpoint enforces on every request (``max_probe_cost`` = steps x restarts per image)."""
+    """The caps one endpoint enforces on every request (``max_probe_cost`` = steps x restarts per image,
+    ``max_smoothing_samples`` = randomized smoothing's n0 + n forward passes per image)."""
 
     max_image_pixels: int = 40_000_000
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_top_k: int = 100
     max_probe_cost: int = 100
+    # n0 + n per image; the default admits the library's default CERTIFY (n0 = 100, n = 10,000)
+    max_smoothing_samples: int = 10_100
     probe_endpoint: str | None = None
     threads_per_worker: int | None = None
 
@@ -38,7 +41,7 @@ class ServingLimits:
         config = dict(config or {})
         values: dict[str, Any] = {}
         minimum = {"max_image_pixels": 1, "max_request_bytes": 1, "max_top_k": 1, "max_probe_cost": 0,
-                   "threads_per_worker": 1}
+                   "max_smoothing_samples": 0, "threads_per_worker": 1}
         for name, low in minimum.items():
             if config.get(name) is None:
                 continue
@@ -73,3 +76,14 @@ class ServingLimits:
             return (f"this endpoint serves no probes (handler.max_probe_cost = 0 in {_SOURCE}){where}")
         return (f"steps x restarts = {cost} exceeds this endpoint's cap handler.max_probe_cost = "
                 f"{self.max_probe_cost} ({_SOURCE}){where}")
+
+    def smoothing_refusal(self, n0: int, n: int) -> str | None:
+        """Why smoothing with ``n0`` + ``n`` samples per image is refused here, or ``None``."""
+        samples = n0 + n
+        if samples <= self.max_smoothing_samples:
+            return None
+        where = (f"; send smoothing requests to /predictions/{self.probe_endpoint}" if self.probe_endpoint else "")
+        if self.max_smoothing_samples == 0:
+            return f"this endpoint serves no smoothing (handler.max_smoothing_samples = 0 in {_SOURCE}){where}"
+        return (f"n0 + n = {samples} samples per image exceeds this endpoint's cap handler.max_smoothing_samples = "
+                f"{self.max_smoothing_samples} ({_SOURCE}); ask for fewer samples (smoothing n, n0){where}")

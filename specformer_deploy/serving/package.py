@@ -234,7 +234,9 @@ def package_deployment(onnx_path: str | Path, name: str, store: str | Path = "mo
                        version: str = "1.0", device_ids: Sequence[int] | None = None) -> Deployment:
     """Write what a server needs: ``NAME.mar``, ``NAME-probe.mar`` and ``config.properties`` (when absent).
 
-    ``NAME`` refuses probes (``handler.max_probe_cost: 0``) and names ``NAME-probe`` in its refusal;
+    ``NAME`` refuses probes and randomized smoothing (``handler.max_probe_cost: 0``,
+    ``max_smoothing_samples: 0``: both cost seconds per image, where a prediction with its
+    certificates costs a fraction of a millisecond) and names ``NAME-probe`` in its refusal;
     ``NAME-probe`` has its own ``probe_workers`` workers (default 1, or one per GPU with
     ``device_ids``) and queue. ``probe_workers=0`` writes only ``NAME.mar``, serving probes itself.
     ``model_config``/``probe_model_config`` override the two archives' defaults."""
@@ -249,7 +251,8 @@ def package_deployment(onnx_path: str | Path, name: str, store: str | Path = "mo
     else:
         probe_name = name + PROBE_SUFFIX
         main = dict(model_config or {})
-        main["handler"] = {"max_probe_cost": 0, "probe_endpoint": probe_name, **(main.get("handler") or {})}
+        main["handler"] = {"max_probe_cost": 0, "max_smoothing_samples": 0, "probe_endpoint": probe_name,
+                           **(main.get("handler") or {})}
         probe = dict(probe_model_config or {})
         if probe_workers is not None:
             probe.update(minWorkers=probe_workers, maxWorkers=probe_workers)

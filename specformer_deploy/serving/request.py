@@ -14,6 +14,14 @@ prefixed ``x-``): ``delta0`` (float, default 0.01), ``top_k`` (int, default 5), 
 (``linf`` | ``l2``). Ranges are those of ``runtime.LIMITS``; the endpoint's caps are a
 :class:`~specformer_deploy.serving.limits.ServingLimits`.
 
+Randomized smoothing: ``smoothing`` is ``true`` (the defaults) or, in JSON, an object with any
+of ``sigma``, ``n``, ``n0``, ``alpha``, ``radius``, ``seed``; the same fields travel flat as
+``smoothing_sigma``, ``smoothing_n``, ... (headers, form fields or JSON keys), and any of them
+asks for smoothing by itself. ``sigma`` defaults to the noise the model was trained with (its
+export's ``specformer.smoothing.sigma``); a model trained without noise needs it given.
+``radius`` asks for certify-at-radius (a sequential test) instead of a radius estimate. The
+endpoint caps ``n0 + n`` per image (``handler.max_smoothing_samples``).
+
 Every failure the request causes is a :class:`ClientError` (4xx) whose message is ASCII, names
 the option, and quotes client values only capped and escaped: the message goes into a JSON
 body, never into the HTTP status line.
@@ -37,13 +45,16 @@ from specformer_deploy.budgets import BudgetError, parse_epsilon
 from specformer_deploy.serving.images import ImageError, decode_image, pixels_from_array
 from specformer_deploy.serving.limits import ServingLimits
 from specformer_deploy.serving.runtime import ProbeRequest, RequestError, check_options
+from specformer_deploy.serving.smoothing import SmoothingError, SmoothingParams
 
 __all__ = ["ClientError", "ParsedRequest", "parse_request", "split_form", "shown", "OPTIONS", "BODY_KEYS"]
 
-OPTIONS = ("delta0", "top_k", "certificate", "probe", "eps", "steps", "restarts", "norm")
+SMOOTHING_FIELDS = ("sigma", "n", "n0", "alpha", "radius", "seed")
+OPTIONS = ("delta0", "top_k", "certificate", "probe", "eps", "steps", "restarts", "norm", "smoothing") + tuple(
+    f"smoothing_{name}" for name in SMOOTHING_FIELDS)
 BODY_KEYS = ("data", "body")  # TorchServe's names for the request body (multipart: the image field)
 _DEFAULTS: dict[str, Any] = {"delta0": 0.01, "top_k": 5, "certificate": True, "probe": None, "eps": 2 / 255,
-                             "steps": 10, "restarts": 1, "norm": "linf"}
+                             "steps": 10, "restarts": 1, "norm": "linf", "smoothing": None}
 _CHOICES = {"probe": ("pgd", "fgsm"), "norm": ("linf", "l2")}
 _SHOWN_CHARS = 60  # how much of a client's value an error message quotes
 _MESSAGE_CHARS = 600  # no error message is longer than this
@@ -110,11 +121,12 @@ class ParsedRequest:
     probe: ProbeRequest | None = None
     source: str = "image"
     warnings: list[str] = field(default_factory=list)
+    smoothing: SmoothingParams | None = None
 
     @property
     def group_key(self) -> tuple:
         """Requests with equal keys are answered in one batched runtime call."""
-        return (self.delta0, self.top_k, self.certificate, self.probe)
+        return (self.delta0, self.top_k, self.certificate, self.probe, self.smoothing)
 
 
 def _option_error(name: str, message: str) -> ClientError:
@@ -175,9 +187,63 @@ def _options(raw: Mapping[str, Any]) -> dict[str, Any]:
                 raise ClientError(400, str(err), reason="bad_option") from None
         elif name == "certificate":
             opts[name] = _boolean(name, value)
+        elif name == "smoothing":
+            opts[name] = _smoothing_switch(value)
+        elif name.startswith("smoothing_"):
+            opts[name] = _smoothing_field(name, value)
         else:
             opts[name] = _choice(name, value)
     return opts
+
+
+def _smoothing_switch(value: Any) -> bool | dict[str, Any]:
+    """``smoothing``: true/false, or (JSON) an object of :data:`SMOOTHING_FIELDS`."""
+    if not isinstance(value, dict):
+        return _boolean("smoothing", value)
+    unknown = sorted(shown(k, 30) for k in value if k not in SMOOTHING_FIELDS)
+    if unknown:
+        raise ClientError(400, f"unknown smoothing field(s) {', '.join(unknown[:5])}; known: "
+                               f"{', '.join(SMOOTHING_FIELDS)}", reason="unknown_option")
+    return {key: _smoothing_field(f"smoothing.{key}", item) for key, item in value.items() if item is not None}
+
+
+def _smoothing_field(name: str, value: Any) -> Any:
+    """One smoothing field (``name`` is how the client spelled it: ``smoothing_n`` or ``smoothing.n``)."""
+    field_name = name.removeprefix("smoothing").lstrip("_.")
+    return _number(name, value, int if field_name in ("n", "n0", "seed") else float)
+
+
+def _smoothing_params(opts: dict[str, Any], sigma_default: float | None) -> SmoothingParams | None:
+    """The request's smoothing settings (``None``: not asked for), before any cap is applied."""
+    switch = opts["smoothing"]
+    flat = {name.removeprefix("smoothing_"): opts[name] for name in opts
+            if name.startswith("smoothing_") and opts[name] is not None}
+    if switch is False:
+        if flat:
+            raise _option_error("smoothing", f"is false but {', '.join('smoothing_' + k for k in flat)} asks "
+                                             "for it: drop one of them")
+        return None
+    if switch is None and not flat:
+        return None
+    fields = {**flat, **(switch if isinstance(switch, dict) else {})}
+    if fields.get("sigma") is None:
+        if sigma_default is None:
+            raise _option_error("smoothing.sigma", "is required: this model was not trained with noise (its export "
+                                                   "has no specformer.smoothing.sigma), so give the sigma to "
+                                                   "certify with (pixels in [0, 1])")
+        fields["sigma"] = sigma_default
+    return SmoothingParams(**fields)
+
+
+def _checked_smoothing(params: SmoothingParams, limits: ServingLimits) -> SmoothingParams:
+    """This endpoint's sample cap first (an absurd ``n`` names the cap), then the ranges."""
+    refusal = limits.smoothing_refusal(params.n0, params.n)
+    if refusal is not None:
+        raise ClientError(400, f"smoothing refused: {refusal}", reason="smoothing_cost")
+    try:
+        return params.validate()
+    except SmoothingError as err:  # its message starts with the field's name
+        raise ClientError(400, f"option smoothing.{err}", reason="bad_option") from None
 
 
 def _header_options(headers: Mapping[str, Any]) -> dict[str, Any]:
@@ -240,17 +306,21 @@ def _load_json(body: bytes) -> Any:
 
 
 def parse_request(body: Any, headers: Mapping[str, Any], image_size: int,
-                  limits: ServingLimits | None = None, form: Mapping[str, Any] | None = None) -> ParsedRequest:
-    """Parse one request: TorchServe's body value, its headers, and any other form fields."""
+                  limits: ServingLimits | None = None, form: Mapping[str, Any] | None = None,
+                  smoothing_sigma: float | None = None) -> ParsedRequest:
+    """Parse one request: TorchServe's body value, its headers, and any other form fields.
+
+    ``smoothing_sigma``: the model's training noise (``SpecformerRuntime.smoothing_sigma``), the
+    default sigma of a smoothing request."""
     limits = limits or ServingLimits()
     try:
-        return _parse(body, headers or {}, image_size, limits, form or {})
+        return _parse(body, headers or {}, image_size, limits, form or {}, smoothing_sigma)
     except RecursionError:
         raise ClientError(400, "request is nested too deeply", reason="bad_json") from None
 
 
 def _parse(body: Any, headers: Mapping[str, Any], image_size: int, limits: ServingLimits,
-           form: Mapping[str, Any]) -> ParsedRequest:
+           form: Mapping[str, Any], smoothing_sigma: float | None) -> ParsedRequest:
     if isinstance(body, (bytearray, memoryview)):
         body = bytes(body)
     if body is None or (isinstance(body, (bytes, str)) and len(body) == 0):
@@ -299,11 +369,11 @@ def _parse(body: Any, headers: Mapping[str, Any], image_size: int, limits: Servi
             except ImageError as err:
                 raise ClientError(400, str(err), reason="bad_image") from None
             source = "pixels"
-    return _checked(pixels, opts, source, image_size, limits)
+    return _checked(pixels, opts, source, image_size, limits, smoothing_sigma)
 
 
 def _checked(pixels: np.ndarray, opts: dict[str, Any], source: str, image_size: int,
-             limits: ServingLimits) -> ParsedRequest:
+             limits: ServingLimits, smoothing_sigma: float | None = None) -> ParsedRequest:
     """Range checks (``runtime.LIMITS``), then this endpoint's caps, all before any work is done."""
     probe = None
     if opts["probe"] is not None:
@@ -319,7 +389,11 @@ def _checked(pixels: np.ndarray, opts: dict[str, Any], source: str, image_size: 
         refusal = limits.probe_cost_refusal(*probe.cost)
         if refusal is not None:
             raise ClientError(400, f"probe refused: {refusal}", reason="probe_cost")
-    return ParsedRequest(pixels, opts["delta0"], opts["top_k"], opts["certificate"], probe, source)
+    smoothing = _smoothing_params(opts, smoothing_sigma)
+    if smoothing is not None:
+        smoothing = _checked_smoothing(smoothing, limits)
+    return ParsedRequest(pixels, opts["delta0"], opts["top_k"], opts["certificate"], probe, source,
+                         smoothing=smoothing)
 
 
 def _decode(data: bytes, image_size: int, max_pixels: int) -> np.ndarray:

@@ -27,6 +27,7 @@ from specformer_deploy.artifact.onnx_meta import (
 )
 from specformer_deploy.budgets import madry_step_size
 from specformer_deploy.serving.bounds import CertificateConstants, certificate_arrays
+from specformer_deploy.serving.smoothing import SmoothingParams, smoothing_answer
 
 __all__ = ["SpecformerRuntime", "IntegrityError", "ProbeRequest", "RequestError", "LIMITS", "cuda_usable",
            "cuda_unusable_reason", "check_options", "PROBE_AGREEMENT"]
@@ -35,6 +36,18 @@ logger = logging.getLogger(__name__)
 
 LIMITS = {"max_steps": 100, "max_restarts": 100, "max_delta0": 1e4, "max_top_k": 100, "max_eps_linf": 1.0,
           "max_batch_probe": 64}
+
+ATTENTION_CERTIFICATE = "local Lipschitz constant of each attention layer (Theorem 4.3 and an always-valid form)"
+ATTENTION_SPACE = "each attention layer's input (norm1 output), Frobenius ball of radius delta0 around it"
+ATTENTION_GUARANTEE = ("for every input within Frobenius distance delta0 of this layer's own input, the layer's output "
+                       "moves at most bound times as far (paper_bound: the paper's form, an upper bound only when "
+                       "paper_bound_valid); per layer, not a guarantee about the image")
+MLP_CERTIFICATE = "local Lipschitz constant of each MLP (units constant on the ball dropped, Huang et al. 2021)"
+MLP_SPACE = "each MLP's input (norm2 output), Frobenius ball of radius delta0 around it"
+MLP_GUARANTEE = ("for every input within Frobenius distance delta0 of this MLP's own input, its output moves at most "
+                 "local times as far (global: the weights' bound without dropping units); per layer")
+PROBE_SPACE = "pixels in [0, 1]"
+PROBE_KIND = "empirical: no guarantee"
 
 # The probe's model.pt2 may run on the session's GPU only if its logits there agree with the
 # ONNX session's on the same image to within this fraction of the logit scale (max(1, max|z|)).
@@ -174,6 +187,7 @@ class SpecformerRuntime:
         self.device = f"cuda:{device_id}" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.image_size = int(self.meta["image_size"])
         self.constants = CertificateConstants(self.meta)
+        self._reasons = self._inapplicable()
         self.class_names = list(self.meta["class_names"])
         self._probe_model = None
         self.probe_device: str | None = None  # where model.pt2 runs, once the first probe loaded it
@@ -288,63 +302,97 @@ class SpecformerRuntime:
                         "top_k": [{"label": i, "class": names[i], "probability": row[i]} for i in ranked]})
         return out
 
-    def certificates(self, norms: np.ndarray, delta0: float, with_heads: bool = False) -> list[dict[str, Any]]:
-        """The certificate of each image (``norms`` is ``[B, L]``), computed for the batch at once.
+    def _inapplicable(self) -> list[str | None]:
+        """Per layer: why the attention bound does not apply (``None``: it does), decided at export.
 
-        Each layer's ``bound`` is its local Lipschitz constant over the Frobenius ball of radius
-        ``delta0`` around that layer's input tokens; ``with_heads`` adds the per-head bounds."""
+        Exports without the ``applicable`` field (older files) keep their behaviour: every
+        softmax dot-product (or GPSA) layer is bounded, other kinds are not."""
+        entries = self.meta.get("attention_weights") or []
+        if not entries:
+            return [None] * len(self.constants.tokens)
+        reasons = []
+        for entry in entries:
+            if "applicable" in entry:
+                reasons.append(None if entry["applicable"] else str(entry.get("reason") or "not recognised"))
+            elif entry.get("certified", True):
+                reasons.append(None)
+            else:
+                reasons.append(f"{entry.get('attention')} attention is not softmax dot-product attention: "
+                               "Theorem 4.3 does not apply")
+        return reasons
+
+    def certificates(self, norms: np.ndarray, delta0: float, with_heads: bool = False) -> list[dict[str, Any]]:
+        """The ``attention_lipschitz`` block of each image (``norms`` is ``[B, L]``), for the batch at once.
+
+        Each applicable layer's ``bound`` is its local Lipschitz constant over the Frobenius ball of
+        radius ``delta0`` around that layer's own input tokens: a per-layer statement, never an
+        image-level one, so no maximum over layers is served. A layer the proof does not cover is
+        served with ``applicable: false`` and the reason, never a number. ``with_heads`` adds the
+        per-head bounds."""
         arrays = certificate_arrays(norms, delta0, self.constants, with_heads=with_heads)
         tokens = self.constants.tokens.astype(int).tolist()
         bound, paper = arrays["bound"].tolist(), arrays["paper_bound"].tolist()
         valid, inputs = arrays["paper_bound_valid"].tolist(), norms.tolist()
         heads = arrays["head_bounds"].tolist() if with_heads else None
-        certified, kinds = self.constants.certified.tolist(), self.constants.kinds
+        reasons = self._reasons
         out = []
         for i in range(len(bound)):
             layers = []
             for l in range(len(tokens)):
                 layer: dict[str, Any] = {"layer": l, "tokens": tokens[l], "input_norm": inputs[i][l]}
-                if certified[l]:
-                    layer.update(bound=bound[i][l], paper_bound=paper[i][l], paper_bound_valid=valid[i][l])
+                if reasons[l] is None:
+                    layer.update(bound=bound[i][l], paper_bound=paper[i][l], paper_bound_valid=valid[i][l],
+                                 applicable=True)
                     if with_heads:
                         layer["head_bounds"] = heads[i][l]
                 else:
-                    layer.update(bound=None, paper_bound=None, paper_bound_valid=None, applicable=False,
-                                 reason=f"{kinds[l]} attention is not softmax dot-product attention: "
-                                        "Theorem 4.3 does not apply")
+                    layer.update(applicable=False, reason=reasons[l])
                 layers.append(layer)
-            ok = [l for l in range(len(tokens)) if certified[l]]
-            out.append({"norm": "l2", "delta0": delta0, "layers": layers,
-                        "bound": max(bound[i][l] for l in ok) if ok else None,
-                        "paper_bound": max(paper[i][l] for l in ok) if ok else None,
-                        "paper_bound_valid": all(valid[i][l] for l in ok) if ok else None,
+            out.append({"certificate": ATTENTION_CERTIFICATE, "space": ATTENTION_SPACE, "kind": "deterministic",
+                        "guarantee": ATTENTION_GUARANTEE, "delta0": delta0, "layers": layers,
                         "spectral": "exact SVD at export, sha256 verified"})
         return out
 
+    def mlp_block(self, mlp_inputs: np.ndarray, delta0: float) -> dict[str, Any]:
+        """The ``mlp_lipschitz`` block of one image (``mlp_inputs`` is ``[L, N, d]``)."""
+        return {"certificate": MLP_CERTIFICATE, "space": MLP_SPACE, "kind": "deterministic",
+                "guarantee": MLP_GUARANTEE, "delta0": delta0, "layers": self.mlp_certificate(mlp_inputs, delta0)}
+
     def answer(self, pixels: np.ndarray, *, delta0: float = 0.01, top_k: int = 5,
                probe: ProbeRequest | None = None, certificate: bool = True,
+               smoothing: SmoothingParams | None = None,
                timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
-        """One answer per image of the batch (DESIGN.md's served JSON); ``certificate=False``
-        answers the prediction alone (the baseline that the certificate's cost is measured against).
-        ``timings``, when given, receives the seconds spent in ``inference``, ``certificate`` and
-        ``probe`` (the server's metrics)."""
+        """One answer per image of the batch (DESIGN.md's served JSON).
+
+        ``certificate=False`` leaves out the deterministic per-layer blocks (``attention_lipschitz``,
+        ``mlp_lipschitz``): the baseline their cost is measured against. ``smoothing`` (a
+        ``SmoothingParams``) adds a randomized-smoothing certificate per image, ``probe`` a PGD
+        probe. ``timings``, when given, receives the seconds spent in ``inference``,
+        ``certificate``, ``smoothing`` and ``probe`` (the server's metrics)."""
         self.check_options(delta0, top_k, probe)
+        if smoothing is not None:
+            smoothing.validate()
         clock = time.perf_counter()
         mlp = certificate and self._mlp is not None
         names = ["logits", "attn_input_norms"] + (["mlp_inputs"] if mlp else [])
-        outputs = self.session.run(names, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        outputs = self.session.run(names, {"pixels": pixels})
         logits, norms = outputs[0], outputs[1]
         answers = [{"prediction": p} for p in self.predictions(logits, top_k)]
         spent = {"inference": time.perf_counter() - clock}
         if certificate:
             clock = time.perf_counter()
             for answer, cert in zip(answers, self.certificates(norms, delta0)):
-                answer["certificate"] = cert
+                answer["attention_lipschitz"] = cert
             if mlp:
-                mlp_inputs = outputs[2]
                 for i, answer in enumerate(answers):
-                    answer["certificate"]["mlp"] = self.mlp_certificate(mlp_inputs[i], delta0)
+                    answer["mlp_lipschitz"] = self.mlp_block(outputs[2][i], delta0)
             spent["certificate"] = time.perf_counter() - clock
+        if smoothing is not None:
+            clock = time.perf_counter()
+            for i, answer in enumerate(answers):
+                answer["smoothing"] = self.smoothing(pixels[i], smoothing)
+            spent["smoothing"] = time.perf_counter() - clock
         if probe is not None:
             clock = time.perf_counter()
             labels = logits.argmax(axis=1)
@@ -436,7 +484,8 @@ class SpecformerRuntime:
         for i, label in enumerate(labels):
             others = np.delete(adv_logits[i], int(label))
             adv_label = int(adv_logits[i].argmax())
-            results.append({"attack": request.attack, "norm": request.norm, "eps": request.eps,
+            results.append({"attack": request.attack, "space": PROBE_SPACE, "kind": PROBE_KIND,
+                            "norm": request.norm, "eps": request.eps,
                             "steps": 1 if request.attack == "fgsm" else request.steps,
                             "restarts": request.restarts,
                             "step_size": request.step_size, "adversarial_label": adv_label,
@@ -445,3 +494,26 @@ class SpecformerRuntime:
                             "linf_distance": float(np.abs(delta[i]).max()),
                             "l2_distance": float(np.linalg.norm(delta[i]))})
         return results
+
+    # -- randomized smoothing --------------------------------------------------------------
+    @property
+    def smoothing_sigma(self) -> float | None:
+        """The Gaussian noise std the model was trained with (metadata ``smoothing.sigma``), or
+        ``None`` for a model trained without noise (its smoothed accuracy is then poor)."""
+        block = self.meta.get("smoothing")
+        sigma = block.get("sigma") if isinstance(block, dict) else None
+        return float(sigma) if sigma is not None else None
+
+    def smoothing(self, pixels: np.ndarray, params: SmoothingParams) -> dict[str, Any]:
+        """The randomized-smoothing block for one image ``[3, S, S]`` (pixels in [0, 1]): CERTIFY, or
+        certify-at-radius when ``params.radius`` is given, on this runtime's own ONNX session."""
+        pixels = np.asarray(pixels, dtype=np.float32)
+        expected = (3, self.image_size, self.image_size)
+        if pixels.shape != expected:
+            raise ValueError(f"smoothing takes one image of shape {expected}, got {pixels.shape}")
+        session = self.session
+
+        def classify(batch: np.ndarray) -> np.ndarray:
+            return session.run(["logits"], {"pixels": batch})[0].argmax(axis=1)
+
+        return smoothing_answer(classify, pixels, len(self.class_names), params)

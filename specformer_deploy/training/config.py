@@ -71,6 +71,9 @@ class TrainConfig:
     adv_eps: float = option(8 / 255, "PGD-AT radius (Linf, pixel space).")
     adv_step: float = option(2 / 255, "PGD-AT step size.")
     adv_steps: int = option(10, "PGD-AT steps.", min=1)
+    noise_sd: float = option(0.0, "Gaussian noise augmentation for randomized smoothing (Cohen et al.): every "
+                             "training image gets x + N(0, SIGMA^2 I) in pixel space [0, 1], unclipped; 0 = off. "
+                             "Certify with the same sigma.", metavar="SIGMA")
     seed: int = option(0, "Seed for initialization, data order and augmentation.")
     device: str = option("auto", "auto, cpu or cuda (under torchrun each process takes GPU LOCAL_RANK).")
     pretrained: str | None = option(None, "Local weights (.safetensors or torch file) to start from.", metavar="FILE")
@@ -107,6 +110,8 @@ class TrainConfig:
         if self.adversarial:
             check_budget(self.adv_eps, self.adv_step, self.adv_steps)
         self.msvp_config  # noqa: B018 - MSVPConfig checks the lambdas and iteration count
+        if not (self.noise_sd >= 0) or self.noise_sd == float("inf"):
+            raise ValueError(f"--noise-sd must be a finite number >= 0 (0 = off), got {self.noise_sd}")
         if not (self.sparsity_weight >= 0):
             raise ValueError(f"--sparsity-weight must be >= 0, got {self.sparsity_weight}")
         if self.sparsity_weight > 0 and self.mlp_act == "gelu":

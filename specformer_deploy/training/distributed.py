@@ -24,7 +24,8 @@ from torch import nn
 
 __all__ = ["resolve_device", "DistContext", "DistributedConfigError", "init_distributed", "launched_by_torchrun",
            "per_rank_batch",
-           "agree", "all_reduce_sums", "sync_from_rank0", "broadcast_object", "shutdown", "elastic_restart_count"]
+           "agree", "gather_objects", "all_reduce_sums", "sync_from_rank0", "broadcast_object", "shutdown",
+           "elastic_restart_count"]
 
 
 class DistributedConfigError(ValueError):
@@ -188,6 +189,15 @@ def agree(ctx: DistContext, options: dict[str, Any], error: str | None = None) -
     if differences:
         raise DistributedConfigError("the ranks of this run were started with different options; every node must "
                                      "run the same command: " + "; ".join(differences))
+
+
+def gather_objects(ctx: DistContext, value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank; ``[value]`` alone."""
+    if not ctx.distributed:
+        return [value]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def all_reduce_sums(ctx: DistContext, values: Sequence[float]) -> list[float]:

@@ -62,8 +62,9 @@ from specformer_deploy.training.distributed import (
 )
 from specformer_deploy.training.msvp import MSVP, exact_spectral_norms
 
-__all__ = ["TrainConfig", "RunState", "train", "setup_run", "train_one_epoch", "evaluate_accuracy", "save_checkpoint",
-           "log_epoch", "resolve_device", "load_run_model", "FORMAT_VERSION"]
+__all__ = ["TrainConfig", "RunState", "train", "setup_run", "train_one_epoch", "training_batch", "add_gaussian_noise",
+           "noise_seed", "evaluate_accuracy", "save_checkpoint", "log_epoch", "resolve_device", "load_run_model",
+           "FORMAT_VERSION"]
 
 EpochCallback = Callable[[dict[str, Any]], None]
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -233,15 +234,43 @@ def train_one_epoch(state: RunState, epoch: int, on_step: Callable[[float], None
 
 def training_batch(state: RunState, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What the loss sees: PGD adversarial examples (in eval mode, as attacks run) under PGD-AT,
-    then Mixup/CutMix when on; the target is then a soft label."""
+    then Mixup/CutMix when on (the target is then a soft label), then Gaussian noise when
+    ``noise_sd > 0``.
+
+    Noise comes last so that every image the model trains on carries exactly the
+    ``N(0, sigma^2 I)`` that the smoothed classifier adds at certification: noise added before
+    Mixup would be shrunk by the mixing (std ``sigma * sqrt(lam^2 + (1 - lam)^2)``, down to
+    ``sigma / sqrt(2)``) and CutMix would splice two noise fields. After PGD, as Salman et al.
+    (2019) train smoothed classifiers adversarially, PGD attacks the clean image and the noise
+    is drawn around the adversarial point."""
     if state.cfg.adversarial:
         state.model.eval()
         with _autocast(state.device):
             x = pgd(state.attack_model, x, y, state.cfg.adv_eps, state.cfg.adv_step, state.cfg.adv_steps)
         state.model.train()
+    target = y
     if state.mixup is not None:
-        return state.mixup(x, y)
-    return x, y
+        x, target = state.mixup(x, y)
+    if state.cfg.noise_sd > 0:
+        x = add_gaussian_noise(x, state.cfg.noise_sd, noise_seed(state.cfg.seed, state.step, state.ctx.rank))
+    return x, target
+
+
+_NOISE_STREAM = 0x5300_15E  # separates the noise stream from any other use of the same (seed, step, rank)
+
+
+def noise_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one step's noise on one rank: a function of the run's seed and the global step
+    (saved in the checkpoint), so a resumed run draws the noise the uninterrupted one drew, and
+    every rank draws its own (``SeedSequence`` keeps the streams independent)."""
+    return int(np.random.SeedSequence([seed, step, rank, _NOISE_STREAM]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def add_gaussian_noise(x: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    """``x + N(0, sigma^2 I)`` in pixel space, unclipped (Cohen et al. train and certify without
+    clipping), drawn on ``x``'s device from a generator of its own."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    return x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def _train_step(state: RunState, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -505,7 +534,8 @@ def _run_summary(state: RunState) -> dict[str, Any]:
     last = metrics[-1]
     return {"out": str(files.root), "model": state.model_cfg.name, "dataset": state.bundle.name, "epochs": cfg.epochs,
             "device": str(state.device), "world_size": state.ctx.world_size, "msvp": cfg.msvp,
-            "adversarial": cfg.adversarial, "test_accuracy": last["test_accuracy"], "loss": last["loss"],
+            "adversarial": cfg.adversarial, "noise_sd": cfg.noise_sd, "test_accuracy": last["test_accuracy"],
+            "loss": last["loss"],
             "max_sigma": {k: max(v) for k, v in last["max_sigma"].items()},
             "train_time_s": round(sum(m["time_s"] for m in metrics), 3),
             "files": {"config": str(files.config), "weights": str(files.weights), "checkpoint": str(files.checkpoint),

@@ -1,0 +1,268 @@
+"""Randomized smoothing (Cohen, Rosenfeld, Kolter, ICML 2019): a certified L2 radius in pixel space.
+
+The smoothed classifier is ``g(x) = argmax_c P(f(x + e) = c)``, ``e ~ N(0, sigma^2 I)``, with
+``f`` any base classifier (here: the exported model's logits argmax on ONNX Runtime). If the top
+class has probability ``p_A > 1/2`` under the noise, ``g`` returns that class for every image
+within L2 distance ``sigma * Phi^-1(p_A)``; this module estimates a lower bound of ``p_A`` from
+samples, so the radius holds with probability ``1 - alpha`` over the sampling.
+
+Noise is added to the pixels in [0, 1] before any normalisation (normalisation is inside the
+model), without clipping: the theorem is about the Gaussian convolution of ``f`` as a function on
+all of R^d. numpy and scipy only, so the server and the CLI use it without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+__all__ = ["SmoothingParams", "SmoothingError", "Classify", "certify", "predict", "certify_at_radius",
+           "smoothing_answer", "certified_accuracy", "clopper_pearson_lower", "clopper_pearson_upper",
+           "max_radius_for_n", "sequential_looks", "sample_counts", "CERTIFICATE", "SPACE", "GUARANTEE",
+           "PREDICT_GUARANTEE"]
+
+Classify = Callable[[np.ndarray], np.ndarray]
+"""float32 ``[B, 3, S, S]`` pixels -> int64 labels ``[B]``."""
+
+CERTIFICATE = "randomized smoothing (Cohen et al. 2019)"
+SPACE = "pixels in [0, 1], L2"
+GUARANTEE = ("With probability at least 1 - alpha over the noise samples, the smoothed classifier (the label the "
+             "model gives most often under Gaussian pixel noise of std sigma) returns `label` for every image "
+             "within L2 distance `radius` of this one; an abstention certifies nothing.")
+PREDICT_GUARANTEE = ("With probability at least 1 - alpha over the noise samples, `label` is the smoothed "
+                     "classifier's label at this image (no radius is certified); an abstention says nothing.")
+
+FIRST_LOOK = 32  # certify-at-radius: samples at the first look; later looks double up to n
+MAX_SAMPLES = 10**9
+
+
+class SmoothingError(ValueError):
+    """A smoothing parameter outside its range; ``field`` names it and the message starts with it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(float(value))
+
+
+@dataclass(frozen=True)
+class SmoothingParams:
+    """What one smoothing certificate costs and promises: ``n0 + n`` forward passes at most."""
+
+    sigma: float  # noise std in pixel space ([0, 1] pixels)
+    n0: int = 100  # selection samples
+    n: int = 10_000  # estimation samples (or the most a sequential test may use)
+    alpha: float = 0.001  # failure probability
+    radius: float | None = None  # given: certify-at-radius (sequential test); None: CERTIFY
+    batch_size: int = 1_000
+    seed: int = 0
+
+    def validate(self) -> SmoothingParams:
+        """``self``, or :class:`SmoothingError` naming the first field out of range."""
+        if not (_is_number(self.sigma) and self.sigma > 0):
+            raise SmoothingError("sigma", f"must be a finite number > 0 (noise std in [0, 1] pixels), "
+                                          f"got {self.sigma!r}")
+        for name in ("n0", "n"):
+            value = getattr(self, name)
+            if not (_is_int(value) and 1 <= value <= MAX_SAMPLES):
+                raise SmoothingError(name, f"must be an integer in [1, {MAX_SAMPLES:.0e}], got {value!r}")
+        if not (_is_number(self.alpha) and 0 < self.alpha < 1):
+            raise SmoothingError("alpha", f"must be a number in (0, 1), got {self.alpha!r}")
+        if self.radius is not None and not (_is_number(self.radius) and self.radius >= 0):
+            raise SmoothingError("radius", f"must be a finite number >= 0 (L2, pixels in [0, 1]) or absent, "
+                                           f"got {self.radius!r}")
+        if not (_is_int(self.batch_size) and self.batch_size >= 1):
+            raise SmoothingError("batch_size", f"must be an integer >= 1, got {self.batch_size!r}")
+        if not (_is_int(self.seed) and self.seed >= 0):
+            raise SmoothingError("seed", f"must be an integer >= 0, got {self.seed!r}")
+        return self
+
+
+# ------------------------------------------------------------------ bounds
+
+def clopper_pearson_lower(count: int, n: int, alpha: float) -> float:
+    """One-sided ``(1 - alpha)`` Clopper–Pearson lower bound of a binomial proportion ``count / n``:
+    ``P(bound > p) <= alpha`` for every true ``p``."""
+    return 0.0 if count <= 0 else float(stats.beta.ppf(alpha, count, n - count + 1))
+
+
+def clopper_pearson_upper(count: int, n: int, alpha: float) -> float:
+    """One-sided ``(1 - alpha)`` Clopper–Pearson upper bound: ``P(bound < p) <= alpha``."""
+    return 1.0 if count >= n else float(stats.beta.ppf(1 - alpha, count + 1, n - count))
+
+
+def _radius(sigma: float, p_lower: float) -> float:
+    return float(sigma * stats.norm.ppf(p_lower)) if p_lower > 0.5 else 0.0
+
+
+def max_radius_for_n(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius ``n`` samples can ever certify: all ``n`` agree, ``p_lower = alpha^(1/n)``."""
+    return _radius(sigma, alpha ** (1.0 / n))
+
+
+# ------------------------------------------------------------------ sampling
+
+def sample_counts(classify: Classify, x: np.ndarray, num_classes: int, samples: int, sigma: float,
+                  rng: np.random.Generator, batch_size: int) -> np.ndarray:
+    """How often ``classify`` returns each class on ``samples`` noisy copies of ``x`` (int64 ``[C]``).
+
+    Noise is drawn in float32 into one preallocated buffer, scaled and shifted in place, so the
+    forward pass is the cost. The generator's float32 stream does not depend on how it is cut into
+    batches: the same seed gives the same samples at any ``batch_size``."""
+    x = np.asarray(x, dtype=np.float32)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    buffer = np.empty((min(batch_size, samples), *x.shape), dtype=np.float32)
+    done = 0
+    while done < samples:
+        batch = buffer[: min(len(buffer), samples - done)]
+        rng.standard_normal(dtype=np.float32, out=batch)
+        batch *= np.float32(sigma)
+        batch += x
+        labels = np.asarray(classify(batch)).reshape(-1)
+        if len(labels) != len(batch):
+            raise ValueError(f"classify returned {len(labels)} labels for a batch of {len(batch)}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"classify returned a label outside [0, {num_classes}): {labels.min()}..{labels.max()}")
+        counts += np.bincount(labels.astype(np.int64, copy=False), minlength=num_classes)
+        done += len(batch)
+    return counts
+
+
+def _answer(params: SmoothingParams, *, label: int | None, count: int, p_lower: float | None,
+            radius: float | None, max_radius: float | None, samples_used: int,
+            guarantee: str = GUARANTEE, **extra: Any) -> dict[str, Any]:
+    return {"certificate": CERTIFICATE, "space": SPACE, "guarantee": guarantee, "sigma": float(params.sigma),
+            "alpha": float(params.alpha), "n0": int(params.n0), "n": int(params.n), "seed": int(params.seed),
+            "label": label, "abstain": label is None, "count": int(count), "p_lower": p_lower, "radius": radius,
+            "max_radius_for_n": max_radius, "samples_used": int(samples_used), **extra}
+
+
+# ------------------------------------------------------------------ Cohen et al.'s algorithms
+
+def certify(classify: Classify, x: np.ndarray, num_classes: int, params: SmoothingParams) -> dict[str, Any]:
+    """CERTIFY: ``n0`` samples pick the top class ``cA``; ``n`` fresh samples count ``nA``.
+
+    ``p_lower`` is the one-sided ``(1 - alpha)`` Clopper–Pearson bound of ``nA / n``; the answer
+    abstains when ``p_lower <= 1/2``, else certifies ``sigma * Phi^-1(p_lower)``. Selection and
+    estimation use disjoint samples, so ``cA`` is fixed before ``nA`` is drawn and the bound holds."""
+    params.validate()
+    rng = np.random.default_rng(params.seed)
+    selection = sample_counts(classify, x, num_classes, params.n0, params.sigma, rng, params.batch_size)
+    top = int(selection.argmax())
+    counts = sample_counts(classify, x, num_classes, params.n, params.sigma, rng, params.batch_size)
+    count = int(counts[top])
+    p_lower = clopper_pearson_lower(count, params.n, params.alpha)
+    abstain = p_lower <= 0.5
+    return _answer(params, label=None if abstain else top, count=count, p_lower=p_lower,
+                   radius=_radius(params.sigma, p_lower), max_radius=max_radius_for_n(params.sigma, params.n,
+                                                                                      params.alpha),
+                   samples_used=params.n0 + params.n)
+
+
+def predict(classify: Classify, x: np.ndarray, num_classes: int, params: SmoothingParams) -> dict[str, Any]:
+    """PREDICT: ``n`` samples; return the top class unless the two-sided binomial test of the top
+    two counts (``nA`` of ``nA + nB`` at 1/2) fails to reject at ``alpha``. With probability at
+    least ``1 - alpha`` a returned label is ``g(x)``. ``n0`` is not used; no radius is certified."""
+    params.validate()
+    rng = np.random.default_rng(params.seed)
+    counts = sample_counts(classify, x, num_classes, params.n, params.sigma, rng, params.batch_size)
+    order = np.argsort(-counts, kind="stable")
+    top = int(order[0])
+    count, runner_up = int(counts[top]), int(counts[order[1]]) if num_classes > 1 else 0
+    p_value = float(stats.binomtest(count, count + runner_up, 0.5).pvalue) if count + runner_up else 1.0
+    return _answer(params, label=top if p_value <= params.alpha else None, count=count, p_lower=None,
+                   radius=None, max_radius=None, samples_used=params.n, guarantee=PREDICT_GUARANTEE,
+                   runner_up=int(order[1]) if num_classes > 1 else None, runner_up_count=runner_up, p_value=p_value)
+
+
+def sequential_looks(n: int, first: int = FIRST_LOOK) -> list[int]:
+    """Cumulative sample counts at which certify-at-radius looks: ``first``, doubling, ending at ``n``."""
+    looks, k = [], min(first, n)
+    while k < n:
+        looks.append(k)
+        k *= 2
+    return looks + [n]
+
+
+def certify_at_radius(classify: Classify, x: np.ndarray, num_classes: int, params: SmoothingParams
+                      ) -> dict[str, Any]:
+    """Is ``g`` certifiably constant within L2 radius ``R = params.radius``? Stops as soon as it knows.
+
+    ``n0`` samples pick ``cA``. Then fresh samples are drawn up to the looks ``n_1 < ... < n_K = n``
+    (:func:`sequential_looks`, fixed in advance); at look ``k`` with ``nA_k`` of ``n_k`` samples
+    for ``cA`` and ``p_R = Phi(R / sigma)``:
+
+    - ``robust = True`` when the one-sided ``(1 - alpha/K)`` Clopper–Pearson lower bound exceeds
+      ``p_R`` (then ``p_A > p_R >= 1/2`` and Cohen et al.'s radius ``sigma Phi^-1(p_A)`` exceeds R);
+    - ``robust = False`` when the one-sided ``(1 - alpha/K)`` upper bound falls below ``p_R`` (this
+      certificate cannot reach R at any budget; it does *not* say an adversarial image exists);
+    - otherwise the next look; after ``n_K`` the answer is ``robust = None`` (undecided).
+
+    Proof of the ``1 - alpha`` guarantee. Each look's bound is an exact one-sided Clopper–Pearson
+    bound for the fixed sample size ``n_k``, so ``P(L_k > p_A) <= alpha/K`` and
+    ``P(U_k < p_A) <= alpha/K`` whatever ``p_A`` is. If ``p_A <= p_R`` ("robust" is false), a wrong
+    ``True`` needs some look with ``L_k > p_R >= p_A``: by the union bound over the K looks its
+    probability is at most ``K * alpha/K = alpha``, however the stopping rule depends on the data.
+    If ``p_A > p_R``, a wrong ``False`` needs some ``U_k < p_R < p_A``: again at most ``alpha``.
+    The same union bound makes the reported ``p_lower`` (the bound at the look where the test
+    stopped) a valid ``1 - alpha`` lower bound, so ``radius = sigma Phi^-1(p_lower)`` is certified."""
+    params.validate()
+    if params.radius is None:
+        raise SmoothingError("radius", "certify_at_radius needs a radius (use certify for the radius estimate)")
+    rng = np.random.default_rng(params.seed)
+    selection = sample_counts(classify, x, num_classes, params.n0, params.sigma, rng, params.batch_size)
+    top = int(selection.argmax())
+    looks = sequential_looks(params.n)
+    level = params.alpha / len(looks)
+    p_radius = float(stats.norm.cdf(params.radius / params.sigma))
+    count, drawn, robust = 0, 0, None
+    for look in looks:
+        counts = sample_counts(classify, x, num_classes, look - drawn, params.sigma, rng, params.batch_size)
+        count, drawn = count + int(counts[top]), look
+        p_lower = clopper_pearson_lower(count, drawn, level)
+        if p_lower > p_radius:
+            robust = True
+            break
+        if clopper_pearson_upper(count, drawn, level) < p_radius:
+            robust = False
+            break
+    abstain = p_lower <= 0.5
+    return _answer(params, label=None if abstain else top, count=count, p_lower=p_lower,
+                   radius=_radius(params.sigma, p_lower), max_radius=max_radius_for_n(params.sigma, params.n, level),
+                   samples_used=params.n0 + drawn, radius_asked=float(params.radius), robust=robust,
+                   samples_at_stop=drawn, looks=looks)
+
+
+def smoothing_answer(classify: Classify, x: np.ndarray, num_classes: int, params: SmoothingParams
+                     ) -> dict[str, Any]:
+    """The served "smoothing" block: certify-at-radius when ``params.radius`` is given, else CERTIFY."""
+    run = certify if params.radius is None else certify_at_radius
+    return run(classify, x, num_classes, params)
+
+
+def certified_accuracy(radii: Sequence[float], results: Sequence[dict[str, Any]], labels: Sequence[int]
+                       ) -> dict[str, Any]:
+    """Cohen et al.'s table: the fraction of images whose certified label is the true one with a
+    certified radius of at least ``r``, for each ``r``. Abstentions count as wrong."""
+    if len(results) != len(labels):
+        raise ValueError(f"{len(results)} results for {len(labels)} labels")
+    correct = np.array([not r["abstain"] and r["label"] == int(y) for r, y in zip(results, labels)], dtype=bool)
+    radius = np.array([r["radius"] if r["radius"] is not None else 0.0 for r in results], dtype=float)
+    total = max(len(results), 1)
+    return {"radii": [float(r) for r in radii],
+            "certified_accuracy": [float((correct & (radius >= r)).sum() / total) for r in radii],
+            "images": len(results), "abstained": int(sum(bool(r["abstain"]) for r in results)),
+            "space": SPACE}
