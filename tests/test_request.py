@@ -139,7 +139,9 @@ def test_request_size_top_k_and_pixel_caps_are_4xx_naming_the_key() -> None:
 
 def test_limits_from_model_config_validate_each_key() -> None:
     assert ServingLimits.from_handler_config(None) == ServingLimits()
-    assert ServingLimits() == ServingLimits(40_000_000, 8 * 1024 * 1024, 100, 100, None, None)
+    assert ServingLimits() == ServingLimits(max_image_pixels=40_000_000, max_request_bytes=8 * 1024 * 1024,
+                                            max_top_k=100, max_probe_cost=100, max_smoothing_samples=10_100,
+                                            probe_endpoint=None, threads_per_worker=None)
     read = ServingLimits.from_handler_config({"max_probe_cost": 0, "probe_endpoint": "digits-probe",
                                               "max_top_k": 10, "threads_per_worker": 2, "other": "ignored"})
     assert (read.max_probe_cost, read.probe_endpoint, read.max_top_k, read.threads_per_worker) == (0, "digits-probe",
