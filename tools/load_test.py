@@ -38,14 +38,14 @@ MODES = {
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def default_image(index: int = 0) -> bytes:
-    """A PNG of a digit of the built-in test set (16x16), so no file is needed."""
+def default_image(index: int = 0, dataset: str = "digits", size: int = 16) -> bytes:
+    """A PNG of an image of a built-in test set (digits at 16x16 by default), so no file is needed."""
     import numpy as np
     from PIL import Image
 
     from specformer_deploy.training.data import load_dataset
 
-    pixels = load_dataset("digits", 16).test[index][0].numpy().transpose(1, 2, 0)
+    pixels = load_dataset(dataset, size).test[index][0].numpy().transpose(1, 2, 0)
     buffer = io.BytesIO()
     Image.fromarray((pixels * 255).round().astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -44,7 +44,7 @@ class TrainConfig:
 
     model: str = option("specformer-tiny", "Preset (specformer-tiny, paper-vit-s, deit_tiny_patch16_224, convit_tiny) "
                         "or any timm ViT-family model name.")
-    dataset: str = option("digits", "digits (built in), cifar10, cifar100 or imagefolder.")
+    dataset: str = option("digits", "digits or mnist (built in), cifar10, cifar100 or imagefolder.")
     data_dir: str | None = option(None, "The directory that holds cifar-10-batches-py / cifar-100-python (or that "
                                   "directory itself), or that holds train/ and val/ for imagefolder.", metavar="DIR")
     img_size: int | None = option(None, "Image size passed to timm (default: the model's).")

