@@ -1,17 +1,29 @@
 """Reproduce the SpecFormer paper's comparisons on any dataset the toolkit can read.
 
 Trains vanilla, MSVP and the three Lipschitz baselines (L2-MHA, LipschitzNorm, LipsFormer-SCSA)
-with the same budget and seed, standard and (optionally) PGD adversarial training, evaluates
-them with the paper's two protocols, and writes into ``--out``:
+with the same budget, once per seed of ``--seeds``, standard and (optionally) PGD adversarial
+training, evaluates them with the paper's two protocols, and writes into ``--out``:
 
-- ``results.md``: Table 1/2 layout (accuracy under each protocol's attacks), Table 3 layout
-  (training time per step relative to vanilla), Table 5 layout (MSVP lambda sweep);
-- ``fig2a.png``: max singular value per layer of W_Q, W_K, W_V (vanilla vs MSVP and baselines);
-- ``results.json``: every number, with the commands' options.
+- ``results.json``: every number, with the options, including each model's per-image
+  correctness (1/0 per test image, per attack, per seed) so every statistic can be recomputed;
+- ``results.md``, rendered from that JSON only: Table 1/2 layout (accuracy under each protocol's
+  attacks, mean ± sample sd over seeds), MSVP − vanilla paired differences with 95% intervals,
+  Table 3 layout (training time per step relative to vanilla), Table 5 layout (MSVP lambda sweep),
+  the spread over seeds of Figure 2a's numbers;
+- ``fig2a.png``: max singular value per layer of W_Q, W_K, W_V, averaged over seeds.
 
-Runs already present in ``--out`` are reused (delete them to retrain).
+The interval for MSVP − vanilla is a paired two-level percentile bootstrap (10,000 resamples,
+generator seed 0): each resample draws the seeds with replacement, then the test images with
+replacement within every drawn seed, and averages the per-image differences. An interval that
+excludes 0 means the sign of the difference is not explained by the choice of seed and test images.
 
-    python tools/reproduce.py --out runs/reproduce-digits                     # built-in digits
+Runs already present in ``--out`` are reused (delete them to retrain); seed 0 keeps the run names
+of a single-seed reproduction (``std-vanilla``), other seeds add ``-seed<N>``.
+``--from-json FILE`` regenerates ``results.md`` and ``fig2a.png`` beside FILE without training.
+
+    python tools/reproduce.py --out runs/reproduce-digits                     # built-in digits, seed 0
+    python tools/reproduce.py --seeds 0,1,2 --out runs/reproduce-digits       # mean ± sd and intervals
+    python tools/reproduce.py --from-json runs/reproduce-digits/results.json  # tables again, no training
     python tools/reproduce.py --dataset cifar10 --data-dir DATA --model paper-vit-s \\
         --img-size 32 --patch-size 4 --epochs 100 --adv-epochs 50 --out runs/reproduce-cifar10
 """
@@ -25,11 +37,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from specformer_deploy.artifact.plots import plot_sigma_per_layer
-from specformer_deploy.robustness.evaluate import PROTOCOLS, evaluate_model, load_attack_model
+from specformer_deploy.robustness.attacks import parse_attack, run_attack
+from specformer_deploy.robustness.evaluate import PROTOCOLS, load_attack_model
+from specformer_deploy.robustness.statistics import METHOD, mean_sd, paired_bootstrap
 from specformer_deploy.training.checkpoint import read_metrics
+from specformer_deploy.training.data import load_dataset
 from specformer_deploy.training.msvp import exact_spectral_norms
 from specformer_deploy.training.train import TrainConfig, load_run_model, train
 
@@ -42,6 +58,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "LipsFormer (SCSA)": {"msvp": False, "attention": "scsa"},
 }
 LAMBDAS = (1e-6, 1e-5, 1e-4, 1e-3)
+BOOTSTRAP_RESAMPLES = 10_000
 
 
 def _slug(name: str) -> str:
@@ -73,10 +90,51 @@ def _step_time(run: Path) -> float:
     return statistics.median(m["time_s"] / s for m, s in zip(metrics, steps))
 
 
-def _evaluate(run: Path, protocol: str, limit: int | None) -> dict[str, float]:
+def _evaluate(run: Path, protocol: str, limit: int | None) -> dict[str, Any]:
+    """``{"accuracy": {attack: acc}, "correct": {attack: [1/0 per test image]}}`` on the first ``limit`` images.
+
+    Follows ``robust_accuracy``'s rule and seeding (robust = correct clean and attacked; the
+    generator seeded 0, batch ``i`` seeded ``i``), keeping the verdict of every image.
+    """
     model, info = load_attack_model(run)
-    result = evaluate_model(model, info, PROTOCOLS[protocol], limit=limit)
-    return {k: v for k, v in result.items() if k != "details"}
+    bundle = load_dataset(info["dataset"], int(info["image_size"]), info.get("data_dir"))
+    count = len(bundle.test) if limit is None else min(limit, len(bundle.test))
+    x = torch.stack([bundle.test[i][0] for i in range(count)])
+    y = torch.tensor([bundle.test[i][1] for i in range(count)])
+    correct: dict[str, list[int]] = {"clean": _correct_per_image(model, x, y, None, bundle.num_classes)}
+    for text in PROTOCOLS[protocol]:
+        spec = parse_attack(text, tuple(x.shape[1:]))
+        correct[str(spec)] = _correct_per_image(model, x, y, spec, bundle.num_classes)
+    return {"accuracy": {k: sum(v) / len(v) for k, v in correct.items()}, "correct": correct}
+
+
+def _correct_per_image(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Any, num_classes: int,
+                       batch_size: int = 128) -> list[int]:
+    generator = torch.Generator().manual_seed(0)
+    verdicts: list[int] = []
+    for index, start in enumerate(range(0, x.shape[0], batch_size)):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        with torch.no_grad():
+            ok = model(xb).argmax(dim=1) == yb
+        if spec is not None and bool(ok.any()):
+            keep = ok.nonzero().squeeze(1)
+            adv = run_attack(model, spec, xb[keep], yb[keep], num_classes=num_classes, generator=generator,
+                             seed=index)
+            with torch.no_grad():
+                ok[keep] = model(adv).argmax(dim=1) == yb[keep]
+        verdicts += [int(v) for v in ok.tolist()]
+    return verdicts
+
+
+def _run_name(kind: str, seed: int) -> str:
+    return kind if seed == 0 else f"{kind}-seed{seed}"
+
+
+def _seeds(text: str) -> list[int]:
+    seeds = [int(part) for part in text.split(",") if part.strip()]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds needs distinct integers such as 0,1,2, got {text!r}")
+    return seeds
 
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
@@ -89,6 +147,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce-digits"))
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="regenerate results.md and fig2a.png beside this results.json; no training")
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--model", default="specformer-tiny")
@@ -101,88 +161,178 @@ def main() -> int:
                         help="adversarial training from random init (default: fine-tune the standard-trained model)")
     parser.add_argument("--adv-lr", type=float, default=0.01, help="learning rate of adversarial fine-tuning")
     parser.add_argument("--lambda-msvp", type=float, default=1e-3, help="lambda_q = lambda_k = lambda_v for MSVP")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated training seeds, e.g. 0,1,2")
     parser.add_argument("--limit", type=int, default=None, help="test images per evaluation (default: all)")
     parser.add_argument("--adv-limit", type=int, default=200, help="test images for the adversarial protocol")
     parser.add_argument("--no-sweep", action="store_true", help="skip the lambda sweep (Table 5)")
     args = parser.parse_args()
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+        write_reports(results, args.from_json.parent)
+        print((args.from_json.parent / "results.md").read_text())
+        return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)
-    base = dict(model=args.model, dataset=args.dataset, data_dir=args.data_dir, img_size=args.img_size,
-                patch_size=args.patch_size, seed=args.seed, lambda_q=args.lambda_msvp, lambda_k=args.lambda_msvp,
-                lambda_v=args.lambda_msvp)
-    results: dict[str, Any] = {"options": vars(args) | {"out": str(args.out)}, "standard": {}, "adversarial": {},
-                               "step_time": {}, "sigmas": {}, "sweep": {}}
-
-    for name, overrides in MODELS.items():
-        run = _run(args.out, f"std-{_slug(name)}", TrainConfig(**base, **overrides, epochs=args.epochs))
-        results["standard"][name] = _evaluate(run, "standard", args.limit)
-        results["step_time"][name] = _step_time(run)
-        model, _ = load_run_model(run)
-        results["sigmas"][name] = {f"sigma_{n}": exact_spectral_norms(model)[:, i].tolist()
-                                   for i, n in enumerate("qkv")}
-        print(f"{name}: {results['standard'][name]}", file=sys.stderr)
-    if args.adv_epochs > 0:
-        for name, overrides in MODELS.items():
-            # PGD-AT from scratch needs far more epochs than a demo budget; by default it fine-tunes
-            # each standard-trained model (same architecture) adversarially at a lower LR.
-            start = {}
-            if not args.adv_from_scratch:
-                start = {"pretrained": str(args.out / f"std-{_slug(name)}" / "model.safetensors"), "lr": args.adv_lr,
-                         "warmup_epochs": 0}
-            cfg = TrainConfig(**{**base, **start}, **overrides, epochs=args.adv_epochs, adversarial=True,
-                              adv_steps=args.adv_steps)
-            run = _run(args.out, f"adv-{_slug(name)}", cfg)
-            results["adversarial"][name] = _evaluate(run, "adversarial", args.adv_limit)
-            results["step_time"][f"{name} (adversarial)"] = _step_time(run)
-            print(f"{name} (adversarial): {results['adversarial'][name]}", file=sys.stderr)
-    if not args.no_sweep:
-        for lam in LAMBDAS:
-            cfg = TrainConfig(**{**base, "lambda_q": lam, "lambda_k": lam, "lambda_v": lam}, msvp=True,
-                              epochs=args.epochs)
-            run = _run(args.out, f"sweep-{lam:g}", cfg)
-            results["sweep"][f"{lam:g}"] = _evaluate(run, "standard", args.limit)
-
-    plot_sigma_per_layer(list(results["sigmas"].items()), args.out / "fig2a.png")
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "results.md").write_text(render(results))
+    options = vars(args) | {"out": str(args.out), "bootstrap_resamples": BOOTSTRAP_RESAMPLES}
+    options.pop("from_json")
+    results: dict[str, Any] = {"options": options, "standard": {}, "adversarial": {}, "step_time": {}, "sigmas": {},
+                               "sweep": {}}
+    for seed in args.seeds:
+        _reproduce_seed(args, seed, results)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_reports(results, args.out)
     print((args.out / "results.md").read_text())
     return 0
 
 
+def _reproduce_seed(args: argparse.Namespace, seed: int, results: dict[str, Any]) -> None:
+    """Train and evaluate every row with one seed, filing each number under ``results[...][name][str(seed)]``."""
+    key = str(seed)
+    base = dict(model=args.model, dataset=args.dataset, data_dir=args.data_dir, img_size=args.img_size,
+                patch_size=args.patch_size, seed=seed, lambda_q=args.lambda_msvp, lambda_k=args.lambda_msvp,
+                lambda_v=args.lambda_msvp)
+    for name, overrides in MODELS.items():
+        run = _run(args.out, _run_name(f"std-{_slug(name)}", seed), TrainConfig(**base, **overrides,
+                                                                                epochs=args.epochs))
+        results["standard"].setdefault(name, {})[key] = _evaluate(run, "standard", args.limit)
+        results["step_time"].setdefault(name, {})[key] = _step_time(run)
+        model, _ = load_run_model(run)
+        results["sigmas"].setdefault(name, {})[key] = {f"sigma_{n}": exact_spectral_norms(model)[:, i].tolist()
+                                                       for i, n in enumerate("qkv")}
+        print(f"{name} seed {seed}: {results['standard'][name][key]['accuracy']}", file=sys.stderr)
+    if args.adv_epochs > 0:
+        for name, overrides in MODELS.items():
+            # PGD-AT from scratch needs far more epochs than a demo budget; by default it fine-tunes
+            # each standard-trained model (same architecture, same seed) adversarially at a lower LR.
+            start = {}
+            if not args.adv_from_scratch:
+                std_run = args.out / _run_name(f"std-{_slug(name)}", seed)
+                start = {"pretrained": str(std_run / "model.safetensors"), "lr": args.adv_lr, "warmup_epochs": 0}
+            cfg = TrainConfig(**{**base, **start}, **overrides, epochs=args.adv_epochs, adversarial=True,
+                              adv_steps=args.adv_steps)
+            run = _run(args.out, _run_name(f"adv-{_slug(name)}", seed), cfg)
+            results["adversarial"].setdefault(name, {})[key] = _evaluate(run, "adversarial", args.adv_limit)
+            results["step_time"].setdefault(f"{name} (adversarial)", {})[key] = _step_time(run)
+            print(f"{name} (adversarial) seed {seed}: {results['adversarial'][name][key]['accuracy']}",
+                  file=sys.stderr)
+    if not args.no_sweep:
+        for lam in LAMBDAS:
+            cfg = TrainConfig(**{**base, "lambda_q": lam, "lambda_k": lam, "lambda_v": lam}, msvp=True,
+                              epochs=args.epochs)
+            run = _run(args.out, _run_name(f"sweep-{lam:g}", seed), cfg)
+            results["sweep"].setdefault(f"{lam:g}", {})[key] = _evaluate(run, "standard", args.limit)
+
+
+def write_reports(results: dict[str, Any], folder: Path) -> None:
+    """``results.md`` and ``fig2a.png`` in ``folder``, computed from ``results`` (a results.json) alone."""
+    results = _per_seed_layout(results)
+    mean_sigmas = [(name, {k: np.mean([np.asarray(s[k], dtype=float) for s in by_seed.values()], axis=0).tolist()
+                           for k in ("sigma_q", "sigma_k", "sigma_v")})
+                   for name, by_seed in results["sigmas"].items()]
+    plot_sigma_per_layer(mean_sigmas, folder / "fig2a.png")
+    (folder / "results.md").write_text(render(results))
+
+
+def _per_seed_layout(results: dict[str, Any]) -> dict[str, Any]:
+    """A single-seed results.json written before seeds were recorded, filed under its seed (no per-image data)."""
+    if "seeds" in results["options"]:
+        return results
+    seed = str(results["options"].get("seed", 0))
+    wrapped = {section: {name: {seed: {"accuracy": cell}} for name, cell in results[section].items()}
+               for section in ("standard", "adversarial", "sweep")}
+    return results | wrapped | {
+        "options": results["options"] | {"seeds": [int(seed)]},
+        "step_time": {name: {seed: t} for name, t in results["step_time"].items()},
+        "sigmas": {name: {seed: s} for name, s in results["sigmas"].items()}}
+
+
+def _cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    mean, sd = mean_sd([scale * v for v in values])
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _accuracy_rows(section: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    keys = list(next(iter(next(iter(section.values())).values()))["accuracy"])
+    rows = [[name, *(_cell([run["accuracy"][k] for run in by_seed.values()]) for k in keys)]
+            for name, by_seed in section.items()]
+    return keys, rows
+
+
+def _difference_table(title: str, section: dict[str, Any], resamples: int) -> str | None:
+    """MSVP − vanilla per attack, in percentage points, with the bootstrap interval; None without per-image data."""
+    msvp, vanilla = section.get("MSVP (ours)"), section.get("Vanilla")
+    if not msvp or not vanilla or any("correct" not in run for run in [*msvp.values(), *vanilla.values()]):
+        return None
+    seeds = sorted(set(msvp) & set(vanilla), key=int)
+    rows = []
+    for key in msvp[seeds[0]]["correct"]:
+        interval = paired_bootstrap([msvp[s]["correct"][key] for s in seeds],
+                                    [vanilla[s]["correct"][key] for s in seeds], resamples=resamples)
+        verdict = ("MSVP higher" if interval.low > 0 else "vanilla higher" if interval.high < 0
+                   else "not distinguishable")
+        bounds = f"[{100 * interval.low:+.2f}, {100 * interval.high:+.2f}]"
+        rows.append([key, f"{100 * interval.difference:+.2f}", bounds, verdict])
+    images = len(msvp[seeds[0]]["correct"]["clean"])
+    return _table(f"{title}: MSVP − vanilla, paired, {len(seeds)} seed(s) × {images} test images",
+                  ["Attack", "difference (pp)", "95% interval (pp)", "verdict"], rows)
+
+
 def render(results: dict[str, Any]) -> str:
+    """The markdown report; every number comes from ``results`` (per-seed layout)."""
     opts = results["options"]
-    parts = [f"Dataset `{opts['dataset']}`, model `{opts['model']}`, seed {opts['seed']}, MSVP lambda "
-             f"{opts['lambda_msvp']:g}; accuracies in %.\n"]
-    std = results["standard"]
-    keys = list(next(iter(std.values())))
+    seeds = opts["seeds"]
+    resamples = int(opts.get("bootstrap_resamples", BOOTSTRAP_RESAMPLES))
+    spread = "; cells are mean ± sample sd over the seeds" if len(seeds) > 1 else ""
+    parts = [f"Dataset `{opts['dataset']}`, model `{opts['model']}`, seed(s) {', '.join(map(str, seeds))}, MSVP "
+             f"lambda {opts['lambda_msvp']:g}; accuracies in %{spread}.\n"]
+    keys, rows = _accuracy_rows(results["standard"])
     parts.append(_table(f"Table 1 layout: standard training ({opts['epochs']} epochs), standard protocol",
-                        ["Model", *keys], [[n, *(f"{100 * r[k]:.2f}" for k in keys)] for n, r in std.items()]))
+                        ["Model", *keys], rows))
+    differences = [_difference_table("Standard training", results["standard"], resamples)]
     if results["adversarial"]:
-        adv = results["adversarial"]
-        keys = list(next(iter(adv.values())))
+        keys, rows = _accuracy_rows(results["adversarial"])
         how = ("from scratch" if opts.get("adv_from_scratch")
                else f"fine-tuning the standard models, lr {opts['adv_lr']:g}")
         parts.append(_table(f"Table 2 layout: PGD-{opts['adv_steps']} adversarial training ({opts['adv_epochs']} "
                             f"epochs, {how}), adversarial protocol on {opts['adv_limit']} test images",
-                            ["Model", *keys], [[n, *(f"{100 * r[k]:.2f}" for k in keys)] for n, r in adv.items()]))
-    base = results["step_time"]["Vanilla"]
-    rows = [[n, f"{1000 * t:.1f}", f"{t / base:.2f}x"] for n, t in results["step_time"].items()
-            if "(adversarial)" not in n]
-    if "Vanilla (adversarial)" in results["step_time"]:
-        adv_base = results["step_time"]["Vanilla (adversarial)"]
-        rows += [[n, f"{1000 * t:.1f}", f"{t / adv_base:.2f}x"] for n, t in results["step_time"].items()
-                 if "(adversarial)" in n]
-    parts.append(_table("Table 3 layout: training time per step (median over epochs), relative to vanilla",
-                        ["Model", "ms / step", "relative"], rows))
+                            ["Model", *keys], rows))
+        differences.append(_difference_table("Adversarial training", results["adversarial"], resamples))
+    differences = [d for d in differences if d]
+    if differences:
+        parts.append(f"Intervals: {METHOD}; {resamples} resamples, generator seed 0, 95% percentile interval. "
+                     "pp = percentage points. \"not distinguishable\": the interval contains 0, so the sign of "
+                     "the difference may be noise from the choice of seeds and test images.\n")
+        parts += differences
+    parts.append(_step_time_table(results["step_time"]))
     if results["sweep"]:
-        sweep = results["sweep"]
-        keys = list(next(iter(sweep.values())))
+        keys, rows = _accuracy_rows(results["sweep"])
         parts.append(_table("Table 5 layout: MSVP lambda sweep (lambda_q = lambda_k = lambda_v), standard protocol",
-                            ["lambda", *keys],
-                            [[lam, *(f"{100 * r[k]:.2f}" for k in keys)] for lam, r in sweep.items()]))
-    parts.append("Figure 2a layout: `fig2a.png` (max singular value per layer of W_Q, W_K, W_V).\n")
+                            ["lambda", *keys], rows))
+    parts.append(_sigma_table(results["sigmas"]))
+    parts.append("Figure 2a layout: `fig2a.png` (max singular value per layer of W_Q, W_K, W_V, mean over seeds).\n")
     return "\n".join(parts)
+
+
+def _step_time_table(step_time: dict[str, dict[str, float]]) -> str:
+    def seconds(name: str) -> float:
+        return float(np.mean(list(step_time[name].values())))
+
+    rows = []
+    for adversarial in (False, True):
+        base_name = "Vanilla (adversarial)" if adversarial else "Vanilla"
+        if base_name not in step_time:
+            continue
+        rows += [[n, _cell(list(t.values()), scale=1000.0, digits=1), f"{seconds(n) / seconds(base_name):.2f}x"]
+                 for n, t in step_time.items() if ("(adversarial)" in n) == adversarial]
+    return _table("Table 3 layout: training time per step (median over epochs), relative to vanilla",
+                  ["Model", "ms / step", "relative"], rows)
+
+
+def _sigma_table(sigmas: dict[str, dict[str, dict[str, list[list[float]]]]]) -> str:
+    """Largest singular value over all layers and heads, per projection: Figure 2a's spread over seeds."""
+    rows = [[name, *(_cell([float(np.max(s[f"sigma_{p}"])) for s in by_seed.values()], scale=1.0, digits=3)
+                     for p in "qkv")] for name, by_seed in sigmas.items()]
+    return _table("Figure 2a numbers: max singular value over layers and heads", ["Model", "W_Q", "W_K", "W_V"], rows)
 
 
 if __name__ == "__main__":
