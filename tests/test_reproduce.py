@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from specformer_deploy.robustness.evaluate import PROTOCOLS, evaluate_model, load_attack_model
 from specformer_deploy.robustness.statistics import paired_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,10 @@ def test_reproduce_with_two_seeds_reports_spread_and_intervals_from_the_json(tmp
             # Robust means correct clean and attacked: an attack never turns a wrong answer right.
             assert all(c >= a for c, a in zip(run["correct"]["clean"], run["correct"]["fgsm:2/255"]))
     assert (out / "std-vanilla").is_dir() and (out / "std-vanilla-seed1").is_dir()
+    # The per-image verdicts add up to what the evaluate command reports for the same run.
+    model, info = load_attack_model(out / "std-vanilla-seed1")
+    reference = evaluate_model(model, info, PROTOCOLS["standard"], limit=24)
+    assert {k: v for k, v in reference.items() if k != "details"} == data["standard"]["Vanilla"]["1"]["accuracy"]
 
     report = (out / "results.md").read_text()
     assert "mean ± sample sd over the seeds" in report and "paired two-level percentile bootstrap" in report
