@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_sigma_per_layer"]
+__all__ = ["plot_sigma_per_layer", "save_figure"]
 
 
 def plot_sigma_per_layer(series: Sequence[tuple[str, dict[str, list[list[float]]]]], path: str | Path) -> Path:
@@ -31,6 +31,13 @@ def plot_sigma_per_layer(series: Sequence[tuple[str, dict[str, list[list[float]]
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a figure (its folder created) and free it: every plot of the toolkit ends here."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

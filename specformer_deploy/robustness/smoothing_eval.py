@@ -236,9 +236,6 @@ def plot_certified_accuracy(curves: Sequence[tuple[str, np.ndarray]], path: str 
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from specformer_deploy.artifact.plots import save_figure
+
+    return save_figure(fig, path)
