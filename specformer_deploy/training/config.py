@@ -17,10 +17,16 @@ from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "ConfigFileError", "FORMAT_VERSION", "RUN_CONFIG_SECTIONS", "option", "command_line_fields",
-           "read_options_file"]
+__all__ = ["TrainConfig", "ConfigFileError", "FORMAT_VERSION", "RUN_CONFIG_SECTIONS", "SMOOTHING_OBJECTIVES",
+           "DEFAULT_NOISE_COPIES", "option", "command_line_fields", "read_options_file"]
 
 FORMAT_VERSION = 1
+
+# Training objectives for randomized smoothing (see training/smoothing_objectives.py) and the
+# number of noisy copies per image each paper trains with.
+SMOOTHING_OBJECTIVES = ("gaussian", "consistency", "smoothadv")
+DEFAULT_NOISE_COPIES = {"gaussian": 1, "consistency": 2, "smoothadv": 4}
+MAX_NOISE_COPIES = 64  # a typo guard: every copy is a forward pass of the whole batch
 
 # The sections `train` writes into config.json. Only `train` holds options; the others are
 # derived from them (model, data) or describe the machine that ran it (versions, world size),
@@ -57,7 +63,8 @@ class TrainConfig:
     momentum: float = option(0.9, "SGD momentum.")
     warmup_epochs: int = option(2, "Linear warm-up epochs.", min=0)
     min_lr: float = option(1e-5, "Learning rate at the end of the cosine schedule.")
-    mixup: bool | None = option(None, "CutMix + Mixup (timm). Default: on for standard, off for adversarial.",
+    mixup: bool | None = option(None, "CutMix + Mixup (timm). Default: on for standard, off for adversarial "
+                                "training (PGD-AT, smoothadv).",
                                 "--mixup/--no-mixup")
     mixup_alpha: float = option(0.2, "Mixup alpha (0 disables; the DeiT/paper recipe uses 0.8).")
     cutmix_alpha: float = option(0.2, "CutMix alpha (0 disables; the DeiT/paper recipe uses 1.0).")
@@ -74,6 +81,28 @@ class TrainConfig:
     noise_sd: float = option(0.0, "Gaussian noise augmentation for randomized smoothing (Cohen et al.): every "
                              "training image gets x + N(0, SIGMA^2 I) in pixel space [0, 1], unclipped; 0 = off. "
                              "Certify with the same sigma.", metavar="SIGMA")
+    smoothing_objective: str = option(
+        "gaussian", "What training with --noise-sd minimizes: gaussian (Cohen et al. 2019: cross-entropy of noisy "
+        "images), consistency (Jeong & Shin 2020: cross-entropy of m noisy copies + LAMBDA * mean KL(mean "
+        "prediction || each copy's) + ETA * entropy of the mean prediction) or smoothadv (Salman et al. 2019: L2 PGD "
+        "against the smoothed soft classifier over m fixed noise draws, then cross-entropy of the m noisy copies of "
+        "the attacked image). consistency and smoothadv need --noise-sd > 0.", metavar="OBJECTIVE")
+    noise_copies: int | None = option(
+        None, "Noisy copies m of every image per step, one forward pass of m x the batch (cost grows with m). "
+        "Default: the paper's, 1 for gaussian, 2 for consistency (Jeong & Shin), 4 for smoothadv (Jeong & Shin's "
+        "MNIST SmoothAdv runs; Salman et al. use 1-8). consistency needs m >= 2.", metavar="M", min=1)
+    consistency_lambda: float = option(20.0, "Consistency: weight LAMBDA of the KL term (Jeong & Shin: 20 on MNIST, "
+                                       "10 on CIFAR-10).", metavar="LAMBDA")
+    consistency_eta: float = option(0.5, "Consistency: weight ETA of the entropy of the mean prediction (Jeong & "
+                                    "Shin: 0.5).", metavar="ETA")
+    smoothadv_eps: float = option(255 / 256, "SmoothAdv: L2 radius of the attack in pixels [0, 1] (Jeong & Shin's "
+                                  "MNIST runs: 255/256; Salman et al. on CIFAR-10: 0.25, 0.5 or 1).", metavar="EPS")
+    smoothadv_steps: int = option(10, "SmoothAdv: PGD steps, each 2 * EPS / STEPS long (Salman et al.'s rule; "
+                                  "default 10 as theirs).", min=1)
+    smoothadv_warmup_epochs: int = option(10, "SmoothAdv: the radius grows linearly over these epochs, epoch e "
+                                          "(from 0) attacking at min(EPS, (e + 1) * EPS / N) (Salman et al.; 10 as "
+                                          "Jeong & Shin's MNIST runs); 0 = full radius from the start.",
+                                          metavar="N", min=0)
     seed: int = option(0, "Seed for initialization, data order and augmentation.")
     device: str = option("auto", "auto, cpu or cuda (under torchrun each process takes GPU LOCAL_RANK).")
     pretrained: str | None = option(None, "Local weights (.safetensors or torch file) to start from.", metavar="FILE")
@@ -88,9 +117,22 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def hard_labels(self) -> bool:
+        """Adversarial training (PGD-AT, SmoothAdv) attacks and trains on hard labels, as Madry et al.
+        and Salman et al.: Mixup is off by default and label smoothing does not apply."""
+        return self.adversarial or self.smoothing_objective == "smoothadv"
+
+    @property
     def use_mixup(self) -> bool:
-        enabled = (not self.adversarial) if self.mixup is None else self.mixup
+        enabled = (not self.hard_labels) if self.mixup is None else self.mixup
         return enabled and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    @property
+    def copies(self) -> int:
+        """Noisy copies per image and step: ``--noise-copies``, else the objective's paper default."""
+        if self.noise_copies is not None:
+            return self.noise_copies
+        return DEFAULT_NOISE_COPIES.get(self.smoothing_objective, 1)
 
     @property
     def msvp_config(self):  # -> MSVPConfig (torch is imported only when a run needs it)
@@ -112,10 +154,44 @@ class TrainConfig:
         self.msvp_config  # noqa: B018 - MSVPConfig checks the lambdas and iteration count
         if not (self.noise_sd >= 0) or self.noise_sd == float("inf"):
             raise ValueError(f"--noise-sd must be a finite number >= 0 (0 = off), got {self.noise_sd}")
+        self._validate_smoothing_objective()
         if not (self.sparsity_weight >= 0):
             raise ValueError(f"--sparsity-weight must be >= 0, got {self.sparsity_weight}")
         if self.sparsity_weight > 0 and self.mlp_act == "gelu":
             raise ValueError("--sparsity-weight needs --mlp-act relu or clipped-relu (units that can be constant)")
+
+    def _validate_smoothing_objective(self) -> None:
+        objective = self.smoothing_objective
+        if objective not in SMOOTHING_OBJECTIVES:
+            raise ValueError(f"--smoothing-objective must be one of {', '.join(SMOOTHING_OBJECTIVES)}, "
+                             f"got {objective!r}")
+        if objective != "gaussian" and not self.noise_sd > 0:
+            raise ValueError(f"--smoothing-objective {objective} trains for randomized smoothing and needs "
+                             f"--noise-sd SIGMA > 0 (the sigma you will certify with)")
+        if objective == "smoothadv" and self.adversarial:
+            raise ValueError("--smoothing-objective smoothadv is adversarial training already (L2 PGD against the "
+                             "smoothed classifier); drop --adversarial (Linf PGD-AT on the base model)")
+        if self.noise_copies is not None:
+            if isinstance(self.noise_copies, bool) or not isinstance(self.noise_copies, int) or not (
+                    1 <= self.noise_copies <= MAX_NOISE_COPIES):
+                raise ValueError(f"--noise-copies must be an integer from 1 to {MAX_NOISE_COPIES}, "
+                                 f"got {self.noise_copies!r}")
+            if self.noise_copies > 1 and not self.noise_sd > 0:
+                raise ValueError(f"--noise-copies {self.noise_copies} makes noisy copies and needs --noise-sd > 0")
+        if objective == "consistency" and self.copies < 2:
+            raise ValueError(f"--smoothing-objective consistency compares noisy copies and needs --noise-copies >= 2, "
+                             f"got {self.copies}")
+        for flag, value in (("--consistency-lambda", self.consistency_lambda),
+                            ("--consistency-eta", self.consistency_eta)):
+            if not (0 <= value < float("inf")):
+                raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
+        if not (0 < self.smoothadv_eps < float("inf")):
+            raise ValueError(f"--smoothadv-eps must be a finite L2 radius > 0 in pixels [0, 1], "
+                             f"got {self.smoothadv_eps}")
+        if self.smoothadv_steps < 1:
+            raise ValueError(f"--smoothadv-steps must be >= 1, got {self.smoothadv_steps}")
+        if self.smoothadv_warmup_epochs < 0:
+            raise ValueError(f"--smoothadv-warmup-epochs must be >= 0, got {self.smoothadv_warmup_epochs}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,4 +1,5 @@
-"""The training loop: standard or PGD adversarial training, with or without MSVP.
+"""The training loop: standard or PGD adversarial training, with or without MSVP, and with
+Gaussian noise for randomized smoothing (plain, consistency-regularized or SmoothAdv).
 
 The loop reads as timm's ``train.py``: ``setup_run`` builds everything a process needs (the
 options all ranks agree on, data, model, MSVP, optimizer, schedule, DDP, resume state), then
@@ -61,6 +62,14 @@ from specformer_deploy.training.distributed import (
     sync_from_rank0,
 )
 from specformer_deploy.training.msvp import MSVP, exact_spectral_norms
+from specformer_deploy.training.smoothing_objectives import (
+    consistency_regularizer,
+    gaussian_noise,
+    noisy_copies,
+    repeat_target,
+    smoothadv_attack,
+    warmed_up_eps,
+)
 
 __all__ = ["TrainConfig", "RunState", "train", "setup_run", "train_one_epoch", "training_batch", "add_gaussian_noise",
            "noise_seed", "evaluate_accuracy", "save_checkpoint", "log_epoch", "resolve_device", "load_run_model",
@@ -233,27 +242,44 @@ def train_one_epoch(state: RunState, epoch: int, on_step: Callable[[float], None
 
 
 def training_batch(state: RunState, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the loss sees: PGD adversarial examples (in eval mode, as attacks run) under PGD-AT,
-    then Mixup/CutMix when on (the target is then a soft label), then Gaussian noise when
-    ``noise_sd > 0``.
+    """What the loss sees: PGD adversarial examples (in eval mode, as attacks run) under PGD-AT
+    or SmoothAdv, then Mixup/CutMix when on (the target is then a soft label), then Gaussian
+    noise when ``noise_sd > 0``: ``m = cfg.copies`` noisy copies of every image, concatenated
+    copy-major into one batch of ``m * B`` (one forward call, which DDP sees as one). The target
+    is the ``B`` images'; ``_objective_loss`` repeats it per copy.
 
     Noise comes last so that every image the model trains on carries exactly the
     ``N(0, sigma^2 I)`` that the smoothed classifier adds at certification: noise added before
     Mixup would be shrunk by the mixing (std ``sigma * sqrt(lam^2 + (1 - lam)^2)``, down to
     ``sigma / sqrt(2)``) and CutMix would splice two noise fields. After PGD, as Salman et al.
     (2019) train smoothed classifiers adversarially, PGD attacks the clean image and the noise
-    is drawn around the adversarial point."""
-    if state.cfg.adversarial:
-        state.model.eval()
-        with _autocast(state.device):
-            x = pgd(state.attack_model, x, y, state.cfg.adv_eps, state.cfg.adv_step, state.cfg.adv_steps)
-        state.model.train()
+    is drawn around the adversarial point; SmoothAdv's attack uses the very noise the copies get."""
+    cfg = state.cfg
+    noise = None
+    if cfg.noise_sd > 0:
+        noise = gaussian_noise(x.shape, cfg.noise_sd, cfg.copies, noise_seed(cfg.seed, state.step, state.ctx.rank),
+                               device=x.device, dtype=x.dtype)
+    if cfg.adversarial:
+        x = _in_eval_mode(state, lambda: pgd(state.attack_model, x, y, cfg.adv_eps, cfg.adv_step, cfg.adv_steps))
+    if cfg.smoothing_objective == "smoothadv":
+        eps = warmed_up_eps(cfg.smoothadv_eps, state.step // state.steps_per_epoch, cfg.smoothadv_warmup_epochs)
+        x = _in_eval_mode(state, lambda: smoothadv_attack(state.attack_model, x, y, noise, eps, cfg.smoothadv_steps))
     target = y
     if state.mixup is not None:
         x, target = state.mixup(x, y)
-    if state.cfg.noise_sd > 0:
-        x = add_gaussian_noise(x, state.cfg.noise_sd, noise_seed(state.cfg.seed, state.step, state.ctx.rank))
+    if noise is not None:
+        x = noisy_copies(x, noise)
     return x, target
+
+
+def _in_eval_mode(state: RunState, attack: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run an attack as attacks run: the model in eval mode (no dropout), autocast as in training."""
+    state.model.eval()
+    try:
+        with _autocast(state.device):
+            return attack()
+    finally:
+        state.model.train()
 
 
 _NOISE_STREAM = 0x5300_15E  # separates the noise stream from any other use of the same (seed, step, rank)
@@ -268,15 +294,25 @@ def noise_seed(seed: int, step: int, rank: int) -> int:
 
 def add_gaussian_noise(x: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
     """``x + N(0, sigma^2 I)`` in pixel space, unclipped (Cohen et al. train and certify without
-    clipping), drawn on ``x``'s device from a generator of its own."""
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    return x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    clipping), drawn on ``x``'s device from a generator of its own: the noise training's one copy."""
+    return x + gaussian_noise(x.shape, sigma, 1, seed, device=x.device, dtype=x.dtype)[0]
+
+
+def _objective_loss(state: RunState, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean criterion over the noisy copies (each copy shares its image's target, hard or
+    Mixup's soft), plus the consistency regularizer under ``--smoothing-objective consistency``."""
+    cfg = state.cfg
+    copies = cfg.copies if cfg.noise_sd > 0 else 1
+    loss = state.criterion(logits, repeat_target(target, copies))
+    if cfg.smoothing_objective == "consistency":
+        loss = loss + consistency_regularizer(logits, copies, cfg.consistency_lambda, cfg.consistency_eta)
+    return loss
 
 
 def _train_step(state: RunState, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     x, target = training_batch(state, x, y)
     with _autocast(state.device), _sparsity(state.model, state.cfg.sparsity_weight) as activations:
-        loss = state.criterion(state.forward_model(x), target)
+        loss = _objective_loss(state, state.forward_model(x), target)
     # The penalty reads the same parameters outside DDP's forward; its gradient joins the
     # loss's before DDP averages, and is equal on every rank (equal weights).
     penalty = state.msvp.penalty() if state.msvp is not None else torch.zeros((), device=state.device)
@@ -446,10 +482,10 @@ def _optimization(cfg: TrainConfig, model: nn.Module,
 
 def _criterion(cfg: TrainConfig, mixup: Mixup | None) -> Criterion:
     """Soft-target cross-entropy for Mixup's soft labels; label smoothing in standard training
-    only (PGD-AT trains on hard labels, as Madry et al.)."""
+    only (PGD-AT and SmoothAdv train on hard labels, as Madry et al. and Salman et al.)."""
     if mixup is not None:
         return SoftTargetCrossEntropy()
-    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing if not cfg.adversarial else 0.0)
+    return nn.CrossEntropyLoss(label_smoothing=0.0 if cfg.hard_labels else cfg.label_smoothing)
 
 
 def _restore(state: RunState, checkpoint: dict[str, Any], plan: dict[str, Any], console: Console) -> None:
@@ -534,7 +570,8 @@ def _run_summary(state: RunState) -> dict[str, Any]:
     last = metrics[-1]
     return {"out": str(files.root), "model": state.model_cfg.name, "dataset": state.bundle.name, "epochs": cfg.epochs,
             "device": str(state.device), "world_size": state.ctx.world_size, "msvp": cfg.msvp,
-            "adversarial": cfg.adversarial, "noise_sd": cfg.noise_sd, "test_accuracy": last["test_accuracy"],
+            "adversarial": cfg.adversarial, "noise_sd": cfg.noise_sd, "smoothing_objective": cfg.smoothing_objective,
+            "noise_copies": cfg.copies if cfg.noise_sd > 0 else 0, "test_accuracy": last["test_accuracy"],
             "loss": last["loss"],
             "max_sigma": {k: max(v) for k, v in last["max_sigma"].items()},
             "train_time_s": round(sum(m["time_s"] for m in metrics), 3),
