@@ -15,7 +15,8 @@ the cell's is an error, never silently reused.
 
 Cost model: CERTIFY draws n0 + n noisy copies per image and PREDICT n more, so a cell costs
 images x (n0 + 2n) forward passes (the certificate alone: images x (n0 + n)), plus its training.
-The grid has objectives x sigmas x MSVP settings x seeds cells.
+The grid has objectives x sigmas x MSVP settings x seeds cells: by default 3 x 3 x 2 x 3 = 54,
+each certifying 500 images x (100 + 2 x 10,000), about 1.0e7 forward passes.
 
 Reuse: a finished run is reused (a killed one resumes), an export newer than the checkpoint is
 reused, and each certification is cached in its run directory under ``smoothing/``, keyed by
@@ -205,6 +206,9 @@ def ensure_run(out: Path, name: str, cfg) -> tuple[Path, bool]:
     from specformer_deploy.training.train import train
 
     run = out / name
+    if (run / "config.json").is_file() and not (run / "checkpoint.pt").is_file():
+        print(f"{run} stopped before its first epoch ended; starting it afresh", file=sys.stderr)
+        (run / "config.json").unlink()  # no epoch was saved, so nothing is lost
     if (run / "config.json").is_file():
         differing = _differing_options(run, cfg)
         if differing:
@@ -311,7 +315,7 @@ class StudyProgress:
         train_guess = float(np.mean(self.train_seconds)) if self.train_seconds else 0.0
         eta = (total - done) * rate + later_cells * (self.images_per_cell * rate + train_guess)
         print(f"[{self.index + 1}/{self.cells}] {self.name}: image {done}/{total}, {rate:.2f} s/image, "
-              f"study ETA at most {_duration(eta)} (cached cells are faster)", file=sys.stderr)
+              f"study ETA about {_duration(eta)} (from the rates so far; cached cells take less)", file=sys.stderr)
 
 
 def _duration(seconds: float) -> str:
