@@ -35,8 +35,8 @@ paired bootstrap differences per radius; the targets paragraph) and ``certified_
     # a quick screening run: one seed, n = 1,000 on 200 images
     python tools/smoothing_study.py --out runs/smoothing-screen --seeds 0 --n 1000 --limit 200
     # a consistency variant beside the default one
-    python tools/smoothing_study.py --objectives gaussian,consistency,cons-l20 \\
-        --override cons-l20:smoothing_objective=consistency,consistency_lambda=20 --out runs/smoothing-mnist
+    python tools/smoothing_study.py --objectives gaussian,consistency,cons-l10 \\
+        --override cons-l10:smoothing_objective=consistency,consistency_lambda=10 --out runs/smoothing-mnist
     # tables and figure again from the JSON, no training
     python tools/smoothing_study.py --from-json runs/smoothing-mnist/results.json
 """
