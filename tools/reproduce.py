@@ -228,6 +228,8 @@ def main() -> int:
                              "pgd:0.1:40,pgd:0.3:40,pgd-l2:1.58:40 (default: none)")
     parser.add_argument("--strong-limit", type=int, default=500, help="test images for the stronger attacks")
     args = parser.parse_args()
+    if args.strong_limit < 1:
+        parser.error(f"--strong-limit must be >= 1, got {args.strong_limit}")
     if args.from_json is not None:
         results = json.loads(args.from_json.read_text())
         write_reports(results, args.from_json.parent)
