@@ -9,12 +9,17 @@
 2. Seconds per certified image (CERTIFY, ``n0 = 100``, ``n = 10,000``) on test images (target < 1 s).
 3. Samples used by certify-at-radius (the sequential test) against the fixed ``n0 + n`` of CERTIFY
    on test images, per radius asked (target: >= 5x fewer on the median image).
+4. With ``--training-cost`` (instead of 1-3): the training cost of each smoothing objective
+   (``train --smoothing-objective``) relative to plain Gaussian-noise training: the same model,
+   batch and number of optimizer steps, each objective with its paper defaults (consistency m = 2;
+   SmoothAdv m = 4 and 10 PGD steps), MSVP on as ``train``'s default, repetitions interleaved.
 
 Throughput repetitions are interleaved (bare, loop, torch, ...) and medians reported, because the
 machines are shared. Without ``--onnx`` the built-in model is trained with Gaussian noise
 (``--sigma``) on digits and exported to a temporary directory first.
 
     python tools/bench/smoothing.py [--onnx runs/demo/export/model.onnx] [--threads 2] [--json -]
+    python tools/bench/smoothing.py --training-cost [--train-steps 5] [--train-reps 3] [--train-batch 32] [--json -]
 """
 
 from __future__ import annotations
@@ -124,6 +129,84 @@ def _sequential(runtime, images: np.ndarray, labels: np.ndarray, sigma: float, n
             "robust_with_true_label": int(robust_correct)}
 
 
+OBJECTIVES = ("gaussian", "consistency", "smoothadv")
+
+
+def _objective_state(ctx, objective: str, model: str, batch: int, sigma: float, workdir: Path):
+    """A training run's state (the loop's own ``setup_run``) for one objective, one step taken
+    untimed to warm up allocations."""
+    from rich.console import Console
+
+    from specformer_deploy.training.train import TrainConfig, setup_run, train_one_epoch
+
+    cfg = TrainConfig(model=model, batch_size=batch, epochs=1, warmup_epochs=0, noise_sd=sigma,
+                      smoothing_objective=objective, device="cpu", seed=0)
+    state = setup_run(ctx, cfg, workdir / objective, False, Console(quiet=True))
+    state.steps_per_epoch = 1
+    train_one_epoch(state, 0)
+    return state
+
+
+def _timed_steps(state, steps: int) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of ``steps`` optimizer steps (the epoch is cut to that many batches)."""
+    from specformer_deploy.training.train import train_one_epoch
+
+    state.steps_per_epoch = steps
+    cpu_started = time.process_time()
+    wall = train_one_epoch(state, 0)["seconds"]
+    return wall / steps, (time.process_time() - cpu_started) / steps
+
+
+def _training_cost(model: str, batch: int, steps: int, reps: int, sigma: float) -> dict[str, Any]:
+    """Each objective's seconds per step and its ratio to plain Gaussian-noise training.
+
+    Repetitions are interleaved (gaussian, consistency, smoothadv, gaussian, ...) and the ratio is
+    the median of the ratios paired within a repetition, because the shared machine's load drifts;
+    CPU seconds (this process's) are reported beside wall seconds for the same reason."""
+    from specformer_deploy.training.distributed import init_distributed, shutdown
+
+    ctx = init_distributed("cpu")
+    wall: dict[str, list[float]] = {name: [] for name in OBJECTIVES}
+    cpu: dict[str, list[float]] = {name: [] for name in OBJECTIVES}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            states = {name: _objective_state(ctx, name, model, batch, sigma, Path(tmp)) for name in OBJECTIVES}
+            for _ in range(reps):
+                for name, state in states.items():
+                    w, c = _timed_steps(state, steps)
+                    wall[name].append(w)
+                    cpu[name].append(c)
+    finally:
+        shutdown(ctx)
+    rows = {}
+    for name, state in states.items():
+        rows[name] = {"copies": state.cfg.copies,
+                      "attack_steps": state.cfg.smoothadv_steps if name == "smoothadv" else 0,
+                      "seconds_per_step": statistics.median(wall[name]),
+                      "cpu_seconds_per_step": statistics.median(cpu[name]),
+                      "vs_gaussian": statistics.median(a / b for a, b in zip(wall[name], wall["gaussian"])),
+                      "cpu_vs_gaussian": statistics.median(a / b for a, b in zip(cpu[name], cpu["gaussian"]))}
+    return {"model": model, "batch": batch, "steps_per_rep": steps, "reps": reps, "sigma": sigma,
+            "objectives": rows}
+
+
+def _render_training_cost(result: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    cost = result["training_cost"]
+    table = Table(title=f"training cost per objective: {cost['model']}, batch {cost['batch']}, sigma {cost['sigma']}, "
+                        f"{cost['reps']} interleaved repetitions of {cost['steps_per_rep']} steps (medians)")
+    for column in ("objective", "noisy copies m", "attack steps", "s / step", "vs gaussian", "CPU s / step",
+                   "CPU vs gaussian"):
+        table.add_column(column, justify="right")
+    for name, row in cost["objectives"].items():
+        table.add_row(name, str(row["copies"]), str(row["attack_steps"]), f"{row['seconds_per_step']:.3f}",
+                      f"{row['vs_gaussian']:.2f}x", f"{row['cpu_seconds_per_step']:.3f}",
+                      f"{row['cpu_vs_gaussian']:.2f}x")
+    console.print(table)
+    console.print(f"load average {result['load_average_1m']}, wall {result['wall_time_s']:.0f} s")
+
+
 def _render(result: dict[str, Any], console) -> None:
     from rich.table import Table
 
@@ -179,7 +262,14 @@ def main() -> int:
     parser.add_argument("--radii", default="0.1,0.25", help="radii asked of certify-at-radius (L2, pixels in [0, 1])")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime and torch threads")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON ('-': stdout)")
+    parser.add_argument("--training-cost", action="store_true",
+                        help="measure each smoothing objective's training cost against Gaussian noise instead")
+    parser.add_argument("--train-steps", type=int, default=5, help="timed optimizer steps per objective and repetition")
+    parser.add_argument("--train-reps", type=int, default=3, help="interleaved repetitions of --train-steps")
+    parser.add_argument("--train-batch", type=int, default=32, help="training batch (images before the m copies)")
     args = parser.parse_args()
+    if args.training_cost:
+        return _main_training_cost(args)
 
     from rich.console import Console
 
@@ -205,6 +295,19 @@ def main() -> int:
         result["sequential"] = [_sequential(runtime, images[: args.radius_images], labels[: args.radius_images],
                                             sigma, args.n, float(r), args.batch) for r in args.radii.split(",")]
     finish(result, started, _render, args.json, console)
+    return 0
+
+
+def _main_training_cost(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    started, console = time.perf_counter(), Console(stderr=args.json == "-", width=150)
+    threads = set_torch_threads(args.threads)
+    result: dict[str, Any] = {"load_average_1m": {"before": load_average()}, "environment": machine(),
+                              "torch_threads": threads}
+    result["training_cost"] = _training_cost(args.model, args.train_batch, args.train_steps, args.train_reps,
+                                             args.sigma or 0.25)
+    finish(result, started, _render_training_cost, args.json, console)
     return 0
 
 
