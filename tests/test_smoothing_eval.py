@@ -105,6 +105,35 @@ def test_the_table_does_not_depend_on_how_the_images_are_sharded(linear_case) ->
     assert [r["count"] for r in other_seed] != [r["count"] for r in whole]
 
 
+def test_skipping_predict_keeps_certify_and_saves_its_samples(linear_case) -> None:
+    """A study that skips PREDICT gets the same CERTIFY records (its noise streams are separate)
+    for n0 + n forward passes per image instead of n0 + 2n, and no smoothed-clean figure."""
+    runtime, images, labels, _ = linear_case
+    counted = {"images": 0}
+    session = runtime.session
+
+    class CountingSession:
+        def run(self, names, feeds):
+            counted["images"] += feeds["pixels"].shape[0]
+            return session.run(names, feeds)
+
+    counting = SimpleNamespace(session=CountingSession(), class_names=runtime.class_names)
+    options = SmoothingEvalOptions(sigma=0.5, n=400, n0=40, radii=(0.0, 0.5))
+    skipped = SmoothingEvalOptions(sigma=0.5, n=400, n0=40, radii=(0.0, 0.5), predict=False)
+    count = 6
+    full = certify_images(counting, images[:count], labels[:count], range(count), options)
+    full_passes, counted["images"] = counted["images"], 0
+    fast = certify_images(counting, images[:count], labels[:count], range(count), skipped)
+    assert full_passes == count * (40 + 2 * 400 + 1)
+    assert counted["images"] == count * (40 + 400 + 1)
+    keys = ("label", "abstain", "radius", "count", "base_label")
+    assert [{k: r[k] for k in keys} for r in fast] == [{k: r[k] for k in keys} for r in full]
+    assert all(r["predict_label"] is None for r in fast)
+    table = summarize(fast, skipped)
+    assert table["smoothed_clean_accuracy"] is None and table["predict_abstained"] is None
+    assert table["certified_accuracy"] == summarize(full, options)["certified_accuracy"]
+
+
 def test_intervals_are_statsmodels_clopper_pearson() -> None:
     from statsmodels.stats.proportion import proportion_confint
 

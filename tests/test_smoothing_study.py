@@ -128,6 +128,27 @@ def test_from_json_renders_an_edited_radius(study: Path, tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+def test_a_study_without_predict_says_so_and_keeps_the_certified_columns(study: Path, tmp_path: Path) -> None:
+    """``--no-predict`` records no smoothed-clean figure: the table says it was skipped (it does
+    not print 0) and the paired differences cover the radii only."""
+    data = json.loads((study / "results.json").read_text())
+    for cell in data["cells"]:
+        cell["smoothing"]["smoothed_clean_accuracy"] = None
+        cell["smoothing"]["options"]["predict"] = False
+        for record in cell["smoothing"]["per_image"]:
+            record.update(predict_label=None, predict_abstain=None)
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    _study("--from-json", str(tmp_path / "results.json"))
+    report = (tmp_path / "results.md").read_text()
+    before = (study / "results.md").read_text()
+    assert _row(report, "gaussian", "off")[3] == "skipped (--no-predict)"
+    assert _row(report, "gaussian", "off")[4:] == _row(before, "gaussian", "off")[4:]
+    assert not any(line.startswith("| 0.25 | gaussian | smoothed clean") for line in report.splitlines())
+    assert any(line.startswith("| 0.25 | gaussian | smoothed clean") for line in before.splitlines())
+    assert _row(report, "0.25", "gaussian", "r = 0.1") == _row(before, "0.25", "gaussian", "r = 0.1")
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_OBJECTIVES, reason="TrainConfig has no smoothing_objective field yet (issue 14 part B)")
 def test_consistency_extends_the_grid_and_reuses_the_gaussian_cells(study: Path) -> None:
     # One seed keeps the smoke test short: consistency training runs several noisy copies per image.

@@ -55,6 +55,9 @@ class SmoothingEvalOptions:
     batch_size: int = 1_000
     dataset: str | None = None
     data_dir: str | None = None
+    # PREDICT costs another n forward passes per image; a certified-accuracy table does not need
+    # it (certified accuracy at r = 0 is CERTIFY's own clean answer), so a study may skip it.
+    predict: bool = True
 
     def params(self, seed: int) -> SmoothingParams:
         return SmoothingParams(sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha,
@@ -101,7 +104,7 @@ def load_smoothing_runtime(path: str | Path, device_id: int | None = None, threa
 def certify_images(runtime, images: np.ndarray, labels: np.ndarray, indices: Sequence[int],
                    options: SmoothingEvalOptions, on_image: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """One record per image: the base model's label on the clean image, CERTIFY's label and radius,
-    PREDICT's label, and the seconds both took."""
+    PREDICT's label (None when ``options.predict`` is off), and the seconds both took."""
     session, num_classes = runtime.session, len(runtime.class_names)
 
     def classify(batch: np.ndarray) -> np.ndarray:
@@ -113,7 +116,8 @@ def certify_images(runtime, images: np.ndarray, labels: np.ndarray, indices: Seq
         started = time.perf_counter()
         cert = certify(classify, x, num_classes, options.params(image_seed(options.seed, index, _CERTIFY)))
         certified_s = time.perf_counter() - started
-        pred = predict(classify, x, num_classes, options.params(image_seed(options.seed, index, _PREDICT)))
+        pred = (predict(classify, x, num_classes, options.params(image_seed(options.seed, index, _PREDICT)))
+                if options.predict else {"label": None, "abstain": None})
         records.append({"index": int(index), "true_label": int(labels[position]),
                         "base_label": int(classify(x[None])[0]),
                         "label": cert["label"], "abstain": cert["abstain"], "radius": cert["radius"],
@@ -138,6 +142,7 @@ def summarize(records: Sequence[dict[str, Any]], options: SmoothingEvalOptions, 
     total = len(records)
     table = certified_accuracy(options.radii, records, [r["true_label"] for r in records])
     counts = [round(a * total) for a in table["certified_accuracy"]]
+    predicted = options.predict
     smoothed = sum(1 for r in records if not r["predict_abstain"] and r["predict_label"] == r["true_label"])
     base = sum(1 for r in records if r["base_label"] == r["true_label"])
     seconds = [r["seconds"] for r in records]
@@ -149,8 +154,9 @@ def summarize(records: Sequence[dict[str, Any]], options: SmoothingEvalOptions, 
         "certified_interval": [interval(c, total) for c in counts],
         "interval": f"two-sided {INTERVAL_LEVEL:.0%} Clopper-Pearson over the test images",
         "abstained": table["abstained"],
-        "smoothed_clean_accuracy": smoothed / max(total, 1), "smoothed_clean_interval": interval(smoothed, total),
-        "predict_abstained": sum(1 for r in records if r["predict_abstain"]),
+        "smoothed_clean_accuracy": smoothed / max(total, 1) if predicted else None,
+        "smoothed_clean_interval": interval(smoothed, total) if predicted else None,
+        "predict_abstained": sum(1 for r in records if r["predict_abstain"]) if predicted else None,
         "base_clean_accuracy": base / max(total, 1),
         "max_radius_for_n": max_radius_for_n(options.sigma, options.n, options.alpha),
         "seconds_per_image": float(np.mean(seconds)) if seconds else 0.0,
