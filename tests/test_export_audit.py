@@ -120,11 +120,12 @@ def test_a_noise_trained_export_records_its_sigma_under_the_digests(exported_pai
     keys = {p.key for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     assert {k for k in keys if k.startswith(PREFIX)} == {PREFIX + k for k in METADATA_KEYS | {"smoothing"}}
     meta = read_metadata(onnx.load(str(onnx_path)))
-    assert meta["smoothing"] == {"sigma": 0.25}
+    assert meta["smoothing"] == {"sigma": 0.25, "objective": "gaussian", "noise_copies": 1}
     assert set(meta["integrity"]["metadata_sha256"]) == (METADATA_KEYS | {"smoothing"}) - {"integrity"}
     report = audit_file(onnx_path)
-    assert report.exit_code == 0 and report.to_dict()["model"]["smoothing"] == {"sigma": 0.25}
-    assert any("trained with Gaussian pixel noise sigma 0.25" in note for note in report.notes)
+    assert report.exit_code == 0 and report.to_dict()["model"]["smoothing"] == meta["smoothing"]
+    assert any("trained with Gaussian pixel noise sigma 0.25" in note and "objective gaussian" in note
+               for note in report.notes)
     cli = _cli("audit", str(onnx_path))
     assert cli.returncode == 0 and "noise sigma 0.25" in cli.stdout
 
@@ -145,6 +146,25 @@ def test_a_noise_trained_export_records_its_sigma_under_the_digests(exported_pai
     plain = audit_file(exported_pair["vanilla"]["onnx"])
     assert plain.to_dict()["model"]["smoothing"] is None
     assert any("trained without Gaussian noise" in note for note in plain.notes)
+
+
+def test_an_export_names_the_smoothing_objective_that_trained_it(tmp_path: Path) -> None:
+    """A consistency-trained model says so, with the weights of its two terms: the objective
+    shapes the certified radii a user should expect at this sigma."""
+    from specformer_deploy.artifact.export import export_run
+    from specformer_deploy.training.train import TrainConfig, train
+
+    run = tmp_path / "consistency"
+    train(TrainConfig(epochs=1, batch_size=32, warmup_epochs=0, noise_sd=0.5, seed=5,
+                      smoothing_objective="consistency", consistency_lambda=10.0), run, show_progress=False)
+    onnx_path = Path(export_run(run, run / "export" / "model.onnx")["onnx"])
+    meta = read_metadata(onnx.load(str(onnx_path)))
+    assert meta["smoothing"] == {"sigma": 0.5, "objective": "consistency", "noise_copies": 2,
+                                 "consistency_lambda": 10.0, "consistency_eta": 0.5}
+    report = audit_file(onnx_path)
+    assert report.exit_code == 0
+    assert any("objective consistency (consistency_eta 0.5, consistency_lambda 10.0, noise_copies 2)" in note
+               for note in report.notes)
 
 
 def test_require_export_returns_the_metadata_or_says_what_is_missing(exported_pair, tmp_path: Path) -> None:

@@ -157,8 +157,11 @@ def _note_smoothing(report: AuditReport, block: Any) -> None:
         report.notes.append("randomized smoothing: trained without Gaussian noise (no specformer.smoothing); its "
                             "smoothed classifier is not the one it learned")
     else:
+        objective = block.get("objective", "gaussian")
+        settings = ", ".join(f"{k} {v}" for k, v in sorted(block.items()) if k not in ("sigma", "objective"))
         report.notes.append(f"randomized smoothing: trained with Gaussian pixel noise sigma {sigma} (train "
-                            f"--noise-sd); certify at this sigma")
+                            f"--noise-sd), objective {objective}" + (f" ({settings})" if settings else "")
+                            + "; certify at this sigma")
 
 
 def _check_digests(report: AuditReport, proto: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:

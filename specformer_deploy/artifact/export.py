@@ -394,10 +394,27 @@ def _spectral_section(model: nn.Module, config: dict[str, Any], files: RunFiles,
 
 def _smoothing_section(config: dict[str, Any]) -> dict[str, Any]:
     """The noise level a noise-trained run learned to classify under (``train --noise-sd``): the
-    sigma at which randomized smoothing certifies it. Absent for runs trained without noise, whose
-    smoothed classifier is not what they were trained for."""
-    sigma = float(config["train"].get("noise_sd") or 0.0)
-    return {"smoothing": {"sigma": sigma}} if sigma > 0 else {}
+    sigma at which randomized smoothing certifies it, and the objective that trained it (plain
+    noise, consistency or SmoothAdv, with the hyper-parameters that shape its certified radii).
+    Absent for runs trained without noise, whose smoothed classifier is not what they were trained for."""
+    from specformer_deploy.training.config import DEFAULT_NOISE_COPIES
+
+    train_cfg = config["train"]
+    sigma = float(train_cfg.get("noise_sd") or 0.0)
+    if sigma <= 0:
+        return {}
+    objective = train_cfg.get("smoothing_objective") or "gaussian"
+    copies = train_cfg.get("noise_copies") or DEFAULT_NOISE_COPIES.get(objective, 1)
+    block: dict[str, Any] = {"sigma": sigma, "objective": objective, "noise_copies": int(copies)}
+    for key in _OBJECTIVE_PARAMETERS.get(objective, ()):
+        block[key] = train_cfg[key]
+    return {"smoothing": block}
+
+
+_OBJECTIVE_PARAMETERS = {
+    "consistency": ("consistency_lambda", "consistency_eta"),
+    "smoothadv": ("smoothadv_eps", "smoothadv_steps", "smoothadv_warmup_epochs"),
+}
 
 
 def _integrity_section(arrays: dict[str, np.ndarray], proto: onnx.ModelProto,
