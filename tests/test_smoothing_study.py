@@ -204,3 +204,30 @@ def test_objectives_refuse_fields_train_config_lacks() -> None:
     name, values = tool.parse_override("cons-l20:smoothing_objective=consistency,consistency_lambda=20")
     assert (name, values) == ("cons-l20", {"smoothing_objective": "consistency", "consistency_lambda": 20})
     assert tool.resolve_objectives(["gaussian"], [("all", {"batch_size": 64})]) == {"gaussian": {"batch_size": 64}}
+
+
+def _study_json(objectives: list[str], seeds: list[int], n: int = 1000, overrides: dict | None = None) -> dict:
+    options = {"model": "specformer-mnist", "dataset": "mnist", "epochs": 20, "lambda_msvp": 1e-3, "n": n, "n0": 100,
+               "alpha": 0.001, "limit": 10, "predict": False, "objectives": objectives, "seeds": seeds,
+               "sigmas": [1.0], "objective_overrides": overrides or {o: {} for o in objectives}}
+    cells = [{**_cell(o, m, k, 2, 5), "run": f"{o}-sigma1-{'msvp' if m else 'vanilla'}-seed{k}"}
+             for o in objectives for m in (False, True) for k in seeds]
+    return {"options": options, "cells": cells}
+
+
+def test_merge_unites_grids_and_refuses_incomparable_studies() -> None:
+    """Three seeds of two objectives and one seed of a costlier third make one report; studies
+    certified with another n, or naming an objective differently, are refused."""
+    tool = _tool()
+    three = _study_json(["gaussian", "consistency"], [0, 1, 2])
+    one = _study_json(["gaussian", "consistency", "smoothadv"], [0])
+    merged = tool.merge_results([three, one])
+    assert merged["options"]["objectives"] == ["gaussian", "consistency", "smoothadv"]
+    assert merged["options"]["seeds"] == [0, 1, 2]
+    runs = [c["run"] for c in merged["cells"]]
+    assert len(runs) == len(set(runs)) == 2 * 2 * 3 + 2
+    assert three["options"]["objectives"] == ["gaussian", "consistency"]  # inputs untouched
+    with pytest.raises(ValueError, match="different n"):
+        tool.merge_results([three, _study_json(["smoothadv"], [0], n=10_000)])
+    with pytest.raises(ValueError, match="objective 'smoothadv' means"):
+        tool.merge_results([one, _study_json(["smoothadv"], [1], overrides={"smoothadv": {"smoothadv_steps": 2}})])

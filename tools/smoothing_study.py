@@ -29,7 +29,9 @@ record, training seconds, certify seconds per image; the options and the machine
 ``results.md`` rendered from that JSON alone (per sigma: objective x MSVP tables; MSVP on - off
 paired bootstrap differences per radius; the targets paragraph) and ``certified_accuracy.png``
 (certified accuracy against radius, the best sigma of each objective, MSVP solid, vanilla dashed).
-``--from-json FILE`` regenerates ``results.md`` and the figure beside FILE without training.
+``--from-json FILE`` regenerates ``results.md`` and the figure beside FILE without training;
+``--merge A.json B.json --out DIR`` unites studies run with different grids (the same model and
+certification settings) into one report.
 
     # the MNIST study (issue 14): 3 objectives x 3 sigmas x MSVP on/off x 3 seeds, 500 images, n = 10,000
     python tools/smoothing_study.py --out runs/smoothing-mnist
@@ -577,12 +579,45 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+_CERTIFICATION_KEYS = ("n", "n0", "alpha", "limit", "predict", "dataset")
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One study from several results.json files of the same model and certification settings
+    (say, three seeds of two objectives and one seed of a costlier third): cells are united by run
+    name, the grid's lists are united in order, and anything that would make one table mix
+    incomparable numbers is refused."""
+    first = parts[0]["options"]
+    merged_options = json.loads(json.dumps(first))
+    cells: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        opts = part["options"]
+        for key in ("model", "dataset", "epochs", "lambda_msvp", *_CERTIFICATION_KEYS):
+            if opts.get(key) != first.get(key):
+                raise ValueError(f"cannot merge studies with different {key}: {first.get(key)!r} and {opts.get(key)!r}")
+        for name, overrides in opts.get("objective_overrides", {}).items():
+            known = merged_options["objective_overrides"].setdefault(name, overrides)
+            if known != overrides:
+                raise ValueError(f"cannot merge: objective {name!r} means {known} in one study and {overrides} in "
+                                 "another")
+        for key in ("objectives", "seeds", "sigmas"):
+            merged_options[key] = list(dict.fromkeys([*merged_options.get(key, []), *opts.get(key, [])]))
+        for cell in part["cells"]:
+            cells[cell["run"]] = cell
+    merged_options["seeds"] = sorted(merged_options["seeds"])
+    return {**parts[0], "options": merged_options, "cells": list(cells.values()),
+            "merged_from": [p["options"].get("out") for p in parts]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/smoothing-study"))
     parser.add_argument("--from-json", type=Path, default=None,
                         help="regenerate results.md and certified_accuracy.png beside this results.json; no training")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="unite several studies' results.json (same model and certification settings) into "
+                             "--out/results.json and render it; no training")
     parser.add_argument("--objectives", type=_names, default=["gaussian", "consistency", "smoothadv"],
                         help=f"comma-separated; built in: {', '.join(OBJECTIVES)}")
     parser.add_argument("--override", type=parse_override, action="append", default=[], metavar="NAME:key=value,...",
@@ -606,6 +641,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--radii", type=_radii, default=(0.5, 1.0, 1.58, 2.0))
     parser.add_argument("--bootstrap-resamples", type=int, default=BOOTSTRAP_RESAMPLES)
     args = parser.parse_args(argv)
+    if args.merge:
+        try:
+            results = merge_results([json.loads(path.read_text()) for path in args.merge])
+        except (OSError, ValueError) as err:
+            parser.error(str(err))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        write_reports(results, args.out)
+        print((args.out / "results.md").read_text())
+        return 0
     if args.from_json is not None:
         results = json.loads(args.from_json.read_text())
         write_reports(results, args.from_json.parent)
