@@ -249,3 +249,17 @@ def test_reproduce_with_two_seeds_reports_spread_and_intervals_from_the_json(tmp
     assert data["step_time"]["Vanilla"]["0"] > 0
     assert "Adversarial training: MSVP − vanilla, paired, 1 seed(s) × 8 test images" in report
     assert (out / "fig2a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_killed_before_its_first_epoch_is_trained_again_not_resumed(tmp_path: Path) -> None:
+    """A run directory with no finished epoch (no checkpoint.pt) holds nothing to resume: the
+    reproduction trains it from scratch instead of stopping with a resume error."""
+    from specformer_deploy.training.train import TrainConfig
+
+    run = tmp_path / "std-vanilla"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    cfg = TrainConfig(epochs=1, batch_size=128, warmup_epochs=0, msvp=False, seed=3)
+    assert reproduce._run(tmp_path, "std-vanilla", cfg) == run
+    assert (run / "checkpoint.pt").is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1

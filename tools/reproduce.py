@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -90,8 +91,11 @@ def _run(out: Path, name: str, cfg: TrainConfig) -> Path:
     if (run / "checkpoint.pt").is_file() and len(read_metrics(run / "metrics.jsonl")) >= cfg.epochs:
         print(f"reusing {run}", file=sys.stderr)
         return run
-    if run.exists():
+    if (run / "checkpoint.pt").is_file():
         return _resume(run, cfg)
+    if run.exists():  # killed before its first epoch ended: nothing to resume
+        print(f"discarding {run}: it holds no finished epoch", file=sys.stderr)
+        shutil.rmtree(run)
     print(f"training {run}", file=sys.stderr)
     train(cfg, run, show_progress=False)
     return run
