@@ -547,6 +547,12 @@ def write_reports(results: dict[str, Any], folder: Path) -> None:
     (folder / "results.md").write_text(render(results))
 
 
+def _cost_words(results: dict[str, Any]) -> str:
+    predicted = [c["smoothing"]["options"].get("predict", True) for c in results["cells"]]
+    return ("CERTIFY + PREDICT" if all(predicted) else "CERTIFY (PREDICT skipped)" if not any(predicted)
+            else "CERTIFY, + PREDICT where not skipped")
+
+
 def render(results: dict[str, Any]) -> str:
     """The markdown report; every number is computed from the per-image records in ``results``."""
     opts = results["options"]
@@ -563,7 +569,7 @@ def render(results: dict[str, Any]) -> str:
              "Certified accuracy: an image counts at radius r when its certified label is the true one and its "
              "radius is >= r (abstentions count as wrong). Several seeds: mean ± sample sd over seeds; one seed: "
              "the value and its two-sided 95% Clopper–Pearson interval over the test images. 'train min': "
-             "training wall minutes; 's / image': CERTIFY + PREDICT seconds per image on ONNX Runtime.\n"]
+             "training wall minutes; 's / image': " + _cost_words(results) + " seconds per image on ONNX Runtime.\n"]
     for sigma in sorted({g.sigma for g in all_groups}):
         parts.append(accuracy_table(sigma, [g for g in all_groups if g.sigma == sigma], radii))
     differences = difference_table(all_groups, radii, resamples)
