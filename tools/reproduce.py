@@ -137,11 +137,8 @@ def _evaluate(run: Path, attacks: list[str], limit: int | None) -> dict[str, Any
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _measure(run: Path, attacks: list[str], limit: int | None) -> dict[str, Any]:

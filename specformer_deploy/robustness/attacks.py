@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from specformer_deploy.budgets import BudgetError, madry_step_size, parse_epsilon
 
-__all__ = ["pgd", "fgsm", "check_budget", "cw_margin", "cw_linf", "autoattack", "default_step_size",
+__all__ = ["pgd", "fgsm", "input_grad_only", "check_budget", "cw_margin", "cw_linf", "autoattack", "default_step_size",
            "AttackSpec", "ATTACKS", "DEFAULT_STEPS", "MAX_STEPS", "parse_attack", "format_eps", "run_attack",
            "robust_accuracy", "RobustAccuracy"]
 
@@ -118,7 +118,7 @@ def _ascent(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
 
 
 @contextmanager
-def _input_grad_only(model: nn.Module) -> Iterator[None]:
+def input_grad_only(model: nn.Module) -> Iterator[None]:
     """Parameters stop requiring grad for the attack's duration, and are restored after (even on errors).
 
     Attacks need the gradient w.r.t. the input only; with frozen parameters autograd records no
@@ -214,7 +214,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
     if restarts > 1 and not random_start:
         raise ValueError("restarts > 1 need random_start=True: restarts from the clean image all give the same result")
     loss_fn = loss_fn or _cross_entropy
-    with _input_grad_only(model):
+    with input_grad_only(model):
         return _pgd_restarts(model, x.detach(), y, eps, step_size, steps, norm, random_start, loss_fn, generator,
                              restarts)
 

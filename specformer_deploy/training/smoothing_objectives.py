@@ -36,11 +36,10 @@ of the ``B`` images, so the whole batch is one forward call.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
+
+from specformer_deploy.robustness.attacks import input_grad_only
 
 __all__ = ["gaussian_noise", "noisy_copies", "repeat_target", "consistency_terms",
            "consistency_regularizer", "smoothed_nll", "smoothadv_attack", "smoothadv_step_size",
@@ -111,20 +110,6 @@ def warmed_up_eps(eps: float, epoch: int, warmup_epochs: int) -> float:
     return min(eps, (epoch + 1) * eps / warmup_epochs)
 
 
-@contextmanager
-def _frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """The attack needs gradients with respect to the input only: parameters stop requiring
-    grad while it runs (no weight gradients accumulate), and are restored after."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def _unit_l2(t: torch.Tensor) -> torch.Tensor:
     return t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
@@ -150,7 +135,7 @@ def smoothadv_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise: 
         return x.clone()
     noise, copies, step = noise.detach(), noise.shape[0], smoothadv_step_size(eps, steps)
     adv = x.clone()
-    with _frozen_parameters(model), torch.enable_grad():
+    with input_grad_only(model), torch.enable_grad():
         for _ in range(steps):
             adv.requires_grad_(True)
             loss = smoothed_nll(model(noisy_copies(adv, noise)), y, copies).sum()
