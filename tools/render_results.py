@@ -48,6 +48,9 @@ SECTIONS: dict[str, Section] = {
                                "max singular value per layer, MNIST"),
     "smoothing-mnist": Section("smoothing_study.py", "smoothing-mnist.json", "certified_accuracy.png",
                                "certified-accuracy-mnist.png", "certified accuracy against radius, MNIST"),
+    "smoothing-mnist-n10k": Section("smoothing_study.py", "smoothing-mnist-n10k.json", "certified_accuracy.png",
+                                    "certified-accuracy-mnist-n10k.png",
+                                    "certified accuracy against radius, MNIST, n = 10,000 on 500 images"),
     "reproduce-digits": Section("reproduce.py", "results-digits.json", "fig2a.png", "fig2a-digits.png",
                                 "max singular value per layer, digits"),
 }
