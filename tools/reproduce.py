@@ -68,7 +68,7 @@ from specformer_deploy.training.msvp import exact_spectral_norms
 from specformer_deploy.training.train import TrainConfig, load_run_model, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
-from common import machine  # tools/bench/common.py: the machine description every benchmark records
+from common import file_sha256, machine  # tools/bench/common.py: the machine description every benchmark records
 
 # name -> TrainConfig overrides
 MODELS: dict[str, dict[str, Any]] = {
@@ -121,7 +121,7 @@ def _evaluate(run: Path, attacks: list[str], limit: int | None) -> dict[str, Any
     so retraining a run (new weights) or asking other attacks misses the cache, and a hit returns
     the seconds the evaluation took when it was measured.
     """
-    key_fields = {"attacks": list(attacks), "limit": limit, "weights_sha256": _sha256(run / "model.safetensors")}
+    key_fields = {"attacks": list(attacks), "limit": limit, "weights_sha256": file_sha256(run / "model.safetensors")}
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     cache = run / f"eval-{key}.json"
     if cache.is_file():
@@ -134,11 +134,6 @@ def _evaluate(run: Path, attacks: list[str], limit: int | None) -> dict[str, Any
     evaluation["evaluate_s"] = round(time.perf_counter() - started, 3)
     atomic_write_text(cache, json.dumps({"key": key_fields, "evaluation": evaluation}) + "\n")
     return evaluation
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _measure(run: Path, attacks: list[str], limit: int | None) -> dict[str, Any]:

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
-from common import machine  # tools/bench/common.py: the machine every figure names
+from common import file_sha256, machine  # tools/bench/common.py: the machine every figure names
 
 from specformer_deploy.robustness.smoothing_eval import (
     SmoothingEvalOptions,
@@ -237,11 +237,6 @@ def ensure_export(run: Path) -> Path:
     print(f"exporting {onnx_path}", file=sys.stderr)
     export_run(run, onnx_path)
     return onnx_path
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _options_dict(options: SmoothingEvalOptions) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -63,6 +64,12 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ machine and threads
+
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, the key under which a measurement of that exact file is cached."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
 
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask), the default thread count of the benchmarks."""
