@@ -91,7 +91,7 @@ class SpecformerHandler(BaseHandler):
                                       reason="empty_body")
                 headers = context.get_all_request_header(index) or {}
                 parsed = parse_request(body, headers, self.runtime.image_size, self.limits, form,
-                                       smoothing_sigma=self.runtime.smoothing_sigma)
+                                       smoothing_sigma=self.runtime.smoothing_sigma, channels=self.runtime.channels)
                 groups.setdefault(parsed.group_key, []).append((index, parsed))
             except ClientError as err:
                 answers[index] = self._error(context, index, err.status, err.message, err.reason)
@@ -106,7 +106,8 @@ class SpecformerHandler(BaseHandler):
                 pixels = np.stack([parsed.pixels for _, parsed in members])
                 timings: dict[str, float] = {}
                 results = self.runtime.answer(pixels, delta0=delta0, top_k=top_k, probe=probe,
-                                              certificate=certificate, smoothing=smoothing, timings=timings)
+                                              certificate=certificate, smoothing=smoothing,
+                                              decodes=[parsed.decode for _, parsed in members], timings=timings)
                 for (index, _), result in zip(members, results):
                     answers[index] = json.dumps(result)
                     context.set_response_content_type(index, "application/json")

@@ -496,7 +496,7 @@ def certify(
     adversarial image is classified by the ONNX model (empirical, no guarantee).
     """
     from specformer_deploy.budgets import BudgetError, parse_epsilon
-    from specformer_deploy.serving.images import ImageError, decode_image
+    from specformer_deploy.serving.images import ImageError, read_image
     from specformer_deploy.serving.runtime import IntegrityError, ProbeRequest, RequestError, SpecformerRuntime
     from specformer_deploy.serving.smoothing import SmoothingError, SmoothingParams
 
@@ -518,10 +518,10 @@ def certify(
             params = SmoothingParams(sigma=sigma, n0=n0, n=n, alpha=alpha, radius=radius, seed=seed).validate()
         except SmoothingError as err:
             _fail(f"--{err}")
-    pixels = []
+    decoded = []
     for path in images:
         try:
-            pixels.append(decode_image(path.read_bytes(), runtime.image_size))
+            decoded.append(read_image(path.read_bytes(), runtime.image_size, runtime.channels))
         except FileNotFoundError:
             _fail(f"image {path} does not exist")
         except ImageError as err:
@@ -530,7 +530,8 @@ def certify(
     try:
         import numpy as np
 
-        answers = runtime.answer(np.stack(pixels), delta0=delta0, top_k=top_k, probe=request, smoothing=params)
+        answers = runtime.answer(np.stack([d.pixels for d in decoded]), delta0=delta0, top_k=top_k, probe=request,
+                                 smoothing=params, decodes=[d.decode for d in decoded])
     except (RequestError, FileNotFoundError, IntegrityError) as err:  # IntegrityError: model.pt2, checked by a probe
         _fail(str(err))
     for path, answer in zip(images, answers):

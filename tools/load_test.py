@@ -46,6 +46,8 @@ def default_image(index: int = 0, dataset: str = "digits", size: int = 16) -> by
     from specformer_deploy.training.data import load_dataset
 
     pixels = load_dataset(dataset, size).test[index][0].numpy().transpose(1, 2, 0)
+    if pixels.shape[-1] == 1:  # grey data: a grey PNG
+        pixels = pixels[..., 0]
     buffer = io.BytesIO()
     Image.fromarray((pixels * 255).round().astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()

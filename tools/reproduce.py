@@ -143,7 +143,7 @@ def _measure(run: Path, attacks: list[str], limit: int | None) -> dict[str, Any]
     generator seeded 0, batch ``i`` seeded ``i``), keeping the verdict of every image.
     """
     model, info = load_attack_model(run)
-    bundle = load_dataset(info["dataset"], int(info["image_size"]), info.get("data_dir"))
+    bundle = load_dataset(info["dataset"], int(info["image_size"]), info.get("data_dir"), int(info.get("channels", 3)))
     count = len(bundle.test) if limit is None else min(limit, len(bundle.test))
     x = torch.stack([bundle.test[i][0] for i in range(count)])
     y = torch.tensor([bundle.test[i][1] for i in range(count)])

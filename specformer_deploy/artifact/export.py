@@ -212,7 +212,8 @@ def _power_estimates(model: nn.Module, files: RunFiles, config: dict[str, Any]) 
 def _parity_inputs(config: dict[str, Any]) -> torch.Tensor:
     train_cfg, model_cfg = config["train"], config["model"]
     try:
-        bundle = load_dataset(train_cfg["dataset"], model_cfg["img_size"], train_cfg.get("data_dir"))
+        bundle = load_dataset(train_cfg["dataset"], model_cfg["img_size"], train_cfg.get("data_dir"),
+                              model_cfg.get("in_chans", 3))
     except Exception as err:  # any failure to load the data is the same user problem
         raise ExportError(f"parity is checked on the run's own test data, which could not be loaded: {err}") from err
     count = min(PARITY_IMAGES, len(bundle.test))
@@ -347,14 +348,16 @@ def _model_section(model: nn.Module, config: dict[str, Any], exact: torch.Tensor
     """What a client and the certificates need to know about the network: its config, inputs,
     classes, and the shapes (layers, heads, head dim, tokens) the bounds are computed for."""
     model_cfg = config["model"]
+    channels = int(model_cfg.get("in_chans", 3))
     heads = layer_heads(next(iter(attention_layers(model))))
     return {
         "model": model_cfg,
         "image_size": model_cfg["img_size"],
+        "input_shape": [channels, model_cfg["img_size"], model_cfg["img_size"]],
         "num_classes": model_cfg["num_classes"],
         "class_names": config["data"]["class_names"],
         "normalization": {"mean": model_cfg["mean"], "std": model_cfg["std"], "inside_graph": True},
-        "io": {"pixels": "[batch, 3, H, W] float32 in [0, 1]", "logits": "[batch, classes]",
+        "io": {"pixels": f"[batch, {channels}, H, W] float32 in [0, 1]", "logits": "[batch, classes]",
                "attn_input_norms": "[batch, layers] Frobenius norm of each attention layer's input"},
         "layers": int(exact.shape[0]),
         "heads": heads.num_heads,

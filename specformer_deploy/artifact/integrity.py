@@ -107,17 +107,17 @@ def digest_problems(proto: onnx.ModelProto, meta: dict[str, Any],
     return verify_digests(proto, meta, arrays).problems
 
 
-def reference_pixels(image_size: int) -> np.ndarray:
-    """Two fixed images ``[2, 3, S, S]`` in [0, 1]: mid-grey and seeded uniform noise.
+def reference_pixels(shape: tuple[int, int, int]) -> np.ndarray:
+    """Two fixed images ``[2, C, H, W]`` in [0, 1]: mid-grey and seeded uniform noise.
 
     Grey alone leaves many weights unexercised (e.g. every patch identical); noise reaches them."""
-    grey = np.full((3, image_size, image_size), 0.5, dtype=np.float32)
-    noise = np.random.default_rng(0).random((3, image_size, image_size), dtype=np.float32)
+    grey = np.full(shape, 0.5, dtype=np.float32)
+    noise = np.random.default_rng(0).random(shape, dtype=np.float32)
     return np.stack([grey, noise])
 
 
 def pt2_problems(program, arrays: dict[str, np.ndarray], onnx_logits: Callable[[np.ndarray], np.ndarray],
-                 image_size: int) -> list[str]:
+                 shape: tuple[int, int, int]) -> list[str]:
     """Where a loaded ``model.pt2`` differs from the ONNX file it should have been traced with.
 
     Two checks, both needed: (1) every parameter and buffer of the program equals the ONNX
@@ -126,7 +126,7 @@ def pt2_problems(program, arrays: dict[str, np.ndarray], onnx_logits: Callable[[
     small its effect); (2) its logits on :func:`reference_pixels` equal ONNX Runtime's within
     ``PT2_LOGIT_TOLERANCE`` of the logit scale (this catches an edited graph with intact
     weights). ``program`` is ``torch.export.load(...).module()``; ``onnx_logits`` runs the ONNX
-    file on pixels ``[B, 3, S, S]`` and returns ``[B, C]``.
+    file on pixels ``[B, *shape]`` and returns ``[B, classes]``.
     """
     import torch
 
@@ -140,7 +140,7 @@ def pt2_problems(program, arrays: dict[str, np.ndarray], onnx_logits: Callable[[
         elif value.dtype != arrays[name].dtype or value.shape != arrays[name].shape \
                 or not np.array_equal(value, arrays[name]):
             problems.append(f"model.pt2 tensor {name} differs from the ONNX initializer of that name")
-    pixels = reference_pixels(image_size)
+    pixels = reference_pixels(shape)
     reference = np.asarray(onnx_logits(pixels))
     try:
         with torch.no_grad():
@@ -156,7 +156,7 @@ def pt2_problems(program, arrays: dict[str, np.ndarray], onnx_logits: Callable[[
 
 
 def load_verified_pt2(pt2: str | Path, arrays: dict[str, np.ndarray],
-                      onnx_logits: Callable[[np.ndarray], np.ndarray], image_size: int):
+                      onnx_logits: Callable[[np.ndarray], np.ndarray], shape: tuple[int, int, int]):
     """``model.pt2``'s logits module on CPU, after :func:`pt2_problems` found nothing.
 
     Raises :class:`IntegrityError` when the file is missing, unloadable or does not match."""
@@ -170,7 +170,7 @@ def load_verified_pt2(pt2: str | Path, arrays: dict[str, np.ndarray],
         model = load_exported_logits(pt2)
     except Exception as err:  # torch.export.load raises many types for a damaged file
         raise IntegrityError(f"{pt2.name} cannot be loaded ({type(err).__name__}: {err}); {advice}") from err
-    problems = pt2_problems(model.program, arrays, onnx_logits, image_size)
+    problems = pt2_problems(model.program, arrays, onnx_logits, shape)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise IntegrityError(f"{pt2.name} does not match the ONNX file: {shown} ({advice})", problems)

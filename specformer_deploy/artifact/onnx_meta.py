@@ -37,6 +37,16 @@ class NotAnExportError(ValueError):
     """The file is missing, unreadable, lacks the metadata written by `export`, or lacks its ``.pt2``."""
 
 
+def input_shape(meta: dict[str, Any]) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of the pixels an export takes: its ``input_shape``, or
+    ``(3, S, S)`` for exports written before channels were recorded (all were three-channel)."""
+    shape = meta.get("input_shape")
+    if shape is None:
+        size = int(meta["image_size"])
+        return (3, size, size)
+    return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+
 def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
     """``specformer.*`` metadata with JSON values decoded (prefix stripped)."""
     out: dict[str, Any] = {}

@@ -56,6 +56,14 @@ class ModelConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     mlp_act: str = "gelu"
     attention: str = "dot"
+    # Input channels: the data's own (1 for grey data, 3 for colour). Configs written before this
+    # field existed are three-channel models, which is what the default keeps them.
+    in_chans: int = 3
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of the pixels the model takes."""
+        return (self.in_chans, self.img_size, self.img_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,8 +87,14 @@ class NormalizedClassifier(nn.Module):
 
 
 def resolve_model_config(name: str, num_classes: int, img_size: int | None = None,
-                         patch_size: int | None = None, mlp_act: str = "gelu", attention: str = "dot") -> ModelConfig:
-    """Turn a preset or timm model name plus run options into a full ``ModelConfig``."""
+                         patch_size: int | None = None, mlp_act: str = "gelu", attention: str = "dot",
+                         in_chans: int = 3) -> ModelConfig:
+    """Turn a preset or timm model name plus run options into a full ``ModelConfig``.
+
+    ``in_chans`` 1 (grey) or 3 (colour); a one-channel model normalizes with the mean of the
+    three-channel statistics (the luma of a grey pixel is the pixel)."""
+    if in_chans not in (1, 3):
+        raise ModelError(f"a model takes 1 (grey) or 3 (colour) input channels, got {in_chans}")
     if name in PRESETS:
         arch, kwargs = PRESETS[name]
         kwargs = dict(kwargs)
@@ -105,15 +119,18 @@ def resolve_model_config(name: str, num_classes: int, img_size: int | None = Non
         mean, std = list(pretrained_cfg.mean), list(pretrained_cfg.std)
     else:
         mean, std = [0.5] * 3, [0.5] * 3
+    if in_chans == 1:
+        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
     return ModelConfig(name=name, arch=arch, kwargs=kwargs, img_size=size, num_classes=num_classes,
                        mean=[float(m) for m in mean], std=[float(s) for s in std], mlp_act=mlp_act,
-                       attention=attention)
+                       attention=attention, in_chans=in_chans)
 
 
 def build_model(config: ModelConfig) -> NormalizedClassifier:
     """Build the (randomly initialised) model; fails clearly if MSVP cannot handle it."""
     try:
-        net = timm.create_model(config.arch, pretrained=False, num_classes=config.num_classes, **config.kwargs)
+        net = timm.create_model(config.arch, pretrained=False, num_classes=config.num_classes,
+                                in_chans=config.in_chans, **config.kwargs)
     except TypeError as err:
         raise ModelError(f"timm model {config.arch!r} does not accept these options {config.kwargs}: {err}") from err
     try:

@@ -29,7 +29,7 @@ PROTOCOLS: dict[str, list[str]] = {
 def load_attack_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """``(model returning logits, info)`` from a run directory or an exported ``.onnx`` (+ ``.pt2``).
 
-    ``info`` has ``dataset``, ``data_dir``, ``image_size``, ``num_classes`` and ``source``.
+    ``info`` has ``dataset``, ``data_dir``, ``image_size``, ``num_classes``, ``channels`` and ``source``.
     """
     path = Path(path)
     if path.is_dir():
@@ -38,11 +38,11 @@ def load_attack_model(path: str | Path, device: torch.device | str = "cpu") -> t
         model, config = load_run_model(path, device)
         info = {"dataset": config["train"]["dataset"], "data_dir": config["train"].get("data_dir"),
                 "image_size": config["model"]["img_size"], "num_classes": config["model"]["num_classes"],
-                "source": "run directory (PyTorch)"}
+                "channels": int(config["model"].get("in_chans", 3)), "source": "run directory (PyTorch)"}
         return model.eval(), info
     if path.suffix != ".onnx":
         raise ValueError(f"{path} is neither a run directory nor an .onnx file")
-    from specformer_deploy.artifact.onnx_meta import require_export
+    from specformer_deploy.artifact.onnx_meta import input_shape, require_export
     from specformer_deploy.artifact.pt2 import load_exported_logits
 
     meta = require_export(path, need_pt2=True)
@@ -50,7 +50,7 @@ def load_attack_model(path: str | Path, device: torch.device | str = "cpu") -> t
     model = load_exported_logits(pt2).to(device)
     info = {"dataset": (meta.get("training") or {}).get("dataset"), "data_dir": None,
             "image_size": meta["image_size"], "num_classes": meta["num_classes"],
-            "source": f"{pt2.name} (same trace as {path.name})"}
+            "channels": input_shape(meta)[0], "source": f"{pt2.name} (same trace as {path.name})"}
     return model, info
 
 
@@ -62,7 +62,8 @@ def evaluate_model(model: nn.Module, info: dict[str, Any], attacks: list[AttackS
     dataset = dataset or info.get("dataset")
     if not dataset:
         raise ValueError("the model does not record its dataset: pass --dataset")
-    bundle = load_dataset(dataset, int(info["image_size"]), data_dir or info.get("data_dir"))
+    bundle = load_dataset(dataset, int(info["image_size"]), data_dir or info.get("data_dir"),
+                          int(info.get("channels", 3)))
     if bundle.num_classes != int(info["num_classes"]):
         raise ValueError(f"dataset {dataset} has {bundle.num_classes} classes but the model has {info['num_classes']}")
     count = len(bundle.test) if limit is None else min(limit, len(bundle.test))

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from specformer_deploy.budgets import BudgetError, parse_epsilon
-from specformer_deploy.serving.images import ImageError, decode_image, pixels_from_array
+from specformer_deploy.serving.decode import DecodeMap
+from specformer_deploy.serving.images import DecodedImage, ImageError, read_image, read_pixels
 from specformer_deploy.serving.limits import ServingLimits
 from specformer_deploy.serving.runtime import ProbeRequest, RequestError, check_options
 from specformer_deploy.serving.smoothing import SmoothingError, SmoothingParams
@@ -114,7 +115,7 @@ class ClientError(ValueError):
 
 @dataclass
 class ParsedRequest:
-    pixels: np.ndarray  # [3, S, S] float32 in [0, 1]
+    pixels: np.ndarray  # [C, S, S] float32 in [0, 1], the model's channels and grid
     delta0: float = 0.01
     top_k: int = 5
     certificate: bool = True
@@ -122,6 +123,7 @@ class ParsedRequest:
     source: str = "image"
     warnings: list[str] = field(default_factory=list)
     smoothing: SmoothingParams | None = None
+    decode: DecodeMap | None = None  # how the sent image became `pixels` (its shape, the map's norm)
 
     @property
     def group_key(self) -> tuple:
@@ -307,20 +309,20 @@ def _load_json(body: bytes) -> Any:
 
 def parse_request(body: Any, headers: Mapping[str, Any], image_size: int,
                   limits: ServingLimits | None = None, form: Mapping[str, Any] | None = None,
-                  smoothing_sigma: float | None = None) -> ParsedRequest:
+                  smoothing_sigma: float | None = None, channels: int = 3) -> ParsedRequest:
     """Parse one request: TorchServe's body value, its headers, and any other form fields.
 
     ``smoothing_sigma``: the model's training noise (``SpecformerRuntime.smoothing_sigma``), the
-    default sigma of a smoothing request."""
+    default sigma of a smoothing request. ``channels``: the model's input channels."""
     limits = limits or ServingLimits()
     try:
-        return _parse(body, headers or {}, image_size, limits, form or {}, smoothing_sigma)
+        return _parse(body, headers or {}, image_size, limits, form or {}, smoothing_sigma, channels)
     except RecursionError:
         raise ClientError(400, "request is nested too deeply", reason="bad_json") from None
 
 
 def _parse(body: Any, headers: Mapping[str, Any], image_size: int, limits: ServingLimits,
-           form: Mapping[str, Any], smoothing_sigma: float | None) -> ParsedRequest:
+           form: Mapping[str, Any], smoothing_sigma: float | None, channels: int) -> ParsedRequest:
     if isinstance(body, (bytearray, memoryview)):
         body = bytes(body)
     if body is None or (isinstance(body, (bytes, str)) and len(body) == 0):
@@ -346,7 +348,7 @@ def _parse(body: Any, headers: Mapping[str, Any], image_size: int, limits: Servi
     raw_options = {**_header_options(headers), **form}
     if payload is None:
         opts = _options(raw_options)
-        pixels = _decode(body, image_size, limits.max_image_pixels)
+        decoded = _decode(body, image_size, channels, limits.max_image_pixels)
         source = "image"
     else:
         has_image, has_pixels = "image" in payload, "pixels" in payload
@@ -361,25 +363,25 @@ def _parse(body: Any, headers: Mapping[str, Any], image_size: int, limits: Servi
                 data = base64.b64decode(payload["image"], validate=True)
             except (binascii.Error, ValueError) as err:
                 raise ClientError(400, f"\"image\" is not valid base64: {err}", reason="bad_image") from None
-            pixels = _decode(data, image_size, limits.max_image_pixels)
+            decoded = _decode(data, image_size, channels, limits.max_image_pixels)
             source = "image"
         else:
             try:
-                pixels = pixels_from_array(payload["pixels"], image_size)
+                decoded = read_pixels(payload["pixels"], image_size, channels)
             except ImageError as err:
                 raise ClientError(400, str(err), reason="bad_image") from None
             source = "pixels"
-    return _checked(pixels, opts, source, image_size, limits, smoothing_sigma)
+    return _checked(decoded, opts, source, image_size, channels, limits, smoothing_sigma)
 
 
-def _checked(pixels: np.ndarray, opts: dict[str, Any], source: str, image_size: int,
+def _checked(decoded: DecodedImage, opts: dict[str, Any], source: str, image_size: int, channels: int,
              limits: ServingLimits, smoothing_sigma: float | None = None) -> ParsedRequest:
     """Range checks (``runtime.LIMITS``), then this endpoint's caps, all before any work is done."""
     probe = None
     if opts["probe"] is not None:
         probe = ProbeRequest(opts["probe"], opts["eps"], opts["steps"], opts["norm"], opts["restarts"])
     try:
-        check_options(opts["delta0"], opts["top_k"], probe, image_size)
+        check_options(opts["delta0"], opts["top_k"], probe, image_size, channels)
     except RequestError as err:
         raise ClientError(400, str(err), reason="bad_option") from None
     if opts["top_k"] > limits.max_top_k:
@@ -392,13 +394,13 @@ def _checked(pixels: np.ndarray, opts: dict[str, Any], source: str, image_size: 
     smoothing = _smoothing_params(opts, smoothing_sigma)
     if smoothing is not None:
         smoothing = _checked_smoothing(smoothing, limits)
-    return ParsedRequest(pixels, opts["delta0"], opts["top_k"], opts["certificate"], probe, source,
-                         smoothing=smoothing)
+    return ParsedRequest(decoded.pixels, opts["delta0"], opts["top_k"], opts["certificate"], probe, source,
+                         smoothing=smoothing, decode=decoded.decode)
 
 
-def _decode(data: bytes, image_size: int, max_pixels: int) -> np.ndarray:
+def _decode(data: bytes, image_size: int, channels: int, max_pixels: int) -> DecodedImage:
     try:
-        return decode_image(data, image_size, max_pixels=max_pixels)
+        return read_image(data, image_size, channels, max_pixels=max_pixels)
     except ImageError as err:
         message = str(err)
         too_large = "exceeds the limit" in message or "decompression bomb" in message

@@ -21,13 +21,15 @@ from specformer_deploy.artifact.integrity import IntegrityError, digest_problems
 from specformer_deploy.artifact.onnx_meta import (
     NotAnExportError,
     initializer_arrays,
+    input_shape,
     read_metadata,
     require_export_metadata,
     weights_digest,
 )
 from specformer_deploy.budgets import madry_step_size
 from specformer_deploy.serving.bounds import CertificateConstants, certificate_arrays
-from specformer_deploy.serving.smoothing import SmoothingParams, smoothing_answer
+from specformer_deploy.serving.decode import DecodeMap, SentImage
+from specformer_deploy.serving.smoothing import SmoothingParams, in_sent_image, smoothing_answer
 
 __all__ = ["SpecformerRuntime", "IntegrityError", "ProbeRequest", "RequestError", "LIMITS", "cuda_usable",
            "cuda_unusable_reason", "check_options", "PROBE_AGREEMENT"]
@@ -75,14 +77,14 @@ class ProbeRequest:
     norm: str = "linf"  # linf | l2
     restarts: int = 1
 
-    def validate(self, image_size: int) -> ProbeRequest:
+    def validate(self, image_size: int, channels: int = 3) -> ProbeRequest:
         if self.attack not in ("pgd", "fgsm"):
             raise RequestError(f"probe must be 'pgd' or 'fgsm', got {self.attack!r}", "probe")
         if self.norm not in ("linf", "l2"):
             raise RequestError(f"norm must be 'linf' or 'l2', got {self.norm!r}", "norm")
         if self.attack == "fgsm" and self.norm != "linf":
             raise RequestError("fgsm is an Linf attack: use norm 'linf' or probe 'pgd'", "norm")
-        max_eps = LIMITS["max_eps_linf"] if self.norm == "linf" else math.sqrt(3 * image_size * image_size)
+        max_eps = LIMITS["max_eps_linf"] if self.norm == "linf" else math.sqrt(channels * image_size * image_size)
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and 0 < self.eps <= max_eps):
             raise RequestError(f"eps must be in (0, {max_eps:.4g}] for norm {self.norm} (pixel space [0, 1]), "
                                f"got {self.eps}", "eps")
@@ -110,14 +112,14 @@ class ProbeRequest:
         return (1, 1) if self.attack == "fgsm" else (self.steps, self.restarts)
 
 
-def check_options(delta0: float, top_k: int, probe: ProbeRequest | None, image_size: int) -> None:
+def check_options(delta0: float, top_k: int, probe: ProbeRequest | None, image_size: int, channels: int = 3) -> None:
     """Reject options outside their documented ranges (``LIMITS``) before any work is done."""
     if not (isinstance(delta0, (int, float)) and math.isfinite(delta0) and 0 <= delta0 <= LIMITS["max_delta0"]):
         raise RequestError(f"delta0 must be a number in [0, {LIMITS['max_delta0']:g}], got {delta0}", "delta0")
     if not (isinstance(top_k, int) and 1 <= top_k <= LIMITS["max_top_k"]):
         raise RequestError(f"top_k must be an integer in [1, {LIMITS['max_top_k']}], got {top_k}", "top_k")
     if probe is not None:
-        probe.validate(image_size)
+        probe.validate(image_size, channels)
 
 
 def cuda_unusable_reason() -> str | None:
@@ -186,6 +188,8 @@ class SpecformerRuntime:
         self.providers = self.session.get_providers()
         self.device = f"cuda:{device_id}" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.image_size = int(self.meta["image_size"])
+        self.input_shape = input_shape(self.meta)  # (channels, S, S); (3, S, S) for older exports
+        self.channels = self.input_shape[0]
         self.constants = CertificateConstants(self.meta)
         self._reasons = self._inapplicable()
         self.class_names = list(self.meta["class_names"])
@@ -246,7 +250,7 @@ class SpecformerRuntime:
         def onnx_logits(pixels: np.ndarray) -> np.ndarray:
             return session.run(["logits"], {"pixels": pixels})[0]
 
-        return load_verified_pt2(self.path.with_suffix(".pt2"), arrays, onnx_logits, self.image_size)
+        return load_verified_pt2(self.path.with_suffix(".pt2"), arrays, onnx_logits, self.input_shape)
 
     def _mlp_weights(self, proto) -> list[dict[str, Any]] | None:
         """fc1/fc2 weights (and thresholds) of ReLU-family MLPs, read once for local MLP bounds."""
@@ -283,7 +287,7 @@ class SpecformerRuntime:
 
     # -- inference -------------------------------------------------------------------------
     def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``[B, 3, S, S]`` pixels -> ``(logits [B, C], attn_input_norms [B, L])``."""
+        """``[B, C, S, S]`` pixels -> ``(logits [B, classes], attn_input_norms [B, L])``."""
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         logits, norms = self.session.run(["logits", "attn_input_norms"], {"pixels": pixels})
         return logits, norms
@@ -360,15 +364,17 @@ class SpecformerRuntime:
 
     def answer(self, pixels: np.ndarray, *, delta0: float = 0.01, top_k: int = 5,
                probe: ProbeRequest | None = None, certificate: bool = True,
-               smoothing: SmoothingParams | None = None,
+               smoothing: SmoothingParams | None = None, decodes: list[DecodeMap | None] | None = None,
                timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
         """One answer per image of the batch (DESIGN.md's served JSON).
 
         ``certificate=False`` leaves out the deterministic per-layer blocks (``attention_lipschitz``,
         ``mlp_lipschitz``): the baseline their cost is measured against. ``smoothing`` (a
-        ``SmoothingParams``) adds a randomized-smoothing certificate per image, ``probe`` a PGD
-        probe. ``timings``, when given, receives the seconds spent in ``inference``,
-        ``certificate``, ``smoothing`` and ``probe`` (the server's metrics)."""
+        ``SmoothingParams``) adds a randomized-smoothing certificate per image, its radius stated in
+        the model grid and, through ``decodes[i]`` (how image ``i`` was decoded; ``None``: the pixels
+        are what was sent), in the sent image's own coordinates; ``probe`` adds a PGD probe.
+        ``timings``, when given, receives the seconds spent in ``inference``, ``certificate``,
+        ``smoothing`` and ``probe`` (the server's metrics)."""
         self.check_options(delta0, top_k, probe)
         if smoothing is not None:
             smoothing.validate()
@@ -391,7 +397,7 @@ class SpecformerRuntime:
         if smoothing is not None:
             clock = time.perf_counter()
             for i, answer in enumerate(answers):
-                answer["smoothing"] = self.smoothing(pixels[i], smoothing)
+                answer["smoothing"] = self.smoothing(pixels[i], smoothing, decodes[i] if decodes else None)
             spent["smoothing"] = time.perf_counter() - clock
         if probe is not None:
             clock = time.perf_counter()
@@ -404,7 +410,7 @@ class SpecformerRuntime:
         return answers
 
     def check_options(self, delta0: float, top_k: int, probe: ProbeRequest | None) -> None:
-        check_options(delta0, top_k, probe, self.image_size)
+        check_options(delta0, top_k, probe, self.image_size, self.channels)
 
     # -- probe -----------------------------------------------------------------------------
     def _logits_model(self, pixels: np.ndarray | None = None):
@@ -418,7 +424,7 @@ class SpecformerRuntime:
             self._verified_pt2 = None
             if self.device != "cpu":
                 if pixels is None:
-                    pixels = np.full((1, 3, self.image_size, self.image_size), 0.5, dtype=np.float32)
+                    pixels = np.full((1, *self.input_shape), 0.5, dtype=np.float32)
                 moved, why = self._probe_model_on(model, self.device, pixels[:1])
                 if moved is None:
                     logger.warning("specformer: the PGD probe runs on cpu, not %s: %s", self.device, why)
@@ -460,7 +466,7 @@ class SpecformerRuntime:
 
         from specformer_deploy.robustness.attacks import fgsm, pgd
 
-        request.validate(self.image_size)
+        request.validate(self.image_size, self.channels)
         model = self._logits_model(pixels)
         device = torch.device(self.probe_device or "cpu")
         adversarial = np.empty_like(np.asarray(pixels, dtype=np.float32))
@@ -504,11 +510,19 @@ class SpecformerRuntime:
         sigma = block.get("sigma") if isinstance(block, dict) else None
         return float(sigma) if sigma is not None else None
 
-    def smoothing(self, pixels: np.ndarray, params: SmoothingParams) -> dict[str, Any]:
-        """The randomized-smoothing block for one image ``[3, S, S]`` (pixels in [0, 1]): CERTIFY, or
-        certify-at-radius when ``params.radius`` is given, on this runtime's own ONNX session."""
+    def smoothing(self, pixels: np.ndarray, params: SmoothingParams, decode: DecodeMap | None = None
+                  ) -> dict[str, Any]:
+        """The randomized-smoothing block for one image ``[C, S, S]`` (pixels in [0, 1]): CERTIFY, or
+        certify-at-radius when ``params.radius`` is given, on this runtime's own ONNX session.
+
+        Radii are stated in the model grid and in the sent image (``decode``: how it became these
+        pixels; ``None``: the pixels themselves were sent)."""
         pixels = np.asarray(pixels, dtype=np.float32)
-        expected = (3, self.image_size, self.image_size)
+        expected = self.input_shape
+        if decode is None:
+            decode = DecodeMap(SentImage(*expected), expected)
+        if tuple(decode.model_shape) != expected:
+            raise ValueError(f"decode map ends in {decode.model_shape}, the model takes {expected}")
         if pixels.shape != expected:
             raise ValueError(f"smoothing takes one image of shape {expected}, got {pixels.shape}")
         session = self.session
@@ -516,4 +530,4 @@ class SpecformerRuntime:
         def classify(batch: np.ndarray) -> np.ndarray:
             return session.run(["logits"], {"pixels": batch})[0].argmax(axis=1)
 
-        return smoothing_answer(classify, pixels, len(self.class_names), params)
+        return in_sent_image(smoothing_answer(classify, pixels, len(self.class_names), params), decode)

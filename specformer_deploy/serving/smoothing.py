@@ -21,19 +21,23 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from specformer_deploy.serving.decode import DecodeMap, shape_text
+
 __all__ = ["SmoothingParams", "SmoothingError", "Classify", "certify", "predict", "certify_at_radius",
            "smoothing_answer", "certified_accuracy", "clopper_pearson_lower", "clopper_pearson_upper",
            "max_radius_for_n", "sequential_looks", "sample_counts", "CERTIFICATE", "SPACE", "GUARANTEE",
-           "PREDICT_GUARANTEE"]
+           "PREDICT_GUARANTEE", "model_space", "sent_image_space", "in_sent_image"]
 
 Classify = Callable[[np.ndarray], np.ndarray]
-"""float32 ``[B, 3, S, S]`` pixels -> int64 labels ``[B]``."""
+"""float32 ``[B, C, S, S]`` pixels -> int64 labels ``[B]``."""
 
 CERTIFICATE = "randomized smoothing (Cohen et al. 2019)"
 SPACE = "pixels in [0, 1], L2"
 GUARANTEE = ("With probability at least 1 - alpha over the noise samples, the smoothed classifier (the label the "
-             "model gives most often under Gaussian pixel noise of std sigma) returns `label` for every image "
-             "within L2 distance `radius` of this one; an abstention certifies nothing.")
+             "model gives most often under Gaussian pixel noise of std sigma) returns `label` for every model input "
+             "within L2 distance `radius` of this one (in `space`), and so for every image within "
+             "`radius_in_sent_image` of the image that was sent (in `sent_image_space`, when given); an abstention "
+             "certifies nothing.")
 PREDICT_GUARANTEE = ("With probability at least 1 - alpha over the noise samples, `label` is the smoothed "
                      "classifier's label at this image (no radius is certified); an abstention says nothing.")
 
@@ -104,6 +108,36 @@ def clopper_pearson_upper(count: int, n: int, alpha: float) -> float:
     return 1.0 if count >= n else float(stats.beta.ppf(1 - alpha, count + 1, n - count))
 
 
+def model_space(shape: tuple[int, ...]) -> str:
+    """The space a radius about the model's input is stated in, with its shape."""
+    return f"model input {shape_text(*shape)}, pixels in [0, 1], L2"
+
+
+def sent_image_space(decode: DecodeMap) -> str:
+    """The space of the image that was sent, named by its kind, size and shape."""
+    return f"the sent image, {decode.sent.description} ({shape_text(*decode.sent.shape)}), pixels in [0, 1], L2"
+
+
+def in_sent_image(block: dict[str, Any], decode: DecodeMap) -> dict[str, Any]:
+    """``block`` with every radius also stated about the image that was sent.
+
+    The decode is linear, ``x_model = A x_sent``: for ``||d|| < R / ||A||_2`` in the sent image,
+    ``||A d|| <= ||A||_2 ||d|| < R``, so a radius ``R`` in the model grid is ``R / ||A||_2`` there."""
+    norm = decode.norm
+    out = dict(block)
+    out.update(sent_image=decode.sent.description, sent_image_space=sent_image_space(decode),
+               decode_norm=norm)
+
+    def scaled(value: float | None) -> float | None:
+        return None if value is None else float(value / norm)
+
+    out["radius_in_sent_image"] = scaled(block.get("radius"))
+    out["max_radius_for_n_in_sent_image"] = scaled(block.get("max_radius_for_n"))
+    if "radius_asked" in block:
+        out["radius_asked_in_sent_image"] = scaled(block["radius_asked"])
+    return out
+
+
 def _radius(sigma: float, p_lower: float) -> float:
     return float(sigma * stats.norm.ppf(p_lower)) if p_lower > 0.5 else 0.0
 
@@ -141,10 +175,11 @@ def sample_counts(classify: Classify, x: np.ndarray, num_classes: int, samples: 
     return counts
 
 
-def _answer(params: SmoothingParams, *, label: int | None, count: int, p_lower: float | None,
-            radius: float | None, max_radius: float | None, samples_used: int,
+def _answer(params: SmoothingParams, shape: tuple[int, ...], *, label: int | None, count: int,
+            p_lower: float | None, radius: float | None, max_radius: float | None, samples_used: int,
             guarantee: str = GUARANTEE, **extra: Any) -> dict[str, Any]:
-    return {"certificate": CERTIFICATE, "space": SPACE, "guarantee": guarantee, "sigma": float(params.sigma),
+    return {"certificate": CERTIFICATE, "space": model_space(shape), "guarantee": guarantee,
+            "sigma": float(params.sigma),
             "alpha": float(params.alpha), "n0": int(params.n0), "n": int(params.n), "seed": int(params.seed),
             "label": label, "abstain": label is None, "count": int(count), "p_lower": p_lower, "radius": radius,
             "max_radius_for_n": max_radius, "samples_used": int(samples_used), **extra}
@@ -166,7 +201,7 @@ def certify(classify: Classify, x: np.ndarray, num_classes: int, params: Smoothi
     count = int(counts[top])
     p_lower = clopper_pearson_lower(count, params.n, params.alpha)
     abstain = p_lower <= 0.5
-    return _answer(params, label=None if abstain else top, count=count, p_lower=p_lower,
+    return _answer(params, np.shape(x), label=None if abstain else top, count=count, p_lower=p_lower,
                    radius=_radius(params.sigma, p_lower), max_radius=max_radius_for_n(params.sigma, params.n,
                                                                                       params.alpha),
                    samples_used=params.n0 + params.n)
@@ -183,7 +218,7 @@ def predict(classify: Classify, x: np.ndarray, num_classes: int, params: Smoothi
     top = int(order[0])
     count, runner_up = int(counts[top]), int(counts[order[1]]) if num_classes > 1 else 0
     p_value = float(stats.binomtest(count, count + runner_up, 0.5).pvalue) if count + runner_up else 1.0
-    return _answer(params, label=top if p_value <= params.alpha else None, count=count, p_lower=None,
+    return _answer(params, np.shape(x), label=top if p_value <= params.alpha else None, count=count, p_lower=None,
                    radius=None, max_radius=None, samples_used=params.n, guarantee=PREDICT_GUARANTEE,
                    runner_up=int(order[1]) if num_classes > 1 else None, runner_up_count=runner_up, p_value=p_value)
 
@@ -240,7 +275,7 @@ def certify_at_radius(classify: Classify, x: np.ndarray, num_classes: int, param
             robust = False
             break
     abstain = p_lower <= 0.5
-    return _answer(params, label=None if abstain else top, count=count, p_lower=p_lower,
+    return _answer(params, np.shape(x), label=None if abstain else top, count=count, p_lower=p_lower,
                    radius=_radius(params.sigma, p_lower), max_radius=max_radius_for_n(params.sigma, params.n, level),
                    samples_used=params.n0 + drawn, radius_asked=float(params.radius), robust=robust,
                    samples_at_stop=drawn, looks=looks)

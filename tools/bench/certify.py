@@ -73,7 +73,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = _prepare(args.onnx, Path(tmp), args.model)
         runtime = SpecformerRuntime(path, threads=args.threads)
-        test = load_dataset(runtime.meta["training"]["dataset"] or "digits", runtime.image_size).test
+        test = load_dataset(runtime.meta["training"]["dataset"] or "digits", runtime.image_size,
+                            channels=runtime.input_shape[0]).test
         results: dict = {"model": str(path), "certificate": [], "probe": {}}
         for batch in [int(b) for b in args.batches.split(",")]:
             pixels = np.stack([test[i % len(test)][0].numpy() for i in range(batch)])

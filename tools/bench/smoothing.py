@@ -283,7 +283,8 @@ def main() -> int:
         path = _prepare(args.onnx, Path(tmp), args.model, args.sigma or 0.25, args.epochs)
         runtime = SpecformerRuntime(path, threads=args.threads)
         sigma = args.sigma or runtime.smoothing_sigma or 0.25
-        test = load_dataset(runtime.meta["training"]["dataset"] or "digits", runtime.image_size).test
+        test = load_dataset(runtime.meta["training"]["dataset"] or "digits", runtime.image_size,
+                            channels=runtime.input_shape[0]).test
         count = max(args.images, args.radius_images)
         images = np.stack([test[i][0].numpy() for i in range(count)]).astype(np.float32)
         labels = np.array([int(test[i][1]) for i in range(count)])
