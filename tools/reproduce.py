@@ -238,7 +238,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "options": options, "standard": {}, "adversarial": {}, "step_time": {}, "sigmas": {}, "sweep": {},
         "strong": {}, "strong_attacks": [parse_attack(text).to_dict() for text in args.strong_attacks],
-        "wall_time": {"runs": {}}, "machine": machine()}
+        "wall_time": {"runs": {}}, "machine": machine(), "input_shape": _input_shape(args)}
     for seed in args.seeds:
         _reproduce_seed(args, seed, results)
     runs = results["wall_time"]["runs"].values()
@@ -437,6 +437,23 @@ def overall_sentence(verdicts: list[tuple[str, str]]) -> str:
     return "Overall: " + ", ".join(parts) + "."
 
 
+def _input_shape(args: argparse.Namespace) -> list[int]:
+    """``[C, H, W]`` of the models' input (the data's own channels): the space every epsilon is in."""
+    from specformer_deploy.model.factory import resolve_model_config
+
+    size = resolve_model_config(args.model, 2, args.img_size, args.patch_size).img_size
+    return list(load_dataset(args.dataset, size, args.data_dir).test[0][0].shape)
+
+
+def _space_text(results: dict[str, Any]) -> str:
+    """Where the budgets live: pixels in [0, 1] of the recorded input shape (older JSON: 3 channels)."""
+    shape = results.get("input_shape")
+    if shape is None:
+        return "pixels in [0, 1] of the 3-channel model input (grey data replicated: an L2 budget is sqrt(3) " \
+               "times the same budget on the grey image)"
+    return f"pixels in [0, 1] of the {'x'.join(map(str, shape))} model input"
+
+
 def _strong_section(results: dict[str, Any]) -> str:
     """The stronger attacks' table and how each attack was run, from the JSON's attack records."""
     specs = results.get("strong_attacks", [])
@@ -445,7 +462,7 @@ def _strong_section(results: dict[str, Any]) -> str:
     images = len(next(iter(next(iter(results["strong"].values())).values()))["correct"]["clean"])
     keys, rows = _accuracy_rows(results["strong"])
     table = _table(f"Stronger attacks (standard training, first {images} test images; PGD step size "
-                   f"2.5·eps/steps, {start_text})", ["Model", *keys], rows)
+                   f"2.5·eps/steps, {start_text}; budgets in {_space_text(results)})", ["Model", *keys], rows)
     lines = [f"- `{spec['spec']}`: {spec['label']}, step size {spec['resolved_step_size']:.4g}, "
              f"{spec['restarts']} random start(s)"
              for spec in specs if spec.get("resolved_step_size") is not None]
