@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from specformer_deploy.serving.decode import decode_norm, shape_text
 from specformer_deploy.serving.smoothing import (
     SPACE,
     SmoothingParams,
@@ -30,11 +31,13 @@ from specformer_deploy.serving.smoothing import (
     clopper_pearson_lower,
     clopper_pearson_upper,
     max_radius_for_n,
+    model_space,
     predict,
 )
 
 __all__ = ["SmoothingEvalOptions", "parse_radii", "image_seed", "load_smoothing_runtime", "certify_images",
-           "summarize", "evaluate_smoothing", "interval", "plot_certified_accuracy", "certified_radii"]
+           "summarize", "evaluate_smoothing", "interval", "plot_certified_accuracy", "certified_radii",
+           "source_space"]
 
 Progress = Callable[[int, int], None]
 INTERVAL_LEVEL = 0.95  # two-sided Clopper–Pearson interval on every fraction in the table
@@ -135,9 +138,29 @@ def certified_radii(records: Sequence[dict[str, Any]]) -> np.ndarray:
     return np.array([r["radius"] if not r["abstain"] and r["label"] == r["true_label"] else -1.0 for r in records])
 
 
-def summarize(records: Sequence[dict[str, Any]], options: SmoothingEvalOptions, **about: Any) -> dict[str, Any]:
+def source_space(input_shape: Sequence[int], source_shape: Sequence[int] | None,
+                 radii: Sequence[float], records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The same certificates stated about the data set's own images (``source_shape``, before
+    resizing and channel conversion): each radius divided by the decode's norm ``||A||_2``
+    (:mod:`specformer_deploy.serving.decode`), and certified accuracy at ``radii`` in that space.
+    ``None`` when the images have no single shape (an image folder)."""
+    if source_shape is None:
+        return None
+    source, model = tuple(int(v) for v in source_shape), tuple(int(v) for v in input_shape)
+    norm = decode_norm(source, model)
+    scaled = [{**r, "radius": None if r["radius"] is None else r["radius"] / norm} for r in records]
+    table = certified_accuracy(radii, scaled, [r["true_label"] for r in records])
+    return {"shape": list(source), "space": f"the data set's own images {shape_text(*source)}, pixels in [0, 1], L2",
+            "decode_norm": norm, "radii": list(radii), "certified_accuracy": table["certified_accuracy"],
+            "rule": "radius in the model grid / decode_norm (the decode is linear: ||A d|| <= ||A||_2 ||d||)"}
+
+
+def summarize(records: Sequence[dict[str, Any]], options: SmoothingEvalOptions,
+              input_shape: Sequence[int] | None = None, source_shape: Sequence[int] | None = None, **about: Any) -> dict[str, Any]:
     """The table: certified accuracy per radius with its interval, the smoothed classifier's clean
-    accuracy (PREDICT; abstentions wrong), the base model's clean accuracy, and the cost."""
+    accuracy (PREDICT; abstentions wrong), the base model's clean accuracy, and the cost; radii in
+    the model grid (``input_shape``; ``None``: not recorded) and, with both shapes, in the data set's
+    own images."""
     records = sorted(records, key=lambda r: r["index"])
     total = len(records)
     table = certified_accuracy(options.radii, records, [r["true_label"] for r in records])
@@ -147,7 +170,9 @@ def summarize(records: Sequence[dict[str, Any]], options: SmoothingEvalOptions, 
     base = sum(1 for r in records if r["base_label"] == r["true_label"])
     seconds = [r["seconds"] for r in records]
     return {
-        "certificate": "randomized smoothing (Cohen et al. 2019)", "space": SPACE,
+        "certificate": "randomized smoothing (Cohen et al. 2019)", "space": SPACE if input_shape is None else model_space(tuple(input_shape)),
+        "input_shape": None if input_shape is None else [int(v) for v in input_shape],
+        "source": None if input_shape is None else source_space(input_shape, source_shape, options.radii, records),
         "sigma": options.sigma, "n0": options.n0, "n": options.n, "alpha": options.alpha,
         "images": total, "radii": list(options.radii),
         "certified_accuracy": table["certified_accuracy"], "certified_count": counts,
@@ -169,13 +194,13 @@ def _shard(count: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, count, world_size))
 
 
-def _test_images(runtime, options: SmoothingEvalOptions) -> tuple[np.ndarray, np.ndarray, str]:
+def _test_images(runtime, options: SmoothingEvalOptions) -> tuple[np.ndarray, np.ndarray, str, Any]:
     from specformer_deploy.training.data import load_dataset
 
     dataset = options.dataset or (runtime.meta.get("training") or {}).get("dataset")
     if not dataset:
         raise ValueError("the model does not record its dataset: pass --dataset")
-    bundle = load_dataset(dataset, runtime.image_size, options.data_dir)
+    bundle = load_dataset(dataset, runtime.image_size, options.data_dir, runtime.channels)
     if bundle.num_classes != len(runtime.class_names):
         raise ValueError(f"dataset {dataset} has {bundle.num_classes} classes but the model has "
                          f"{len(runtime.class_names)}")
@@ -184,7 +209,7 @@ def _test_images(runtime, options: SmoothingEvalOptions) -> tuple[np.ndarray, np
         raise ValueError(f"--limit must be >= 1, got {options.limit}")
     images = np.stack([bundle.test[i][0].numpy() for i in range(count)]).astype(np.float32)
     labels = np.array([int(bundle.test[i][1]) for i in range(count)])
-    return images, labels, dataset
+    return images, labels, dataset, bundle.source_shape
 
 
 def evaluate_smoothing(path: str | Path, options: SmoothingEvalOptions, ctx=None, device_id: int | None = None,
@@ -198,7 +223,7 @@ def evaluate_smoothing(path: str | Path, options: SmoothingEvalOptions, ctx=None
     threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     runtime = load_smoothing_runtime(path, device_id=device_id, threads=threads)
     options.params(0)  # refuse bad parameters before any work
-    images, labels, dataset = _test_images(runtime, options)
+    images, labels, dataset, source_shape = _test_images(runtime, options)
     mine = _shard(len(images), ctx.rank, ctx.world_size)
     done = 0
 
@@ -214,7 +239,8 @@ def evaluate_smoothing(path: str | Path, options: SmoothingEvalOptions, ctx=None
     gathered = gather_objects(ctx, {"records": records, "wall_s": wall})
     trained = runtime.smoothing_sigma
     msvp = (runtime.meta.get("msvp") or {}).get("enabled")
-    return summarize([r for part in gathered for r in part["records"]], options, model=str(path), dataset=dataset,
+    return summarize([r for part in gathered for r in part["records"]], options, runtime.input_shape, source_shape,
+                     model=str(path), dataset=dataset,
                      trained_sigma=trained, msvp=msvp, world_size=ctx.world_size, device=runtime.device,
                      wall_s=round(max(part["wall_s"] for part in gathered), 3))
 
