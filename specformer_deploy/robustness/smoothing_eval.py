@@ -156,7 +156,8 @@ def source_space(input_shape: Sequence[int], source_shape: Sequence[int] | None,
 
 
 def summarize(records: Sequence[dict[str, Any]], options: SmoothingEvalOptions,
-              input_shape: Sequence[int] | None = None, source_shape: Sequence[int] | None = None, **about: Any) -> dict[str, Any]:
+              input_shape: Sequence[int] | None = None, source_shape: Sequence[int] | None = None,
+              **about: Any) -> dict[str, Any]:
     """The table: certified accuracy per radius with its interval, the smoothed classifier's clean
     accuracy (PREDICT; abstentions wrong), the base model's clean accuracy, and the cost; radii in
     the model grid (``input_shape``; ``None``: not recorded) and, with both shapes, in the data set's
@@ -170,7 +171,8 @@ def summarize(records: Sequence[dict[str, Any]], options: SmoothingEvalOptions,
     base = sum(1 for r in records if r["base_label"] == r["true_label"])
     seconds = [r["seconds"] for r in records]
     return {
-        "certificate": "randomized smoothing (Cohen et al. 2019)", "space": SPACE if input_shape is None else model_space(tuple(input_shape)),
+        "certificate": "randomized smoothing (Cohen et al. 2019)",
+        "space": SPACE if input_shape is None else model_space(tuple(input_shape)),
         "input_shape": None if input_shape is None else [int(v) for v in input_shape],
         "source": None if input_shape is None else source_space(input_shape, source_shape, options.radii, records),
         "sigma": options.sigma, "n0": options.n0, "n": options.n, "alpha": options.alpha,
