@@ -22,6 +22,7 @@ from PIL import Image
 from specformer_deploy.serving.images import decode_image
 
 IMAGE_SIZE = 16  # the test models' input size
+CHANNELS = 1  # the test models' input channels (digits are grey)
 PROBE_CAP = 100  # handler.max_probe_cost the served test model runs with (the default)
 SMOOTHING_CAP = 10_100  # handler.max_smoothing_samples (the default): n0 + n per image
 
@@ -70,7 +71,7 @@ def _bomb() -> bytes:
 
 
 def corpus(png: bytes) -> list[Case]:
-    good = decode_image(png, IMAGE_SIZE).tolist()
+    good = decode_image(png, IMAGE_SIZE, CHANNELS).tolist()
     b64 = base64.b64encode(png).decode()
 
     def j(**kw: Any) -> bytes:

@@ -54,7 +54,8 @@ def test_digits_is_a_fixed_stratified_split() -> None:
     assert (len(a.train), len(a.test)) == (1437, 360)
     assert a.class_names == [str(i) for i in range(10)]
     x, y = a.test[0]
-    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert (a.channels, a.source_shape) == (1, (1, 8, 8))  # grey data: one channel, 8x8 sources
+    assert x.shape == (1, 16, 16) and x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1 + 1e-6
     assert torch.equal(a.test.images, b.test.images) and torch.equal(a.test.labels, b.test.labels)
     counts = torch.bincount(a.test.labels, minlength=10)
     assert int(counts.min()) >= 35 and int(counts.max()) <= 37  # stratified: ~36 of each digit
@@ -134,9 +135,13 @@ def test_mnist_is_real_mnist_in_a_fixed_stratified_split() -> None:
     # The package lists the images by class; the first 100 test images must still cover every digit.
     assert int(torch.bincount(a.test.labels[:100], minlength=10).min()) >= 4
     images = torch.cat([a.train.images, a.test.images])
-    assert images.shape[1:] == (3, 28, 28) and images.dtype == torch.float32
+    assert images.shape[1:] == (1, 28, 28) and images.dtype == torch.float32  # grey: one channel
+    assert (a.channels, a.source_shape) == (1, (1, 28, 28))
     assert float(images.min()) == 0.0 and float(images.max()) == 1.0
-    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])  # grey in 3 channels
+    # A three-channel model asks for the grey image replicated, the same pixels in every channel.
+    x3, y3 = load_dataset("mnist", 28, channels=3).test[5]
+    assert x3.shape == (3, 28, 28) and y3 == int(a.test.labels[5])
+    assert all(torch.equal(x3[c], a.test.images[5, 0]) for c in range(3))
     # At 28 px nothing is resized: every image is one of the package's, pixel for pixel, with its label.
     source = {row.tobytes(): int(label) for row, label in zip((features / 255.0).astype(np.float32), targets)}
     flat = images[:, 0].reshape(len(images), -1).numpy()
@@ -145,19 +150,41 @@ def test_mnist_is_real_mnist_in_a_fixed_stratified_split() -> None:
     assert len({row.tobytes() for row in flat}) == len(source)
     # Another model size resizes (antialiased bilinear) and keeps the [0, 1] contract.
     small = load_dataset("mnist", 16)
-    assert small.test.images.shape == (1000, 3, 16, 16) and torch.equal(small.test.labels, a.test.labels)
-    assert 0.0 <= float(small.test.images.min()) and float(small.test.images.max()) <= 1.0
+    assert small.test.images.shape == (1000, 1, 16, 16) and torch.equal(small.test.labels, a.test.labels)
+    assert 0.0 <= float(small.test.images.min()) and float(small.test.images.max()) <= 1.0 + 1e-6
 
 
-def test_imagefolder_loads_rgb_pixels(tmp_path: Path) -> None:
+def _folder(root: Path, mode: str, color) -> Path:
     from PIL import Image
 
     for split in ("train", "val"):
         for cls in ("cat", "dog"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            Image.new("L", (40, 30), color=200).save(tmp_path / split / cls / "a.png")
-    bundle = load_dataset("imagefolder", 24, tmp_path)
-    assert bundle.class_names == ["cat", "dog"]
+            (root / split / cls).mkdir(parents=True)
+            Image.new(mode, (40, 30), color=color).save(root / split / cls / "a.png")
+    return root
+
+
+def test_imagefolder_of_grey_images_is_one_channel(tmp_path: Path) -> None:
+    bundle = load_dataset("imagefolder", 24, _folder(tmp_path, "L", 200))
+    assert bundle.class_names == ["cat", "dog"] and bundle.channels == 1
     x, y = bundle.test[1]
-    assert x.shape == (3, 24, 24) and y == 1
+    assert x.shape == (1, 24, 24) and y == 1
     assert float(x.mean()) == pytest.approx(200 / 255, abs=1e-3)
+    # A three-channel model gets the grey image replicated.
+    x3, _ = load_dataset("imagefolder", 24, tmp_path, channels=3).test[1]
+    assert x3.shape == (3, 24, 24) and torch.equal(x3[0], x[0]) and torch.equal(x3[2], x[0])
+
+
+def test_imagefolder_of_colour_images_is_three_channel_and_a_grey_model_gets_luma(tmp_path: Path) -> None:
+    bundle = load_dataset("imagefolder", 24, _folder(tmp_path, "RGB", (200, 100, 50)))
+    x, _ = bundle.test[0]
+    assert bundle.channels == 3 and x.shape == (3, 24, 24)
+    assert [float(c.mean()) for c in x] == pytest.approx([200 / 255, 100 / 255, 50 / 255], abs=1e-3)
+    grey, _ = load_dataset("imagefolder", 24, tmp_path, channels=1).test[0]
+    luma = (0.299 * 200 + 0.587 * 100 + 0.114 * 50) / 255  # ITU-R 601, as PIL's convert("L")
+    assert grey.shape == (1, 24, 24) and float(grey.mean()) == pytest.approx(luma, abs=1e-3)
+
+
+def test_a_model_takes_one_or_three_channels(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="1 \\(grey\\) or 3"):
+        load_dataset("digits", 16, channels=2)

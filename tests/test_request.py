@@ -16,7 +16,7 @@ import string
 
 import numpy as np
 import pytest
-from bad_requests import IMAGE_SIZE, Case, corpus, default_png, multipart, torchserve_view
+from bad_requests import CHANNELS, IMAGE_SIZE, Case, corpus, default_png, multipart, torchserve_view
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,7 +34,8 @@ ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
 def _parse(case: Case, limits: ServingLimits | None = None, sigma: float | None = None) -> ParsedRequest:
     request, headers = torchserve_view(case)
     body, form = split_form(request)
-    return parse_request(body, headers, IMAGE_SIZE, limits or ServingLimits(), form, smoothing_sigma=sigma)
+    return parse_request(body, headers, IMAGE_SIZE, limits or ServingLimits(), form, smoothing_sigma=sigma,
+                         channels=CHANNELS)
 
 
 def _assert_client_error(err: ClientError, case: Case | None = None) -> None:
@@ -312,11 +313,48 @@ def test_corpus_through_the_handler_in_one_batch(handler_and_context, caplog) ->
         assert f"[METRICS]{name}.Milliseconds:" in timings, name
 
 
+def _grey_png(side: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    grey = Image.open(io.BytesIO(PNG)).convert("L").resize((side, side), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    grey.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_smoothing_radius_is_stated_in_the_sent_image_through_the_handler(handler_and_context) -> None:
+    """A grey PNG of the model's size: both radii equal. Twice the size: the grid's radius divided
+    by the decode's exact norm, in the coordinates of the image that was sent."""
+    from specformer_deploy.serving.decode import decode_norm
+
+    handler, context = handler_and_context
+
+    def request(side: int) -> Case:
+        body = {"image": base64.b64encode(_grey_png(side)).decode(), "smoothing": {"sigma": 0.25, "n": 500, "n0": 50}}
+        return Case(f"{side} px", json.dumps(body).encode(), status=200)
+
+    same, double = request(IMAGE_SIZE), request(2 * IMAGE_SIZE)
+    (status_a, _), answer_a = _handle(handler, context, [same])[0]
+    (status_b, _), answer_b = _handle(handler, context, [double])[0]
+    assert status_a == status_b == 200
+    a, b = json.loads(answer_a)["smoothing"], json.loads(answer_b)["smoothing"]
+    assert a["space"] == f"model input {CHANNELS}x{IMAGE_SIZE}x{IMAGE_SIZE}, pixels in [0, 1], L2"
+    assert a["sent_image"] == f"grey {IMAGE_SIZE}x{IMAGE_SIZE}" and a["decode_norm"] == 1.0
+    assert a["radius_in_sent_image"] == a["radius"]
+    norm = decode_norm((1, 2 * IMAGE_SIZE, 2 * IMAGE_SIZE), (CHANNELS, IMAGE_SIZE, IMAGE_SIZE))
+    assert b["sent_image"] == f"grey {2 * IMAGE_SIZE}x{2 * IMAGE_SIZE}" and b["decode_norm"] == pytest.approx(norm)
+    assert norm < 0.6  # a 2x shrink: the sent image's radius is about twice the grid's
+    assert b["radius_in_sent_image"] == pytest.approx(b["radius"] / norm)
+    assert f"{2 * IMAGE_SIZE}x{2 * IMAGE_SIZE}" in b["sent_image_space"]
+
+
 @pytest.mark.slow
 def test_probe_restarts_keep_the_strongest_and_do_not_depend_on_the_batch(handler_and_context) -> None:
     runtime = handler_and_context[0].runtime
     pixels = np.stack([_parse(Case("g", PNG, "image/png")).pixels,
-                       np.full((3, IMAGE_SIZE, IMAGE_SIZE), 0.5, dtype=np.float32)])
+                       np.full((CHANNELS, IMAGE_SIZE, IMAGE_SIZE), 0.5, dtype=np.float32)])
     labels = runtime.infer(pixels)[0].argmax(axis=1)
     one = runtime.probe(pixels, labels, ProbeRequest("pgd", 0.05, 5, "linf", 1))
     four = runtime.probe(pixels, labels, ProbeRequest("pgd", 0.05, 5, "linf", 4))
