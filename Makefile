@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 # torch and torchvision must be a matching pair (timm imports torchvision).
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= runs/demo
+# The demo trains with Gaussian noise so that its served answer carries a smoothing certificate.
+DEMO_SIGMA ?= 0.25
 
 .PHONY: setup demo test test-fast lint bench clean check-java
 
@@ -26,13 +28,13 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	rm -rf $(DEMO_OUT)
-	$(VENV)/bin/specformer-deploy train --out $(DEMO_OUT)
+	$(VENV)/bin/specformer-deploy train --out $(DEMO_OUT) --noise-sd $(DEMO_SIGMA)
 	$(VENV)/bin/specformer-deploy export $(DEMO_OUT) --out $(DEMO_OUT)/export/model.onnx
 	$(VENV)/bin/specformer-deploy audit $(DEMO_OUT)/export/model.onnx --plot $(DEMO_OUT)/export/sigma_per_layer.png
 	$(PY) tools/sample_image.py $(DEMO_OUT)/digit.png
-	$(VENV)/bin/specformer-deploy certify $(DEMO_OUT)/export/model.onnx $(DEMO_OUT)/digit.png --probe pgd --eps 0.03
+	$(VENV)/bin/specformer-deploy certify $(DEMO_OUT)/export/model.onnx $(DEMO_OUT)/digit.png --probe pgd --eps 0.03 --smoothing
 	$(PY) tools/serve_local.py --onnx $(DEMO_OUT)/export/model.onnx --name digits --root $(DEMO_OUT)/torchserve \
-	  --image $(DEMO_OUT)/digit.png
+	  --image $(DEMO_OUT)/digit.png --smoothing
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -153,7 +153,9 @@ def export(
 def _print_audit(report, console: Console) -> None:
     from rich.table import Table
 
-    title = f"{report.path}: {report.model.get('layers', len(report.layers))} layers"
+    shape = report.model.get("input_shape")
+    takes = f", input {'x'.join(map(str, shape))} (channels x height x width, pixels in [0, 1])" if shape else ""
+    title = f"{report.path}: {report.model.get('layers', len(report.layers))} layers{takes}"
     table = Table(title=title, show_lines=False)
     table.add_column("layer", justify="right")
     for name in ("Q", "K", "V", "O"):
@@ -565,7 +567,7 @@ def _print_answers(answers: list[dict]) -> None:
         console.print(table)
         console.print("per-layer constants: they do not add up to a radius for the image", style="dim")
         if "smoothing" in answer:
-            _print_smoothing(console, answer["smoothing"])
+            _print_smoothing(console, answer["smoothing"], Path(answer["image"]).name)
         if "probe" in answer:
             p = answer["probe"]
             verdict = "[red]label flipped[/]" if p["flipped"] else "[green]label held[/]"
@@ -574,8 +576,11 @@ def _print_answers(answers: list[dict]) -> None:
                           f"margin {p['margin']:.3f})")
 
 
-def _print_smoothing(console: Console, block: dict) -> None:
-    """The randomized-smoothing block as a few readable lines: the verdict, then what it promises."""
+def _print_smoothing(console: Console, block: dict, image: str) -> None:
+    """The randomized-smoothing block as a few readable lines: the verdict, what it promises, and
+    the one plain sentence about the image that was sent."""
+    from specformer_deploy.serving.smoothing import statement
+
     settings = (f"sigma={block['sigma']:g}, n0={block['n0']}, n={block['n']}, alpha={block['alpha']:g}, "
                 f"seed={block['seed']}, samples used {block['samples_used']}")
     if "radius_asked" in block:
@@ -589,8 +594,12 @@ def _print_smoothing(console: Console, block: dict) -> None:
     else:
         console.print(f"smoothing ({block['space']}): label {block['label']}, certified L2 radius "
                       f"[bold]{block['radius']:.4f}[/] (p_lower {block['p_lower']:.4f}, count {block['count']})")
+        if "radius_in_sent_image" in block:
+            console.print(f"  in {block['sent_image_space']}: radius {block['radius_in_sent_image']:.4f} "
+                          f"(= {block['radius']:.4f} / ||A||_2 {block['decode_norm']:.4g}, the decode's exact norm)")
     console.print(f"  {block['guarantee']}")
     console.print(f"  {settings}; the largest radius n samples can certify: {block['max_radius_for_n']:.4f}")
+    console.print(statement(block, image), style="bold", markup=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

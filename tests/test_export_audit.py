@@ -33,7 +33,7 @@ from specformer_deploy.training.train import load_run_model
 # The metadata contract: serving, audit, package and evaluate read these entries, clients may too.
 # A run trained with Gaussian noise (`train --noise-sd`) adds one more, "smoothing" (tested below).
 METADATA_KEYS = {"attention_weights", "bias_q_norm", "class_names", "embed_dim", "exporter", "format_version",
-                 "head_dim", "heads", "image_size", "integrity", "io", "layers", "mlp", "model", "msvp",
+                 "head_dim", "heads", "image_size", "input_shape", "integrity", "io", "layers", "mlp", "model", "msvp",
                  "normalization", "num_classes", "package_version", "parity", "spectral",
                  "spectral_power_iteration", "tokens", "training"}
 
@@ -85,6 +85,8 @@ def test_metadata_round_trips_through_onnxruntime(exported_pair) -> None:
     meta = {k[len(PREFIX):]: json.loads(v) for k, v in custom.items() if k.startswith(PREFIX)}
     assert meta == read_metadata(onnx.load(summary["onnx"]))
     assert meta["class_names"] == [str(i) for i in range(10)] and meta["image_size"] == 16
+    assert meta["input_shape"] == [1, 16, 16] and meta["model"]["in_chans"] == 1  # digits are grey: one channel
+    assert meta["io"]["pixels"] == "[batch, 1, H, W] float32 in [0, 1]"
     assert (meta["layers"], meta["heads"], meta["head_dim"], meta["tokens"]) == (4, 4, 16, [17] * 4)
     assert meta["msvp"]["enabled"] is True and meta["msvp"]["lambda_q"] == 1e-2
     assert meta["integrity"]["weights_sha256"] == summary["weights_sha256"]
@@ -263,6 +265,16 @@ def test_changed_metadata_value_is_named(exported_pair, tmp_path: Path) -> None:
     report = audit_file(_rewrite(src, tmp_path / "meta.onnx", edit))
     assert report.exit_code == 1
     assert report.problems == ["metadata value specformer.training changed after export"]
+
+    def reshape(proto: onnx.ModelProto) -> None:  # a grey model passed off as a colour one
+        for prop in proto.metadata_props:
+            if prop.key == PREFIX + "input_shape":
+                prop.value = json.dumps([3, 16, 16])
+
+    report = audit_file(_rewrite(src, tmp_path / "shape.onnx", reshape))
+    assert report.exit_code == 1 and report.model["input_shape"] == [3, 16, 16]
+    assert report.problems == ["metadata value specformer.input_shape changed after export"]
+    assert audit_file(src).model["input_shape"] == [1, 16, 16]
 
 
 def test_changed_sigma_in_metadata_is_caught_by_recomputation(exported_pair, tmp_path: Path) -> None:

@@ -94,7 +94,9 @@ def test_served_smoothing_equals_certify_for_the_same_seed(server, png, exported
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         assert served["smoothing"] == json.loads(result.stdout)["smoothing"]
-        assert served["smoothing"]["space"] == "pixels in [0, 1], L2" and served["smoothing"]["seed"] == fields["seed"]
+        block = served["smoothing"]
+        assert block["space"] == "model input 1x16x16, pixels in [0, 1], L2" and block["seed"] == fields["seed"]
+        assert block["sent_image"] == "grey 16x16" and block["radius_in_sent_image"] == block["radius"]
     status, headed = server.post(png, "image/png", headers={"X-Smoothing-Sigma": "0.25", "X-Smoothing-N": "600",
                                                             "X-Smoothing-N0": "50", "X-Smoothing-Alpha": "0.01",
                                                             "X-Smoothing-Seed": "11"})

@@ -197,6 +197,10 @@ def main() -> int:
         status, answer = server.post(image, "application/octet-stream", headers, model=model)
         print(f"POST {server.url}/predictions/{model} -> {status}", file=sys.stderr)
         print(json.dumps(answer, indent=2))
+        if status == 200 and isinstance(answer, dict) and "smoothing" in answer:
+            from specformer_deploy.serving.smoothing import statement
+
+            print(statement(answer["smoothing"], args.image.name if args.image else "the built-in test digit"))
         return 0 if status == 200 else 1
     finally:
         server.stop()

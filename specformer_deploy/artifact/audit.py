@@ -18,6 +18,7 @@ from specformer_deploy.artifact.integrity import verify_digests
 from specformer_deploy.artifact.onnx_meta import (
     head_blocks,
     initializer_arrays,
+    input_shape,
     oriented,
     read_metadata,
     spectral_norms,
@@ -133,6 +134,9 @@ def _audit_export(path: Path, proto: Any, arrays: dict[str, np.ndarray], meta: d
     report = AuditReport(str(path), EXIT_CONSISTENT, "consistent")
     report.model = {k: meta.get(k) for k in ("model", "layers", "heads", "head_dim", "tokens", "msvp", "training",
                                              "smoothing")}
+    report.model["input_shape"] = list(input_shape(meta))
+    if "input_shape" not in meta:
+        report.notes.append("input shape not recorded (an export made before channels were): read as 3 channels")
     _note_smoothing(report, meta.get("smoothing"))
     layers = meta["attention_weights"]
     try:

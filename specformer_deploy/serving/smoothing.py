@@ -26,7 +26,7 @@ from specformer_deploy.serving.decode import DecodeMap, shape_text
 __all__ = ["SmoothingParams", "SmoothingError", "Classify", "certify", "predict", "certify_at_radius",
            "smoothing_answer", "certified_accuracy", "clopper_pearson_lower", "clopper_pearson_upper",
            "max_radius_for_n", "sequential_looks", "sample_counts", "CERTIFICATE", "SPACE", "GUARANTEE",
-           "PREDICT_GUARANTEE", "model_space", "sent_image_space", "in_sent_image"]
+           "PREDICT_GUARANTEE", "model_space", "sent_image_space", "in_sent_image", "statement"]
 
 Classify = Callable[[np.ndarray], np.ndarray]
 """float32 ``[B, C, S, S]`` pixels -> int64 labels ``[B]``."""
@@ -136,6 +136,23 @@ def in_sent_image(block: dict[str, Any], decode: DecodeMap) -> dict[str, Any]:
     if "radius_asked" in block:
         out["radius_asked_in_sent_image"] = scaled(block["radius_asked"])
     return out
+
+
+def statement(block: dict[str, Any], image: str) -> str:
+    """The certificate in one plain sentence about the image a person holds (``image``: its name)."""
+    kind = str(block.get("sent_image", "")).split(" ")[0] or "model-grid"
+    confidence = f"{1 - float(block['alpha']):.10g}"
+    if block["abstain"]:
+        return (f"not certified: the smoothed classifier abstains on {image} (no label is shown to win under "
+                f"noise sigma {block['sigma']:g} with probability {confidence})")
+    radius = block.get("radius_in_sent_image", block["radius"])
+    if "radius_asked" in block:
+        asked = block.get("radius_asked_in_sent_image", block["radius_asked"])
+        verdict = {True: "robust", False: "not certifiable", None: "undecided"}[block["robust"]]
+        return (f"{verdict} at L2 {asked:.3g} of {image} (in its own {kind} pixels, as sent): label {block['label']}, "
+                f"certified radius {radius:.3g}, with probability {confidence}")
+    return (f"certified: label {block['label']} for every image within L2 {radius:.3g} of {image} (in its own "
+            f"{kind} pixels, as sent), with probability {confidence}")
 
 
 def _radius(sigma: float, p_lower: float) -> float:
