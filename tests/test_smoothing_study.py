@@ -1,9 +1,11 @@
-"""tools/smoothing_study.py: the grid end to end on a tiny budget, reuse, tables from the JSON, the targets."""
+"""tools/smoothing_study.py: the grid end to end on a tiny budget, reuse, tables from the JSON, the targets,
+and every radius stated about the data set's own images (CERTIFY's radius / ||A||_2 of the decode)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import shutil
 import statistics
@@ -17,6 +19,8 @@ import pytest
 from scipy import stats
 
 from specformer_deploy.robustness.statistics import paired_bootstrap
+from specformer_deploy.serving.decode import decode_norm
+from specformer_deploy.serving.smoothing import max_radius_for_n
 from specformer_deploy.training.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +53,14 @@ def _row(report: str, *first: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
-def _certified(records: list[dict], r: float) -> float:
-    return float(np.mean([not x["abstain"] and x["label"] == x["true_label"] and x["radius"] >= r for x in records]))
+def _certified(records: list[dict], r: float, norm: float = 1.0) -> float:
+    """Certified accuracy at ``r`` about the data set's image: each radius divided by ``norm``."""
+    return float(np.mean([not x["abstain"] and x["label"] == x["true_label"] and x["radius"] / norm >= r
+                          for x in records]))
+
+
+# specformer-tiny on digits: one grey channel at 16x16, from the 8x8 images (the resize's norm is 2).
+DIGITS_NORM = decode_norm((1, 8, 8), (1, 16, 16))
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +78,7 @@ def test_grid_writes_every_number_and_renders_tables_from_them(study: Path) -> N
     assert names == sorted(f"gaussian-sigma0.25-{m}-seed{s}" for m in ("msvp", "vanilla") for s in (0, 1))
     for cell in data["cells"]:
         summary = cell["smoothing"]
+        assert cell["input_shape"] == [1, 16, 16] and cell["source_shape"] == [1, 8, 8]
         assert (study / cell["run"] / "export" / "model.onnx").is_file()
         assert cell["train_seconds"] > 0 and cell["certify_seconds_per_image"] > 0
         assert [r["index"] for r in summary["per_image"]] == list(range(8))
@@ -79,17 +90,19 @@ def test_grid_writes_every_number_and_renders_tables_from_them(study: Path) -> N
                 assert record["radius"] == pytest.approx(0.25 * stats.norm.ppf(p_lower), rel=1e-6)
     report = (study / "results.md").read_text()
     by_key = {(c["msvp"], c["seed"]): c["smoothing"]["per_image"] for c in data["cells"]}
+    assert "about the 1x8x8 image" in report and "resized from 8x8 to 16x16" in report
     for msvp, text in ((False, "off"), (True, "on")):
         row = _row(report, "gaussian", text)
-        values = [100 * _certified(by_key[(msvp, s)], 0.1) for s in (0, 1)]
+        values = [100 * _certified(by_key[(msvp, s)], 0.1, DIGITS_NORM) for s in (0, 1)]
         assert row[4] == f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-    on = [[int(_certified([x], 0.1)) for x in by_key[(True, s)]] for s in (0, 1)]
-    off = [[int(_certified([x], 0.1)) for x in by_key[(False, s)]] for s in (0, 1)]
+    on = [[int(_certified([x], 0.1, DIGITS_NORM)) for x in by_key[(True, s)]] for s in (0, 1)]
+    off = [[int(_certified([x], 0.1, DIGITS_NORM)) for x in by_key[(False, s)]] for s in (0, 1)]
     expected = paired_bootstrap(on, off, resamples=2000)
     row = _row(report, "0.25", "gaussian", "r = 0.1")
     assert row[4] == f"{100 * (np.mean(on) - np.mean(off)):+.1f}"
     assert row[5] == f"[{100 * expected.low:+.1f}, {100 * expected.high:+.1f}]"
     assert "### Targets" in report and "this study ran on `digits`" in report
+    assert "published" not in report  # the published figures are MNIST's
     assert (study / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -112,17 +125,19 @@ def test_from_json_renders_an_edited_radius(study: Path, tmp_path: Path) -> None
     data = json.loads((study / "results.json").read_text())
     for cell in data["cells"]:
         if not cell["msvp"]:
-            for record in cell["smoothing"]["per_image"]:
-                record.update(label=record["true_label"], abstain=False, radius=0.2)
+            for record in cell["smoothing"]["per_image"]:  # 0.4 in the 16x16 grid: 0.2 about the 8x8 image
+                record.update(label=record["true_label"], abstain=False, radius=0.4)
     (tmp_path / "results.json").write_text(json.dumps(data))
     shutil.copy(study / "results.md", tmp_path / "before.md")
     _study("--from-json", str(tmp_path / "results.json"))
     report = (tmp_path / "results.md").read_text()
     assert report != (tmp_path / "before.md").read_text()
     row = _row(report, "gaussian", "off")
-    assert row[4:6] == ["100.0 ± 0.0", "0.0 ± 0.0"]
+    # r = 0.3 about the 8x8 image is beyond what n = 200 reaches at sigma 0.25 (0.456 / 2): marked †.
+    assert row[4:6] == ["100.0 ± 0.0", "0.0 ± 0.0 †"]
+    assert 0.1 < max_radius_for_n(0.25, 200, 0.001) / DIGITS_NORM < 0.3
     msvp_cells = [c["smoothing"]["per_image"] for c in data["cells"] if c["msvp"]]
-    gap = 100 * (np.mean([_certified(records, 0.1) for records in msvp_cells]) - 1.0)
+    gap = 100 * (np.mean([_certified(records, 0.1, DIGITS_NORM) for records in msvp_cells]) - 1.0)
     assert _row(report, "0.25", "gaussian", "r = 0.1")[4] == f"{gap:+.1f}"
     assert (tmp_path / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -168,12 +183,18 @@ def _record(correct: bool, radius: float | None) -> dict:
     return {"true_label": 1, "label": 1 if correct else 2, "abstain": radius is None, "radius": radius}
 
 
-def _cell(objective: str, msvp: bool, seed: int, at_158: int, at_1: int) -> dict:
+ONE_CHANNEL = {"input_shape": [1, 28, 28], "source_shape": [1, 28, 28]}
+THREE_CHANNELS = {"input_shape": [3, 28, 28], "source_shape": [1, 28, 28]}
+
+
+def _cell(objective: str, msvp: bool, seed: int, at_158: int, at_1: int, n: int = 100_000,
+          shapes: dict | None = None) -> dict:
     """Ten images: ``at_158`` certified correct beyond 1.58, ``at_1 - at_158`` between 1.0 and 1.58,
-    one certified with a wrong label at a large radius, the rest abstained."""
+    one certified with a wrong label at a large radius, the rest abstained (radii in the model's grid)."""
     records = [_record(True, 2.0)] * at_158 + [_record(True, 1.2)] * (at_1 - at_158) + [_record(False, 3.0)]
     records += [_record(True, None)] * (10 - len(records))
-    return {"objective": objective, "sigma": 1.0, "msvp": msvp, "seed": seed, "smoothing": {"per_image": records}}
+    return {"objective": objective, "sigma": 1.0, "msvp": msvp, "seed": seed, **(shapes or ONE_CHANNEL),
+            "smoothing": {"per_image": records, "sigma": 1.0, "n": n, "alpha": 0.001}}
 
 
 def test_targets_paragraph_from_a_hand_made_json() -> None:
@@ -181,18 +202,128 @@ def test_targets_paragraph_from_a_hand_made_json() -> None:
     results = {"options": {"dataset": "mnist", "objectives": ["gaussian", "consistency"]},
                "cells": [_cell("gaussian", False, 0, 3, 8), _cell("consistency", True, 0, 5, 6),
                          _cell("consistency", True, 1, 4, 8)]}
-    text = tool.targets_paragraph(results)
-    assert ("At L2 r = 1.58: best certified accuracy 45.0% (consistency, sigma 1, MSVP, mean of 2 seeds); "
-            "target 40%: met, 5.0 points above.") in text
+    text = tool.targets_paragraph(results)  # one-channel models on MNIST: CERTIFY's radii as they are
+    assert ("At L2 r = 1.58 about the 1x28x28 image: best certified accuracy 45.0% (consistency, sigma 1, MSVP, "
+            "mean of 2 seeds); target 40%: met, 5.0 points above.") in text
     assert re.search(r"Stretch goal 62\.8% \(GloRo's [^)]*48\.2%\): not met, 17\.8 points short\.", text)
-    assert ("At L2 r = 1: best certified accuracy 80.0% (gaussian, sigma 1, vanilla, mean of 1 seed); "
-            "target 65%: met, 15.0 points above.") in text
-    assert "this study ran on" not in text
-    results["cells"] = results["cells"][:1]
+    assert ("At L2 r = 1 about the 1x28x28 image: best certified accuracy 80.0% (gaussian, sigma 1, vanilla, "
+            "mean of 1 seed); target 65%: met, 15.0 points above.") in text
+    assert "this study ran on" not in text and "optimistic" in text
+    assert "published figures above (theirs" in text and "79.1% at r = 1.58" in text
+    # Three-channel models of the same grey images: 2.0 in the 3x28x28 grid is 1.155 about the grey
+    # image, 1.2 is 0.693, so nothing reaches 1.0 any more.
+    for cell in results["cells"]:
+        cell.update(THREE_CHANNELS)
+    text = tool.targets_paragraph(results)
+    assert ("At L2 r = 1.58 about the 1x28x28 image: best certified accuracy 0.0%" in text
+            and "target 40%: not met, 40.0 points short." in text)
+    assert "At L2 r = 1 about the 1x28x28 image: best certified accuracy 45.0% (consistency" in text
+    assert "target 65%: not met, 20.0 points short." in text
+    results["cells"] = [_cell("gaussian", False, 0, 3, 8)]
     results["options"]["dataset"] = "digits"
     text = tool.targets_paragraph(results)
     assert "best certified accuracy 30.0%" in text and "target 40%: not met, 10.0 points short." in text
-    assert "this study ran on `digits`" in text
+    assert "this study ran on `digits`" in text and "published" not in text
+
+
+def _full_cell(objective: str, msvp: bool, seed: int, radii: list[float | None], n: int, shapes: dict | None
+               ) -> dict:
+    """A cell as the study writes it, with one image per radius (None: abstained; negative: certified
+    with a wrong label at that radius's size)."""
+    records = []
+    for index, radius in enumerate(radii):
+        wrong = radius is not None and radius < 0
+        records.append({"index": index, "true_label": 1, "base_label": 1, "label": 2 if wrong else 1,
+                        "abstain": radius is None, "radius": None if radius is None else abs(radius),
+                        "predict_label": None, "predict_abstain": None, "seconds": 0.5, "certify_s": 0.5})
+    options = {"sigma": 1.0, "n": n, "n0": 100, "alpha": 0.001, "radii": [0.5, 1.0], "limit": len(radii), "seed": seed,
+               "batch_size": 1000, "dataset": "mnist", "data_dir": None, "predict": False}
+    smoothing = {"per_image": records, "sigma": 1.0, "n": n, "n0": 100, "alpha": 0.001, "images": len(radii),
+                 "options": options, "dataset": "mnist"}
+    return {"objective": objective, "sigma": 1.0, "msvp": msvp, "seed": seed, "run": f"{objective}-{msvp}-{seed}",
+            "train_seconds": 60.0, "seconds_per_image": 0.5, **(shapes or {}), "smoothing": smoothing}
+
+
+RADII_A = [2.9, 2.5, 2.1, 1.9, 1.7, 1.2, 0.9, 0.6, -2.5, None]
+RADII_B = [3.0, 2.8, 2.6, 1.75, 1.74, 1.0, 0.8, None, None, None]
+
+
+def _mnist_study(shapes: dict | None, n: int = 100_000) -> dict:
+    options = {"model": "specformer-mnist", "dataset": "mnist", "epochs": 20, "lambda_msvp": 1e-3, "n": n,
+               "n0": 100, "alpha": 0.001, "limit": 10, "predict": False, "objectives": ["smoothadv"], "seeds": [0],
+               "sigmas": [1.0], "radii": [0.5, 1.0, 1.58, 2.0], "objective_overrides": {"smoothadv": {}}}
+    cells = [_full_cell("smoothadv", False, 0, RADII_A, n, shapes),
+             _full_cell("smoothadv", True, 0, RADII_B, n, shapes)]
+    return {"options": options, "cells": cells}
+
+
+def _independent(radii: list[float | None], r: float, divide: float) -> str:
+    """Certified accuracy (%) at ``r`` about the grey image, from the records by hand."""
+    return f"{100 * sum(1 for x in radii if x is not None and x > 0 and x / divide >= r) / len(radii):.1f}"
+
+
+def test_a_three_channel_model_of_grey_images_states_radii_about_the_grey_image() -> None:
+    """3x28x28 models of 1x28x28 images: every table cell is the per-image radius / sqrt(3) against r;
+    the same records of a one-channel model render unchanged; an old JSON without shapes is read as
+    three-channel `specformer-mnist` and says it inferred that."""
+    tool = _tool()
+    three = tool.render(_mnist_study(THREE_CHANNELS))
+    header = _row(three, "objective", "MSVP")
+    assert header[4:9] == ["r = 0.5", "r = 1", "r = 1.5", "r = 1.58", "r = 2"]  # the published columns
+    for text, radii in (("off", RADII_A), ("on", RADII_B)):
+        row = _row(three, "smoothadv", text)
+        for r, cell in zip((0.5, 1.0, 1.5, 1.58, 2.0), row[4:9]):
+            assert cell.split(" [")[0] == _independent(radii, r, math.sqrt(3)), (text, r, cell)
+    # r = 1 about the grey image needs sqrt(3) in the grid: 2.9, 2.5, 2.1 and 1.9 (not the wrong label's 2.5).
+    assert _row(three, "smoothadv", "off")[5].startswith("40.0 [")
+    assert "R / 1.732" in three and "sqrt(3)" in three and "about the 1x28x28 image" in three
+    # MSVP − vanilla at r = 1 is computed from the divided radii too (A: 4 of 10, B: 5 of 10).
+    assert _row(three, "1", "smoothadv", "r = 1")[4] == "+10.0"
+
+    one = tool.render(_mnist_study(ONE_CHANNEL))
+    for text, radii in (("off", RADII_A), ("on", RADII_B)):
+        row = _row(one, "smoothadv", text)
+        for r, cell in zip((0.5, 1.0, 1.5, 1.58, 2.0), row[4:9]):
+            assert cell.split(" [")[0] == _independent(radii, r, 1.0)
+    assert "as they are" in one and "sqrt(3)" not in one and "predates" not in one
+
+    legacy = tool.render(_mnist_study(None))
+    assert [_row(legacy, "smoothadv", t) for t in ("off", "on")] == [_row(three, "smoothadv", t) for t in ("off", "on")]
+    assert "predates recorded shapes" in legacy and "model input 3x28x28" in legacy
+
+    # n = 1,000 reaches 2.463 in the 3x28x28 grid, 1.422 about the grey image: r = 1.5 is beyond it.
+    capped = tool.render(_mnist_study(THREE_CHANNELS, n=1000))
+    reach = max_radius_for_n(1.0, 1000, 0.001)
+    assert f"{reach:.3f} in the model's 3x28x28 input, {reach / math.sqrt(3):.3f} in the 1x28x28 image" in capped
+    assert _row(capped, "smoothadv", "off")[6].endswith("†") and not _row(capped, "smoothadv", "off")[5].endswith("†")
+
+
+def test_published_figures_sit_beside_ours_labelled_as_theirs() -> None:
+    tool = _tool()
+    report = tool.render(_mnist_study(THREE_CHANNELS))
+    assert "### Published figures beside ours (1x28x28, pixels in [0, 1])" in report
+    assert "theirs, not measured here" in report and "Jeong & Shin 2020" in report
+    assert _row(report, "published (theirs)", "smoothadv", "1")[4:] == ["90.7", "80.8", "64.4", "61.4", "43.3"]
+    assert _row(report, "published (theirs)", "gaussian", "0.5")[4:] == ["96.9", "89.8", "67.8", "61.8", "0.0 †"]
+    assert _row(report, "published (theirs)", "smoothadv + consistency", "0.5")[8] == "0.0 †"
+    ours = _row(report, "measured here", "smoothadv, MSVP", "1")
+    assert "4,000 train images" in ours[3] and "n = 100,000" in ours[3] and "3x28x28 input" in ours[3]
+    assert ours[5] == _independent(RADII_B, 1.0, math.sqrt(3))
+    digits = _mnist_study(THREE_CHANNELS)
+    digits["options"]["dataset"] = "digits"
+    for cell in digits["cells"]:
+        cell.update(input_shape=[3, 16, 16], source_shape=[1, 8, 8])
+    assert "published" not in tool.render(digits)
+
+
+def test_the_n10k_study_restated_about_the_grey_image() -> None:
+    """The issue's check: the n = 10,000 SmoothAdv sigma 1.0 MSVP model (3-channel, on MNIST) certifies
+    76.6 / 53.2 / 27.2 / 22.8% at r = 0.5 / 1 / 1.5 / 1.58 about the 1x28x28 image."""
+    tool = _tool()
+    report = tool.render(json.loads((ROOT / "docs" / "smoothing-mnist-n10k.json").read_text()))
+    row = _row(report, "smoothadv", "on")
+    assert [cell.split(" [")[0] for cell in row[4:8]] == ["76.6", "53.2", "27.2", "22.8"]
+    assert row[8].endswith("†")  # r = 2 is beyond n = 10,000's 1.847 about the grey image
 
 
 def test_objectives_refuse_fields_train_config_lacks() -> None:
