@@ -29,6 +29,12 @@ record, training seconds, certify seconds per image; the options and the machine
 ``results.md`` rendered from that JSON alone (per sigma: objective x MSVP tables; MSVP on - off
 paired bootstrap differences per radius; the targets paragraph) and ``certified_accuracy.png``
 (certified accuracy against radius, the best sigma of each objective, MSVP solid, vanilla dashed).
+Every radius of the report is about the data set's own images (MNIST: 1x28x28, digits: 1x8x8; pixels
+in [0, 1]), whatever grid the model takes: CERTIFY's radius is divided by ||A||_2 of the linear decode
+from those images to the model input (``decode_norm``; sqrt(3) for a three-channel model of grey
+images). Each cell records ``input_shape`` (the export's) and ``source_shape`` (the data set's); a
+study written before they were recorded is read as three-channel exports of that time (said in the
+report). On MNIST the published figures of Jeong & Shin 2020 sit beside ours, labelled as theirs.
 ``--from-json FILE`` regenerates ``results.md`` and the figure beside FILE without training;
 ``--merge A.json B.json --out DIR`` unites studies run with different grids (the same model and
 certification settings) into one report.
