@@ -365,14 +365,19 @@ def _print_certified_accuracy(model: Path, results: dict[str, Any]) -> None:
 
     table = Table(title=f"{model} on {results['dataset']}: randomized smoothing, sigma {results['sigma']}, "
                         f"n {results['n']}, n0 {results['n0']}, alpha {results['alpha']} ({results['images']} test "
-                        f"images; certified accuracy in %, L2 radius in pixels in [0, 1])")
+                        f"images; certified accuracy in %, L2 radius in the {results['space']})")
     table.add_column("Model")
     for radius in results["radii"]:
         table.add_column(f"r = {radius:g}", justify="right")
     table.add_column("smoothed clean", justify="right")
     table.add_column("s / image", justify="right")
+    clean = results["smoothed_clean_accuracy"]
     table.add_row(str(model), *[f"{100 * a:.1f}" for a in results["certified_accuracy"]],
-                  f"{100 * results['smoothed_clean_accuracy']:.1f}", f"{results['seconds_per_image']:.2f}")
+                  "skipped" if clean is None else f"{100 * clean:.1f}", f"{results['seconds_per_image']:.2f}")
+    source = results.get("source")
+    if source:  # the same certificates about the data set's own images (radius / ||A||_2)
+        table.add_row(f"same, radius in {source['space']} (/ {source['decode_norm']:.4g})",
+                      *[f"{100 * a:.1f}" for a in source["certified_accuracy"]], "", "")
     console = Console(width=max(120, Console().width))
     console.print(table)
     console.print(f"abstentions count as wrong ({results['abstained']} abstained); base model clean accuracy "

@@ -60,7 +60,7 @@ def test_uncovered_attention_is_served_as_not_applicable(case: str, exported_pai
     entries = read_metadata(onnx.load(exported["onnx"]))["attention_weights"]
     assert all(entry["applicable"] is False and word in entry["reason"] for entry in entries)
     runtime = SpecformerRuntime(exported["onnx"])  # the metadata is digest-covered: it verifies
-    answer = runtime.answer(np.random.default_rng(0).random((2, 3, 16, 16), dtype=np.float32))[0]
+    answer = runtime.answer(np.random.default_rng(0).random((2, *runtime.input_shape), dtype=np.float32))[0]
     block = answer["attention_lipschitz"]
     assert len(block["layers"]) == SMALL["depth"]
     for layer in block["layers"]:
@@ -73,7 +73,8 @@ def test_plain_pre_norm_attention_stays_applicable(exported_pair) -> None:
     entries = read_metadata(onnx.load(exported_pair["msvp"]["onnx"]))["attention_weights"]
     assert all(entry["applicable"] is True and entry["reason"] is None for entry in entries)
     runtime = SpecformerRuntime(exported_pair["msvp"]["onnx"])
-    layers = runtime.answer(np.full((1, 3, 16, 16), 0.5, dtype=np.float32))[0]["attention_lipschitz"]["layers"]
+    pixels = np.full((1, *runtime.input_shape), 0.5, dtype=np.float32)
+    layers = runtime.answer(pixels)[0]["attention_lipschitz"]["layers"]
     assert all(layer["applicable"] is True and layer["bound"] > 0 for layer in layers)
 
 
@@ -106,5 +107,6 @@ def test_older_exports_without_the_field_keep_their_behaviour(exported_pair) -> 
     for entry in runtime.meta["attention_weights"]:
         entry.pop("applicable"), entry.pop("reason")
     runtime._reasons = runtime._inapplicable()
-    layers = runtime.answer(np.full((1, 3, 16, 16), 0.5, dtype=np.float32))[0]["attention_lipschitz"]["layers"]
+    pixels = np.full((1, *runtime.input_shape), 0.5, dtype=np.float32)
+    layers = runtime.answer(pixels)[0]["attention_lipschitz"]["layers"]
     assert all(layer["applicable"] is True and layer["bound"] > 0 for layer in layers)

@@ -122,7 +122,7 @@ _NO_TORCH = textwrap.dedent("""
 
     runtime = SpecformerRuntime(sys.argv[1])
     body = json.dumps({"pixels": np.full((runtime.image_size, runtime.image_size), 0.5).tolist(), "delta0": 0.02})
-    parsed = parse_request(body.encode(), {}, runtime.image_size)
+    parsed = parse_request(body.encode(), {}, runtime.image_size, channels=runtime.channels)
     answer = runtime.answer(parsed.pixels[None], delta0=parsed.delta0)[0]
     assert "torch" not in sys.modules
     print(json.dumps(answer))
@@ -144,7 +144,7 @@ def test_a_certificate_is_served_where_torch_cannot_be_imported(exported_pair) -
     from specformer_deploy.serving.runtime import SpecformerRuntime
 
     runtime = SpecformerRuntime(onnx_path)
-    pixels = np.full((1, 3, runtime.image_size, runtime.image_size), 0.5, dtype=np.float32)
+    pixels = np.full((1, *runtime.input_shape), 0.5, dtype=np.float32)
     expected = runtime.answer(pixels, delta0=0.02)[0]
     assert answer["prediction"]["label"] == expected["prediction"]["label"]
     expected_bounds = [lay["bound"] for lay in expected["attention_lipschitz"]["layers"]]

@@ -39,8 +39,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """The first 32 test digits at 16x16 (many pixels at exactly 0, so the [0, 1] clamp matters)."""
-    test = load_dataset("digits", 16).test
+    """The first 32 test digits at 16x16 (many pixels at exactly 0, so the [0, 1] clamp matters), in
+    three channels for ``tiny_model`` (a three-channel model)."""
+    test = load_dataset("digits", 16, channels=3).test
     x = torch.stack([test[i][0] for i in range(32)])
     y = torch.tensor([test[i][1] for i in range(32)])
     return x, y

@@ -29,7 +29,7 @@ def test_variant_trains_exports_with_parity_and_audits(kind: str, tmp_path: Path
     assert report.exit_code == 0, report.problems
     assert all(row["q"]["max"] > 0 for row in report.layers)  # projection norms are reported
     runtime = SpecformerRuntime(exported["onnx"])
-    answer = runtime.answer(np.random.default_rng(0).random((1, 3, 16, 16), dtype=np.float32))[0]
+    answer = runtime.answer(np.random.default_rng(0).random((1, *runtime.input_shape), dtype=np.float32))[0]
     layers = answer["attention_lipschitz"]["layers"]
     assert all(layer["applicable"] is False and kind in layer["reason"] and "bound" not in layer for layer in layers)
 

@@ -78,7 +78,7 @@ def test_layer_bound_on_a_real_vit_layer_sits_above_exact_and_empirical(tiny_mod
     model = tiny_model.double().requires_grad_(False)
     stack = unfused_attention(model)
     stack.__enter__()
-    pixels = load_dataset("digits", 16).test[0][0].double()
+    pixels = load_dataset("digits", 16, channels=3).test[0][0].double()
     pairs = list(zip(attention_layers(model), attention_inputs(model, pixels)))
     for layer, (attn, x0) in ((0, pairs[0]), (3, pairs[3])):
         heads = layer_heads(attn)

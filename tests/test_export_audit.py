@@ -53,7 +53,7 @@ def test_onnx_and_pt2_match_pytorch_on_new_inputs(exported_pair) -> None:
     onnx_path = Path(summary["onnx"])
     assert not list(onnx_path.parent.glob("*.data")), "the ONNX file must be self-contained"
     model, _ = load_run_model(summary["run"])
-    pixels = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # a batch size never traced
+    pixels = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(0))  # a batch size never traced
     logits_ort, norms_ort = _session(onnx_path).run(["logits", "attn_input_norms"], {"pixels": pixels.numpy()})
     with torch.no_grad():
         logits = model(pixels)

@@ -107,7 +107,7 @@ def png() -> bytes:
 
 @pytest.fixture(scope="module")
 def pixels(png) -> np.ndarray:
-    return decode_image(png, 16)[None]
+    return decode_image(png, 16, 1)[None]
 
 
 def test_runtime_asked_for_a_gpu_serves_on_cpu_and_says_why(exported_pair, pixels, monkeypatch) -> None:

@@ -91,7 +91,8 @@ def with_pt2_from(summary: dict, dst_dir: Path, *, weight_delta: float = 0.0, sk
     wrapper = (_SkewedLogits if skew else CertifiableModel)(model).eval()
     scratch = dst_dir / "retrace"
     scratch.mkdir()
-    write_graph_files(wrapper, torch.from_numpy(reference_pixels(16)), scratch / "model.onnx", dst_dir / "model.pt2")
+    pixels = torch.from_numpy(reference_pixels((1, 16, 16)))
+    write_graph_files(wrapper, pixels, scratch / "model.onnx", dst_dir / "model.pt2")
     shutil.rmtree(scratch)
     return out
 
@@ -136,7 +137,7 @@ def test_edited_graph_is_refused_although_weights_and_metadata_are_intact(msvp, 
     assert digest_problems(proto, read_metadata(proto)) == [
         "the graph (nodes, constants, inputs or outputs) changed after export"]
     # the edit matters: unverified, the file serves input norms 100x too small (certificates too optimistic)
-    pixels = reference_pixels(16)
+    pixels = reference_pixels((1, 16, 16))
     unverified = SpecformerRuntime(edited, verify=False).infer(pixels)[1]
     np.testing.assert_allclose(unverified, 0.01 * SpecformerRuntime(msvp["onnx"]).infer(pixels)[1], rtol=1e-5)
     with pytest.raises(IntegrityError, match="graph .* changed after export") as caught:
@@ -172,7 +173,7 @@ def test_every_digest_problem_is_one_audit_reports(msvp, tmp_path) -> None:
 
 def test_intact_pt2_is_accepted_and_used_by_the_probe(msvp) -> None:
     runtime = SpecformerRuntime(msvp["onnx"], check_pt2=True)
-    pixels = reference_pixels(16)
+    pixels = reference_pixels((1, 16, 16))
     labels = runtime.infer(pixels)[0].argmax(axis=1)
     assert len(runtime.probe(pixels, labels, ProbeRequest("pgd", eps=0.01, steps=2))) == 2
     assert runtime.probe_device == "cpu"
@@ -206,7 +207,7 @@ def test_missing_pt2_is_refused_at_load_when_asked_and_at_the_first_probe_otherw
     with pytest.raises(IntegrityError, match="model.pt2 is missing"):
         SpecformerRuntime(onnx_path, check_pt2=True)
     runtime = SpecformerRuntime(onnx_path)  # certify without --probe: predictions need no model.pt2
-    pixels = reference_pixels(16)
+    pixels = reference_pixels((1, 16, 16))
     assert len(runtime.answer(pixels)) == 2
     with pytest.raises(IntegrityError, match="model.pt2 is missing"):
         runtime.answer(pixels, probe=ProbeRequest())
@@ -217,7 +218,7 @@ def test_certify_checks_pt2_only_for_a_probe(msvp, tmp_path, digit_png) -> None:
     plain = _cli("certify", str(onnx_path), str(digit_png), "--json")
     assert plain.returncode == 0, plain.stderr
     assert json.loads(plain.stdout)["prediction"]["label"] == SpecformerRuntime(msvp["onnx"]).answer(
-        decode_image(digit_png.read_bytes(), 16)[None])[0]["prediction"]["label"]
+        decode_image(digit_png.read_bytes(), 16, 1)[None])[0]["prediction"]["label"]
     probed = _cli("certify", str(onnx_path), str(digit_png), "--probe", "pgd", "--json")
     assert probed.returncode == 2
     assert "model.pt2 does not match the ONNX file" in probed.stderr and "Traceback" not in probed.stderr

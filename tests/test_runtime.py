@@ -62,6 +62,7 @@ def test_certificate_equals_the_bounds_on_the_models_own_tokens(runtime, exporte
         assert served["paper_bound_valid"] is True  # real LayerNorm outputs have ||X0||_F >> 1
     block = answer["attention_lipschitz"]
     assert block["space"].startswith("each attention layer's input") and block["kind"] == "deterministic"
+    assert "17 tokens x 64" in block["space"]  # the layers' input shape: 16 patches + class token, dim 64
     assert not {"bound", "paper_bound"} & set(block)  # per layer only: no unlabelled maximum
     assert answer["prediction"]["label"] == int(model(pixels[None]).argmax())
 
@@ -113,7 +114,7 @@ def test_tampered_weights_are_refused(exported_pair, tmp_path: Path) -> None:
 ])
 def test_absurd_options_are_clear_errors(runtime, options, message) -> None:
     with pytest.raises(RequestError, match=message):
-        runtime.answer(np.zeros((1, 3, 16, 16), np.float32), **options)
+        runtime.answer(np.zeros((1, *runtime.input_shape), np.float32), **options)
 
 
 def test_image_decoding_converts_and_refuses_bad_input() -> None:
@@ -142,7 +143,7 @@ def test_certify_cli_prints_json_and_rejects_bad_images(exported_pair, digits_te
     paths = []
     for i in range(2):
         path = tmp_path / f"digit{i}.png"
-        path.write_bytes(_png((digits_test[i][0].numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)))
+        path.write_bytes(_png((digits_test[i][0].numpy()[0] * 255).round().astype(np.uint8)))
         paths.append(str(path))
     run = lambda *a: subprocess.run([sys.executable, "-m", "specformer_deploy", "certify", *a],  # noqa: E731
                                     capture_output=True, text=True, timeout=300)
@@ -151,10 +152,11 @@ def test_certify_cli_prints_json_and_rejects_bad_images(exported_pair, digits_te
     answers = json.loads(result.stdout)
     assert [a["image"] for a in answers] == paths
     assert {"prediction", "attention_lipschitz", "probe"} <= set(answers[0])
-    assert answers[0]["probe"]["space"] == "pixels in [0, 1]" and answers[0]["probe"]["kind"].startswith("empirical")
+    assert answers[0]["probe"]["space"] == "model input 1x16x16, pixels in [0, 1]"
+    assert answers[0]["probe"]["kind"].startswith("empirical")
     assert len(answers[0]["attention_lipschitz"]["layers"]) == 4
     offline = SpecformerRuntime(exported_pair["msvp"]["onnx"]).answer(
-        np.stack([decode_image(Path(p).read_bytes(), 16) for p in paths]), delta0=0.01)
+        np.stack([decode_image(Path(p).read_bytes(), 16, 1) for p in paths]), delta0=0.01)
     assert answers[1]["attention_lipschitz"] == offline[1]["attention_lipschitz"]
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     bad = run(exported_pair["msvp"]["onnx"], str(tmp_path / "bad.png"))
@@ -166,7 +168,7 @@ def test_certify_smoothing_prints_the_runtime_answer_and_what_it_guarantees(runt
     from specformer_deploy.serving.smoothing import SmoothingParams
 
     path = tmp_path / "digit.png"
-    path.write_bytes(_png((digits_test[5][0].numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)))
+    path.write_bytes(_png((digits_test[5][0].numpy()[0] * 255).round().astype(np.uint8)))
     run = lambda *a: subprocess.run([sys.executable, "-m", "specformer_deploy", "certify",  # noqa: E731
                                      str(exported_pair["msvp"]["onnx"]), str(path), *a],
                                     capture_output=True, text=True, timeout=300)
@@ -175,12 +177,16 @@ def test_certify_smoothing_prints_the_runtime_answer_and_what_it_guarantees(runt
     assert result.returncode == 0, result.stderr
     block = json.loads(result.stdout)["smoothing"]
     params = SmoothingParams(sigma=0.12, n0=40, n=400, alpha=0.01, seed=7)
-    expected = runtime.answer(decode_image(path.read_bytes(), 16)[None], smoothing=params)[0]["smoothing"]
-    assert block == expected and block["space"] == "pixels in [0, 1], L2"
+    expected = runtime.answer(decode_image(path.read_bytes(), 16, 1)[None], smoothing=params)[0]["smoothing"]
+    assert block == expected and block["space"] == "model input 1x16x16, pixels in [0, 1], L2"
+    assert block["sent_image"] == "grey 16x16" and block["radius_in_sent_image"] == block["radius"]
     text = run(*flags)
     assert text.returncode == 0, text.stderr
     printed = " ".join(text.stdout.split())  # rich wraps long lines
     assert " ".join(block["guarantee"].split()) in printed and "largest radius n samples can certify" in printed
+    if not block["abstain"]:  # the one plain sentence about the image as sent
+        assert (f"certified: label {block['label']} for every image within L2 {block['radius_in_sent_image']:.3g} "
+                f"of digit.png (in its own grey pixels, as sent), with probability 0.99") in printed
     assert ("abstain" in printed) if block["abstain"] else (f"certified L2 radius {block['radius']:.4f}" in printed)
     at_radius = run(*flags, "--radius", "0.05", "--json")
     assert at_radius.returncode == 0, at_radius.stderr

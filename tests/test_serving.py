@@ -60,7 +60,7 @@ def test_image_bytes_and_json_requests_are_answered(server, png) -> None:
     assert raw["attention_lipschitz"]["space"].startswith("each attention layer's input (norm1 output)")
     status, b64 = server.post(_json(image=base64.b64encode(png).decode(), delta0=0.05, top_k=3))
     assert status == 200 and len(b64["prediction"]["top_k"]) == 3 and b64["attention_lipschitz"]["delta0"] == 0.05
-    pixels = decode_image(png, 16)
+    pixels = decode_image(png, 16, 1)
     status, from_pixels = server.post(_json(pixels=pixels.tolist()))
     assert status == 200 and from_pixels["prediction"]["label"] == raw["prediction"]["label"]
     status, header_opts = server.post(png, "image/png", headers={"X-Delta0": "0.2", "top_k": "2"})
@@ -70,7 +70,7 @@ def test_image_bytes_and_json_requests_are_answered(server, png) -> None:
 
 def test_served_certificate_equals_certify(server, png, exported_pair) -> None:
     status, served = server.post(_json(image=base64.b64encode(png).decode(), delta0=0.03))
-    offline = SpecformerRuntime(exported_pair["msvp"]["onnx"]).answer(decode_image(png, 16)[None], delta0=0.03)[0]
+    offline = SpecformerRuntime(exported_pair["msvp"]["onnx"]).answer(decode_image(png, 16, 1)[None], delta0=0.03)[0]
     assert status == 200
     assert served["prediction"]["label"] == offline["prediction"]["label"]
     for a, b in zip(served["attention_lipschitz"]["layers"], offline["attention_lipschitz"]["layers"]):
@@ -109,7 +109,7 @@ def test_probe_is_consistent_with_offline_pgd(server, png, exported_pair) -> Non
     status, served = server.post(_json(image=base64.b64encode(png).decode(), probe="pgd", eps="77/255", steps=20))
     assert status == 200, served
     runtime = SpecformerRuntime(exported_pair["msvp"]["onnx"])
-    pixels = decode_image(png, 16)[None]
+    pixels = decode_image(png, 16, 1)[None]
     label = runtime.infer(pixels)[0].argmax(axis=1)
     offline = runtime.probe(pixels, label, ProbeRequest("pgd", 77 / 255, 20, "linf"))[0]
     probe = served["probe"]

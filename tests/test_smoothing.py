@@ -118,7 +118,8 @@ def test_answer_is_statsmodels_bound_and_cohen_radius_of_its_counts():
     for key in ("certificate", "space", "guarantee", "sigma", "alpha", "n0", "n", "seed", "label", "abstain",
                 "count", "p_lower", "radius", "max_radius_for_n", "samples_used"):
         assert key in result
-    assert result["space"] == "pixels in [0, 1], L2" and result["samples_used"] == 100 + n
+    assert result["space"] == f"model input {'x'.join(map(str, X.shape))}, pixels in [0, 1], L2"
+    assert result["samples_used"] == 100 + n
 
 
 # ------------------------------------------------------------------ sampling and PREDICT, recomputed
@@ -247,8 +248,7 @@ def test_runtime_smoothing_is_seeded_and_counts_equal_onnx_runtime(exported_pair
 
     path = exported_pair["vanilla"]["onnx"]
     runtime = SpecformerRuntime(path)
-    size = runtime.image_size
-    x = np.random.default_rng(0).uniform(0, 1, (3, size, size)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(0, 1, runtime.input_shape).astype(np.float32)
     params = SmoothingParams(0.25, n0=16, n=96, batch_size=40, seed=3)
     first, again = runtime.smoothing(x, params), runtime.smoothing(x, params)
     assert first == again

@@ -163,7 +163,7 @@ def test_smoothadv_stays_in_the_ball_and_raises_the_smoothed_loss(noise_trained)
 
 
 def test_a_zero_step_or_zero_radius_attack_returns_x(tiny_model) -> None:
-    x = load_dataset("digits", 16).test.images[:4].float()
+    x = load_dataset("digits", 16).test.images[:4].float().expand(-1, 3, -1, -1)  # tiny_model: 3 channels
     model, y = tiny_model.eval(), torch.tensor([0, 1, 2, 3])
     noise = gaussian_noise(x.shape, 0.25, 2, seed=1)
     assert torch.equal(smoothadv_attack(model, x, y, noise, 0.5, steps=0), x)

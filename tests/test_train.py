@@ -30,7 +30,7 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def test_a_few_steps_on_digits_lower_the_loss(tiny_model) -> None:
-    bundle = load_dataset("digits", 16)
+    bundle = load_dataset("digits", 16, channels=3)
     x = torch.stack([bundle.train[i][0] for i in range(64)])
     y = torch.tensor([bundle.train[i][1] for i in range(64)])
     msvp = MSVP(tiny_model).train()

@@ -40,15 +40,16 @@ LIMITS = {"max_steps": 100, "max_restarts": 100, "max_delta0": 1e4, "max_top_k":
           "max_batch_probe": 64}
 
 ATTENTION_CERTIFICATE = "local Lipschitz constant of each attention layer (Theorem 4.3 and an always-valid form)"
-ATTENTION_SPACE = "each attention layer's input (norm1 output), Frobenius ball of radius delta0 around it"
+ATTENTION_SPACE = ("each attention layer's input (norm1 output), {tokens} tokens x {dim}, Frobenius ball of radius "
+                   "delta0 around it")
 ATTENTION_GUARANTEE = ("for every input within Frobenius distance delta0 of this layer's own input, the layer's output "
                        "moves at most bound times as far (paper_bound: the paper's form, an upper bound only when "
                        "paper_bound_valid); per layer, not a guarantee about the image")
 MLP_CERTIFICATE = "local Lipschitz constant of each MLP (units constant on the ball dropped, Huang et al. 2021)"
-MLP_SPACE = "each MLP's input (norm2 output), Frobenius ball of radius delta0 around it"
+MLP_SPACE = "each MLP's input (norm2 output), {tokens} tokens x {dim}, Frobenius ball of radius delta0 around it"
 MLP_GUARANTEE = ("for every input within Frobenius distance delta0 of this MLP's own input, its output moves at most "
                  "local times as far (global: the weights' bound without dropping units); per layer")
-PROBE_SPACE = "pixels in [0, 1]"
+PROBE_SPACE = "model input {shape}, pixels in [0, 1]"
 PROBE_KIND = "empirical: no guarantee"
 
 # The probe's model.pt2 may run on the session's GPU only if its logits there agree with the
@@ -191,6 +192,12 @@ class SpecformerRuntime:
         self.input_shape = input_shape(self.meta)  # (channels, S, S); (3, S, S) for older exports
         self.channels = self.input_shape[0]
         self.constants = CertificateConstants(self.meta)
+        # Every block names its space by shape: the layers' token matrices, the model's pixels.
+        tokens = sorted({int(t) for t in self.constants.tokens})
+        shape_of_layers = dict(tokens="/".join(map(str, tokens)), dim=self.meta.get("embed_dim", "d"))
+        self.attention_space = ATTENTION_SPACE.format(**shape_of_layers)
+        self.mlp_space = MLP_SPACE.format(**shape_of_layers)
+        self.probe_space = PROBE_SPACE.format(shape="x".join(map(str, self.input_shape)))
         self._reasons = self._inapplicable()
         self.class_names = list(self.meta["class_names"])
         self._probe_model = None
@@ -352,14 +359,14 @@ class SpecformerRuntime:
                 else:
                     layer.update(applicable=False, reason=reasons[l])
                 layers.append(layer)
-            out.append({"certificate": ATTENTION_CERTIFICATE, "space": ATTENTION_SPACE, "kind": "deterministic",
+            out.append({"certificate": ATTENTION_CERTIFICATE, "space": self.attention_space, "kind": "deterministic",
                         "guarantee": ATTENTION_GUARANTEE, "delta0": delta0, "layers": layers,
                         "spectral": "exact SVD at export, sha256 verified"})
         return out
 
     def mlp_block(self, mlp_inputs: np.ndarray, delta0: float) -> dict[str, Any]:
         """The ``mlp_lipschitz`` block of one image (``mlp_inputs`` is ``[L, N, d]``)."""
-        return {"certificate": MLP_CERTIFICATE, "space": MLP_SPACE, "kind": "deterministic",
+        return {"certificate": MLP_CERTIFICATE, "space": self.mlp_space, "kind": "deterministic",
                 "guarantee": MLP_GUARANTEE, "delta0": delta0, "layers": self.mlp_certificate(mlp_inputs, delta0)}
 
     def answer(self, pixels: np.ndarray, *, delta0: float = 0.01, top_k: int = 5,
@@ -490,7 +497,7 @@ class SpecformerRuntime:
         for i, label in enumerate(labels):
             others = np.delete(adv_logits[i], int(label))
             adv_label = int(adv_logits[i].argmax())
-            results.append({"attack": request.attack, "space": PROBE_SPACE, "kind": PROBE_KIND,
+            results.append({"attack": request.attack, "space": self.probe_space, "kind": PROBE_KIND,
                             "norm": request.norm, "eps": request.eps,
                             "steps": 1 if request.attack == "fgsm" else request.steps,
                             "restarts": request.restarts,
