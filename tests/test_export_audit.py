@@ -404,3 +404,46 @@ def test_audit_finds_the_digest_problems_the_serving_worker_refuses(exported_pai
                        "metadata value specformer.class_names changed after export"]
     report = audit_file(tampered)
     assert report.exit_code == 1 and report.problems == refused  # the bias moves no sigma
+
+
+@pytest.mark.slow
+def test_an_export_made_before_channels_were_recorded_is_a_three_channel_model(tmp_path: Path) -> None:
+    """Older exports carry no ``input_shape`` (and no digest of it): they were all three-channel,
+    and keep being served as such, a grey image replicated into them (decode norm sqrt(3))."""
+    import io
+
+    from PIL import Image
+
+    from specformer_deploy.artifact.export import export_run
+    from specformer_deploy.serving.images import read_image
+    from specformer_deploy.serving.runtime import SpecformerRuntime
+    from specformer_deploy.serving.smoothing import SmoothingParams
+    from specformer_deploy.training.train import TrainConfig, train
+
+    train(TrainConfig(epochs=1, warmup_epochs=0, in_chans=3, seed=1), tmp_path / "run", show_progress=False)
+    src = Path(export_run(tmp_path / "run", tmp_path / "run" / "export" / "model.onnx")["onnx"])
+    assert read_metadata(onnx.load(str(src)))["input_shape"] == [3, 16, 16]  # --in-chans 3 on grey digits
+
+    def make_old(proto: onnx.ModelProto) -> None:
+        kept = [p for p in proto.metadata_props if p.key != PREFIX + "input_shape"]
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(kept)
+        for prop in proto.metadata_props:
+            if prop.key == PREFIX + "integrity":
+                integrity = json.loads(prop.value)
+                integrity["metadata_sha256"].pop("input_shape")
+                prop.value = json.dumps(integrity)
+
+    old = _rewrite(src, tmp_path / "old.onnx", make_old)
+    report = audit_file(old)
+    assert report.exit_code == 0, report.problems
+    assert report.model["input_shape"] == [3, 16, 16] and any("3 channels" in note for note in report.notes)
+    runtime = SpecformerRuntime(old)
+    buffer = io.BytesIO()
+    Image.new("L", (16, 16), 90).save(buffer, format="PNG")
+    decoded = read_image(buffer.getvalue(), runtime.image_size, runtime.channels)
+    assert decoded.pixels.shape == (3, 16, 16) and decoded.decode.norm == pytest.approx(np.sqrt(3))
+    block = runtime.answer(decoded.pixels[None], smoothing=SmoothingParams(sigma=0.25, n=200),
+                           decodes=[decoded.decode])[0]["smoothing"]
+    assert block["space"] == "model input 3x16x16, pixels in [0, 1], L2"
+    assert block["radius_in_sent_image"] == pytest.approx(block["radius"] / np.sqrt(3))
