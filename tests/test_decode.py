@@ -162,3 +162,23 @@ def test_the_bound_is_tight_for_a_classifier_that_weighs_replicated_channels_equ
     assert block["radius_in_sent_image"] >= 0.95 * exact
     # Stating the model grid's radius as the grey image's would promise sqrt(3) times too much.
     assert block["radius"] > 1.6 * exact
+
+
+def test_the_plain_sentence_names_the_sent_image_its_radius_and_the_confidence() -> None:
+    from specformer_deploy.serving.smoothing import statement
+
+    x = np.zeros((1, 4, 4), dtype=np.float32)
+    decode = DecodeMap(SentImage(1, 8, 8), (1, 4, 4))
+    always_three = lambda batch: np.full(len(batch), 3)  # noqa: E731
+    block = in_sent_image(smoothing_answer(always_three, x, 10, SmoothingParams(sigma=0.5, n=1000)), decode)
+    assert statement(block, "d.png") == (f"certified: label 3 for every image within L2 "
+                                         f"{block['radius'] / decode.norm:.3g} of d.png (in its own grey pixels, "
+                                         "as sent), with probability 0.999")
+    coin = lambda batch: np.arange(len(batch)) % 2  # noqa: E731
+    abstained = in_sent_image(smoothing_answer(coin, x, 2, SmoothingParams(sigma=0.5, n=1000)), decode)
+    assert abstained["abstain"] and statement(abstained, "d.png").startswith("not certified: the smoothed classifier "
+                                                                              "abstains on d.png")
+    asked = in_sent_image(smoothing_answer(always_three, x, 10, SmoothingParams(sigma=0.5, n=1000, radius=0.2)),
+                          decode)
+    assert asked["radius_asked_in_sent_image"] == pytest.approx(0.2 / decode.norm)
+    assert statement(asked, "d.png").startswith(f"robust at L2 {0.2 / decode.norm:.3g} of d.png")
