@@ -160,7 +160,8 @@ def test_reproduce_with_two_seeds_reports_spread_and_intervals_from_the_json(tmp
     assert f"[{100 * expected.low:+.2f}, {100 * expected.high:+.2f}]" in clean_row
     assert "MSVP − vanilla, paired, 2 seed(s) × 24 test images" in report
     assert "Stronger attacks (standard training, first 8 test images; PGD step size 2.5·eps/steps, one random " \
-           "start)" in report
+           "start; budgets in pixels in [0, 1] of the 1x16x16 model input)" in report  # digits: one grey channel
+    assert data["input_shape"] == [1, 16, 16]
     assert "Stronger attacks: MSVP − vanilla, paired, 2 seed(s) × 8 test images" in report
     assert "### Does MSVP's effect match the paper's claim?" in report and "\nOverall: " in report
     strong_row = _row(report, "standard (stronger attacks)", after="Does MSVP's effect")
