@@ -16,12 +16,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from ts.torch_handler.base_handler import BaseHandler
 
 logger = logging.getLogger(__name__)
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s\\/:;,'\"()]+)+[\\/]([^\s\\/:;,'\"()]+)")
+
+
+def _without_paths(message: str) -> str:
+    """``message`` with every absolute path cut to its file name (a 503 must not show the server's
+    folders to a client)."""
+    return _PATH.sub(lambda match: match.group(1), message)
 
 
 class SpecformerHandler(BaseHandler):
@@ -54,7 +63,7 @@ class SpecformerHandler(BaseHandler):
             self.runtime = SpecformerRuntime(model_dir / serialized, device_id=None if gpu_id is None else int(gpu_id),
                                              threads=threads, check_pt2=True)
         except (IntegrityError, FileNotFoundError) as err:
-            self.refusal = str(err)
+            self.refusal = _without_paths(str(err))  # the client sees file names, never the server's folders
             logger.error("specformer: REFUSING TO SERVE model %r: %s; run specformer-deploy audit %s",
                          getattr(context, "model_name", None), err, serialized)
             self.initialized = True
@@ -78,6 +87,7 @@ class SpecformerHandler(BaseHandler):
             message = f"model failed its integrity check: {self.refusal}"
             return [self._error(context, index, 503, message, "integrity") for index in range(len(data))]
         from specformer_deploy.serving.request import ClientError, parse_request, split_form
+        from specformer_deploy.serving.smoothing import SamplingError
 
         answers: list[Any] = [None] * len(data)
         groups: dict[tuple, list[tuple[int, Any]]] = {}
@@ -109,9 +119,13 @@ class SpecformerHandler(BaseHandler):
                                               certificate=certificate, smoothing=smoothing,
                                               decodes=[parsed.decode for _, parsed in members], timings=timings)
                 for (index, _), result in zip(members, results):
-                    answers[index] = json.dumps(result)
+                    answers[index] = json.dumps(result, allow_nan=False)  # strict JSON: never NaN or Infinity
                     context.set_response_content_type(index, "application/json")
                 self._record_times(context, timings)
+            except SamplingError as err:  # e.g. NaN logits under noise: no certificate, and the client is told why
+                logger.error("specformer: smoothing refused for %d request(s): %s", len(members), err)
+                for index, _ in members:
+                    answers[index] = self._error(context, index, 500, f"smoothing failed: {err}", "sampling")
             except Exception as err:  # the server's own fault: 500 for this group, the others are answered
                 logger.exception("specformer: inference failed for %d request(s)", len(members))
                 for index, _ in members:

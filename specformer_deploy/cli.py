@@ -112,7 +112,7 @@ def train(
     if os.environ.get("RANK", "0") != "0":
         return
     if json_output:
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(_strict_json(summary, indent=2))
     else:
         err_console.print(f"[green]done[/]: test accuracy {summary['test_accuracy']:.4f}, run in {summary['out']}")
 
@@ -142,7 +142,7 @@ def export(
     except (CheckpointError, ExportError, ValueError) as err:
         _fail(str(err))
     if json_output:
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(_strict_json(summary, indent=2))
     else:
         parity = summary["parity"]
         err_console.print(f"[green]exported[/] {summary['onnx']} and {summary['pt2']}: parity on {parity['images']} "
@@ -221,7 +221,7 @@ def audit(
         payload = report.to_dict()
         if compare is not None:
             payload["compare"] = reports[1].to_dict()
-        typer.echo(json.dumps(payload, indent=2))
+        typer.echo(_strict_json(payload, indent=2))
     raise typer.Exit(report.exit_code)
 
 
@@ -293,7 +293,7 @@ def evaluate(
     except (CheckpointError, DataError, ValueError) as err:
         _fail(str(err))
     if json_output:
-        typer.echo(json.dumps(results, indent=2))
+        typer.echo(_strict_json(results, indent=2))
         return
     from rich.table import Table
 
@@ -355,9 +355,14 @@ def _evaluate_smoothing(model: Path, sigma: float, *, n: int, n0: int, alpha: fl
         plot_certified_accuracy([(f"sigma {sigma}", certified_radii(results["per_image"]))], plot, options.radii)
         err_console.print(f"plot written to {plot}")
     if json_output:
-        typer.echo(json.dumps(results, indent=2))
+        typer.echo(_strict_json(results, indent=2))
         return
     _print_certified_accuracy(model, results)
+
+
+def _strict_json(value: Any, indent: int | None = 2) -> str:
+    """JSON that strict parsers accept: a NaN or an infinity is a bug to report, never printed."""
+    return json.dumps(value, indent=indent, allow_nan=False)
 
 
 def _print_certified_accuracy(model: Path, results: dict[str, Any]) -> None:
@@ -455,7 +460,7 @@ def package(
     written = deployment.model_configs[name]
     if json_output:
         probe_name = next((m for m in deployment.archives if m != name), None)
-        typer.echo(json.dumps({
+        typer.echo(_strict_json({
             "archive": str(deployment.archives[name]), "name": name, "device_type": written["deviceType"],
             "device_ids": written.get("deviceIds"), "workers": written["maxWorkers"], "model_config": written,
             "probe_name": probe_name,
@@ -505,7 +510,7 @@ def certify(
     from specformer_deploy.budgets import BudgetError, parse_epsilon
     from specformer_deploy.serving.images import ImageError, read_image
     from specformer_deploy.serving.runtime import IntegrityError, ProbeRequest, RequestError, SpecformerRuntime
-    from specformer_deploy.serving.smoothing import SmoothingError, SmoothingParams
+    from specformer_deploy.serving.smoothing import SamplingError, SmoothingError, SmoothingParams
 
     try:
         eps_value = parse_epsilon(eps, "--eps")
@@ -539,12 +544,12 @@ def certify(
 
         answers = runtime.answer(np.stack([d.pixels for d in decoded]), delta0=delta0, top_k=top_k, probe=request,
                                  smoothing=params, decodes=[d.decode for d in decoded])
-    except (RequestError, FileNotFoundError, IntegrityError) as err:  # IntegrityError: model.pt2, checked by a probe
+    except (RequestError, FileNotFoundError, IntegrityError, SamplingError) as err:  # IntegrityError: model.pt2
         _fail(str(err))
     for path, answer in zip(images, answers):
         answer["image"] = str(path)
     if json_output:
-        typer.echo(json.dumps(answers if len(answers) > 1 else answers[0], indent=2))
+        typer.echo(_strict_json(answers if len(answers) > 1 else answers[0], indent=2))
         return
     _print_answers(answers)
 

@@ -153,6 +153,17 @@ def corpus(png: bytes) -> list[Case]:
              mentions="max_smoothing_samples"),
         Case("smoothing alpha 1", j(pixels=good, smoothing={"sigma": 0.25, "alpha": 1.0}), mentions="alpha"),
         Case("smoothing alpha 0", j(pixels=good, smoothing={"sigma": 0.25, "alpha": 0}), mentions="alpha"),
+        # alpha near 1 made p_lower round to 1: "radius": Infinity, which is not JSON
+        Case("smoothing alpha just below 1", j(pixels=good, smoothing={"sigma": 0.25, "alpha": 0.9999999999999999,
+                                                                       "n": 500}), mentions="alpha"),
+        Case("smoothing alpha above one half", j(pixels=good, smoothing={"sigma": 0.25, "alpha": 0.6}),
+             mentions="alpha"),
+        # sigma: huge values overflow the model into NaN logits; a float32 zero adds no noise at all
+        Case("smoothing sigma 1.7e308", j(pixels=good, smoothing={"sigma": 1.7e308, "n": 500}), mentions="sigma"),
+        Case("smoothing sigma 1e38", j(pixels=good, smoothing={"sigma": 1e38, "n": 500}), mentions="at most"),
+        Case("smoothing sigma 1e20", j(pixels=good, smoothing={"sigma": 1e20, "n": 500}), mentions="at most"),
+        Case("smoothing sigma zero in float32", j(pixels=good, smoothing={"sigma": 1e-46, "n": 500}),
+             mentions="float32"),
         Case("smoothing negative radius", j(pixels=good, smoothing={"sigma": 0.25, "radius": -0.5}),
              mentions="radius"),
         Case("smoothing sigma 0", j(pixels=good, smoothing={"sigma": 0}), mentions="sigma"),

@@ -377,3 +377,18 @@ def test_a_bad_handler_config_is_a_load_error_naming_the_key(exported_pair) -> N
     context = _context(Path(exported_pair["msvp"]["onnx"]).parent, {"max_probe_cost": "lots"})
     with pytest.raises(LimitsError, match="handler.max_probe_cost"):
         SpecformerHandler().initialize(context)
+
+
+def test_a_smoothing_request_to_the_cheap_endpoint_is_told_where_smoothing_is_served() -> None:
+    """Before asking for a sigma, an endpoint that serves no smoothing says so and names NAME-probe."""
+    cheap = ServingLimits(max_smoothing_samples=0, probe_endpoint="digits-probe")
+    body = json.dumps({"pixels": np.full((IMAGE_SIZE, IMAGE_SIZE), 0.5).tolist(), "smoothing": True}).encode()
+    with pytest.raises(ClientError) as caught:
+        parse_request(body, {}, IMAGE_SIZE, cheap, channels=CHANNELS)
+    _assert_client_error(caught.value)
+    assert "serves no smoothing" in caught.value.message and "/predictions/digits-probe" in caught.value.message
+    named = ServingLimits(probe_endpoint="digits-probe")  # serves smoothing, but the model has no training sigma
+    with pytest.raises(ClientError) as caught:
+        parse_request(body, {}, IMAGE_SIZE, named, channels=CHANNELS)
+    assert "smoothing.sigma is required" in caught.value.message
+    assert "/predictions/digits-probe" in caught.value.message

@@ -7,6 +7,7 @@ tools/serve_local.py from an archive built by ``package_model`` out of tampered 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -36,27 +37,35 @@ CASES = {
     "changed_pt2": (lambda summary, d: with_pt2_from(summary, d, weight_delta=0.5),
                     "model.pt2 does not match the ONNX file: model.pt2 tensor model.net.head.weight differs"),
     "missing_pt2": (lambda summary, d: Path(summary["onnx"]), "model.pt2 is missing"),
+    "truncated_onnx": (lambda summary, d: Path(summary["onnx"]), "model.onnx is not a readable ONNX file"),
 }
+# Cases whose archive is damaged after packaging (packaging itself refuses such an export).
+AFTER_PACKAGING = {"missing_pt2": ("model.pt2", None),
+                   "truncated_onnx": ("model.onnx", lambda data: data[: len(data) // 2])}
+INTERNAL_PATH = re.compile(r"/(?:tmp|root|home|work|var|opt|usr)/")
 
 
-def _drop_member(archive: Path, member: str) -> Path:
-    """Rewrite the .mar (a zip) without ``member``."""
+def _rewrite_member(archive: Path, member: str, change) -> Path:
+    """Rewrite the .mar (a zip) with ``member`` changed by ``change(bytes)`` (``None``: removed)."""
     with zipfile.ZipFile(archive) as source:
-        kept = [(info, source.read(info)) for info in source.infolist() if info.filename != member]
-    assert len(kept) < len(zipfile.ZipFile(archive).infolist()), f"{member} was not in {archive}"
+        entries = [(info, source.read(info)) for info in source.infolist()]
+    assert any(info.filename == member for info, _ in entries), f"{member} was not in {archive}"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as target:
-        for info, data in kept:
-            target.writestr(info, data)
+        for info, data in entries:
+            if info.filename != member:
+                target.writestr(info, data)
+            elif change is not None:
+                target.writestr(info, change(data))
     return archive
 
 
-def _dropping_pt2(build):
-    """``build`` (package_model or package_deployment), then model.pt2 removed from what it wrote."""
+def _damaging(build, member: str, change):
+    """``build`` (package_model or package_deployment), then ``member`` changed in what it wrote."""
 
     def wrapped(*args, **kwargs):
         result = build(*args, **kwargs)
         for archive in (result.archives.values() if hasattr(result, "archives") else [result]):
-            _drop_member(Path(archive), "model.pt2")
+            _rewrite_member(Path(archive), member, change)
         return result
 
     return wrapped
@@ -81,10 +90,10 @@ def test_tampered_model_is_refused_with_a_clear_log_line(case, exported_pair, tm
         pytest.fail("TorchServe needs Java 17 (apt-get install -y openjdk-17-jre-headless)")
     build, reason = CASES[case]
     onnx_path = build(exported_pair["msvp"], tmp_path / "export")
-    if case == "missing_pt2":  # packaging refuses an export without model.pt2: drop it from the archives
+    if case in AFTER_PACKAGING:  # packaging refuses such an export: damage the archives it wrote
         for builder in ("package_deployment", "package_model"):
             if hasattr(package, builder):
-                monkeypatch.setattr(package, builder, _dropping_pt2(getattr(package, builder)))
+                monkeypatch.setattr(package, builder, _damaging(getattr(package, builder), *AFTER_PACKAGING[case]))
     server = LocalTorchServe(tmp_path / "ts", str(onnx_path))
     try:
         server.start(wait=False)
@@ -100,6 +109,7 @@ def test_tampered_model_is_refused_with_a_clear_log_line(case, exported_pair, tm
             assert (status, phrase) == (503, "Service Unavailable"), body
             assert body == {"error": body["error"], "status": 503} and "prediction" not in body
             assert body["error"].startswith("model failed its integrity check: ") and reason in body["error"]
+            assert not INTERNAL_PATH.search(body["error"]), body["error"]  # file names only, never the server's folders
             assert seconds < 5, f"a refusal took {seconds:.1f} s"
         log = (server.root / "logs" / "model_log.log").read_text()
         lines = [line for line in log.splitlines() if "REFUSING TO SERVE model 'digits'" in line]

@@ -25,6 +25,7 @@ import numpy as np
 from specformer_deploy.serving.decode import decode_norm, shape_text
 from specformer_deploy.serving.smoothing import (
     SPACE,
+    SamplingError,
     SmoothingParams,
     certified_accuracy,
     certify,
@@ -111,7 +112,10 @@ def certify_images(runtime, images: np.ndarray, labels: np.ndarray, indices: Seq
     session, num_classes = runtime.session, len(runtime.class_names)
 
     def classify(batch: np.ndarray) -> np.ndarray:
-        return session.run(["logits"], {"pixels": batch})[0].argmax(axis=1)
+        logits = session.run(["logits"], {"pixels": batch})[0]
+        if not np.isfinite(logits).all():  # argmax of NaN is 0: never a certificate from it
+            raise SamplingError(f"the model returned non-finite logits under noise of sigma {options.sigma:g}")
+        return logits.argmax(axis=1)
 
     records = []
     for position, index in enumerate(indices):

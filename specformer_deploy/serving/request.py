@@ -215,8 +215,10 @@ def _smoothing_field(name: str, value: Any) -> Any:
     return _number(name, value, int if field_name in ("n", "n0", "seed") else float)
 
 
-def _smoothing_params(opts: dict[str, Any], sigma_default: float | None) -> SmoothingParams | None:
-    """The request's smoothing settings (``None``: not asked for), before any cap is applied."""
+def _smoothing_params(opts: dict[str, Any], sigma_default: float | None,
+                      limits: ServingLimits) -> SmoothingParams | None:
+    """The request's smoothing settings (``None``: not asked for), before the sample cap is applied;
+    an endpoint that serves no smoothing says so (and where it is served) before anything else."""
     switch = opts["smoothing"]
     flat = {name.removeprefix("smoothing_"): opts[name] for name in opts
             if name.startswith("smoothing_") and opts[name] is not None}
@@ -228,11 +230,15 @@ def _smoothing_params(opts: dict[str, Any], sigma_default: float | None) -> Smoo
     if switch is None and not flat:
         return None
     fields = {**flat, **(switch if isinstance(switch, dict) else {})}
+    if limits.max_smoothing_samples == 0:
+        raise ClientError(400, f"smoothing refused: {limits.smoothing_refusal(0, 1)}", reason="smoothing_cost")
     if fields.get("sigma") is None:
         if sigma_default is None:
+            where = (f"; smoothing is served at /predictions/{limits.probe_endpoint}" if limits.probe_endpoint
+                     else "")
             raise _option_error("smoothing.sigma", "is required: this model was not trained with noise (its export "
                                                    "has no specformer.smoothing.sigma), so give the sigma to "
-                                                   "certify with (pixels in [0, 1])")
+                                                   f"certify with (pixels in [0, 1]){where}")
         fields["sigma"] = sigma_default
     return SmoothingParams(**fields)
 
@@ -391,7 +397,7 @@ def _checked(decoded: DecodedImage, opts: dict[str, Any], source: str, image_siz
         refusal = limits.probe_cost_refusal(*probe.cost)
         if refusal is not None:
             raise ClientError(400, f"probe refused: {refusal}", reason="probe_cost")
-    smoothing = _smoothing_params(opts, smoothing_sigma)
+    smoothing = _smoothing_params(opts, smoothing_sigma, limits)
     if smoothing is not None:
         smoothing = _checked_smoothing(smoothing, limits)
     return ParsedRequest(decoded.pixels, opts["delta0"], opts["top_k"], opts["certificate"], probe, source,

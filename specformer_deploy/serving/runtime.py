@@ -29,7 +29,13 @@ from specformer_deploy.artifact.onnx_meta import (
 from specformer_deploy.budgets import madry_step_size
 from specformer_deploy.serving.bounds import CertificateConstants, certificate_arrays
 from specformer_deploy.serving.decode import DecodeMap, SentImage
-from specformer_deploy.serving.smoothing import SmoothingParams, in_sent_image, smoothing_answer
+from specformer_deploy.serving.smoothing import (
+    SamplingError,
+    SmoothingParams,
+    in_sent_image,
+    sigma_problem,
+    smoothing_answer,
+)
 
 __all__ = ["SpecformerRuntime", "IntegrityError", "ProbeRequest", "RequestError", "LIMITS", "cuda_usable",
            "cuda_unusable_reason", "check_options", "PROBE_AGREEMENT"]
@@ -200,6 +206,11 @@ class SpecformerRuntime:
         self.probe_space = PROBE_SPACE.format(shape="x".join(map(str, self.input_shape)))
         self._reasons = self._inapplicable()
         self.class_names = list(self.meta["class_names"])
+        block = self.meta.get("smoothing")
+        trained = block.get("sigma") if isinstance(block, dict) else None
+        if trained is not None and sigma_problem(trained) is not None:  # the default of every smoothing request
+            raise IntegrityError(f"{self.path.name}: the export's training noise specformer.smoothing.sigma "
+                                 f"{sigma_problem(trained)}")
         self._probe_model = None
         self.probe_device: str | None = None  # where model.pt2 runs, once the first probe loaded it
         self._verified_pt2 = self._load_pt2(arrays) if check_pt2 else None  # checked, on CPU, not yet moved
@@ -535,6 +546,10 @@ class SpecformerRuntime:
         session = self.session
 
         def classify(batch: np.ndarray) -> np.ndarray:
-            return session.run(["logits"], {"pixels": batch})[0].argmax(axis=1)
+            logits = session.run(["logits"], {"pixels": batch})[0]
+            if not np.isfinite(logits).all():  # argmax of NaN is 0: never a certificate from it
+                raise SamplingError(f"the model returned non-finite logits under noise of sigma {params.sigma:g}: "
+                                    "no certificate can be given")
+            return logits.argmax(axis=1)
 
         return in_sent_image(smoothing_answer(classify, pixels, len(self.class_names), params), decode)

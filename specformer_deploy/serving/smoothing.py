@@ -26,7 +26,8 @@ from specformer_deploy.serving.decode import DecodeMap, shape_text
 __all__ = ["SmoothingParams", "SmoothingError", "Classify", "certify", "predict", "certify_at_radius",
            "smoothing_answer", "certified_accuracy", "clopper_pearson_lower", "clopper_pearson_upper",
            "max_radius_for_n", "sequential_looks", "sample_counts", "CERTIFICATE", "SPACE", "GUARANTEE",
-           "PREDICT_GUARANTEE", "model_space", "sent_image_space", "in_sent_image", "statement"]
+           "PREDICT_GUARANTEE", "model_space", "sent_image_space", "in_sent_image", "statement", "MAX_SIGMA",
+           "MAX_ALPHA", "SamplingError", "sigma_problem"]
 
 Classify = Callable[[np.ndarray], np.ndarray]
 """float32 ``[B, C, S, S]`` pixels -> int64 labels ``[B]``."""
@@ -43,6 +44,16 @@ PREDICT_GUARANTEE = ("With probability at least 1 - alpha over the noise samples
 
 FIRST_LOOK = 32  # certify-at-radius: samples at the first look; later looks double up to n
 MAX_SAMPLES = 10**9
+# Noise beyond a few times the pixel range drowns every image (and huge values overflow the model
+# into NaN logits, whose argmax would be "certified"); a server may cap it lower.
+MAX_SIGMA = 10.0
+# A one-sided lower bound at a failure probability above 1/2 promises nothing, and near 1 it rounds
+# p_lower to 1 and the radius to infinity.
+MAX_ALPHA = 0.5
+
+
+class SamplingError(RuntimeError):
+    """The base classifier returned something no certificate can rest on (non-finite logits)."""
 
 
 class SmoothingError(ValueError):
@@ -55,6 +66,18 @@ class SmoothingError(ValueError):
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def sigma_problem(sigma: Any, cap: float = MAX_SIGMA) -> str | None:
+    """Why ``sigma`` is not a usable noise std (``None`` when it is): finite, > 0 in float32 (the
+    noise is drawn in float32: a smaller sigma adds no noise at all) and at most ``cap``."""
+    if not _is_number(sigma):
+        return f"must be a finite number (noise std in [0, 1] pixels), got {sigma!r}"
+    if sigma > cap:
+        return f"must be at most {cap:g} (noise std in [0, 1] pixels; larger noise drowns every image), got {sigma!r}"
+    if not (np.float32(sigma) > 0):
+        return f"must be > 0 in float32 (the noise is drawn in float32; {sigma!r} adds no noise), got {sigma!r}"
+    return None
 
 
 def _is_number(value: Any) -> bool:
@@ -76,15 +99,16 @@ class SmoothingParams:
 
     def validate(self) -> SmoothingParams:
         """``self``, or :class:`SmoothingError` naming the first field out of range."""
-        if not (_is_number(self.sigma) and self.sigma > 0):
-            raise SmoothingError("sigma", f"must be a finite number > 0 (noise std in [0, 1] pixels), "
-                                          f"got {self.sigma!r}")
+        problem = sigma_problem(self.sigma)
+        if problem is not None:
+            raise SmoothingError("sigma", problem)
         for name in ("n0", "n"):
             value = getattr(self, name)
             if not (_is_int(value) and 1 <= value <= MAX_SAMPLES):
                 raise SmoothingError(name, f"must be an integer in [1, {MAX_SAMPLES:.0e}], got {value!r}")
-        if not (_is_number(self.alpha) and 0 < self.alpha < 1):
-            raise SmoothingError("alpha", f"must be a number in (0, 1), got {self.alpha!r}")
+        if not (_is_number(self.alpha) and 0 < self.alpha <= MAX_ALPHA):
+            raise SmoothingError("alpha", f"must be a number in (0, {MAX_ALPHA:g}] (the failure probability of a "
+                                          f"lower bound; e.g. 0.001), got {self.alpha!r}")
         if self.radius is not None and not (_is_number(self.radius) and self.radius >= 0):
             raise SmoothingError("radius", f"must be a finite number >= 0 (L2, pixels in [0, 1]) or absent, "
                                            f"got {self.radius!r}")
@@ -155,8 +179,13 @@ def statement(block: dict[str, Any], image: str) -> str:
             f"{kind} pixels, as sent), with probability {confidence}")
 
 
+_BELOW_ONE = float(np.nextafter(1.0, 0.0))
+
+
 def _radius(sigma: float, p_lower: float) -> float:
-    return float(sigma * stats.norm.ppf(p_lower)) if p_lower > 0.5 else 0.0
+    """Cohen et al.'s ``sigma Phi^-1(p_lower)``; a bound that rounds to 1 is lowered to the largest
+    double below it (a smaller lower bound stays valid), so a radius is always a finite number."""
+    return float(sigma * stats.norm.ppf(min(p_lower, _BELOW_ONE))) if p_lower > 0.5 else 0.0
 
 
 def max_radius_for_n(sigma: float, n: int, alpha: float) -> float:
