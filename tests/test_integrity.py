@@ -145,6 +145,25 @@ def test_edited_graph_is_refused_although_weights_and_metadata_are_intact(msvp, 
     assert caught.value.problems == ["the graph (nodes, constants, inputs or outputs) changed after export"]
 
 
+def test_a_graph_edit_with_its_digest_recomputed_is_caught_by_model_pt2s_every_output(msvp, tmp_path) -> None:
+    """Digests are integrity, not authenticity: an editor can recompute them. The cross-check with
+    ``model.pt2`` compares every output, so scaling ``attn_input_norms`` (which shrinks every served
+    attention bound 100x) is refused although the logits are untouched."""
+    from specformer_deploy.artifact.onnx_meta import graph_digest, write_metadata
+
+    edited = with_scaled_norms(msvp["onnx"], tmp_path)
+    proto = onnx.load(str(edited))
+    meta = read_metadata(proto)
+    meta["integrity"]["graph_sha256"] = graph_digest(proto)
+    write_metadata(proto, {"integrity": meta["integrity"]})
+    onnx.save(proto, str(edited))
+    assert digest_problems(onnx.load(str(edited)), meta) == []  # the digests no longer tell
+    SpecformerRuntime(edited)  # without the cross-check it would load and serve the shrunk bounds
+    with pytest.raises(IntegrityError, match=r"model\.pt2's attn_input_norms differ from ONNX Runtime's") as caught:
+        SpecformerRuntime(edited, check_pt2=True)
+    assert not any("logits differ" in problem for problem in caught.value.problems)
+
+
 def test_changed_weight_and_metadata_are_named(msvp, tmp_path) -> None:
     changed = with_changed_weight(msvp["onnx"], tmp_path / "weights")
     with pytest.raises(IntegrityError, match=r"SHA-256 does not match.*weight tensor model\.net\.head\.weight "

@@ -116,17 +116,20 @@ def reference_pixels(shape: tuple[int, int, int]) -> np.ndarray:
     return np.stack([grey, noise])
 
 
-def pt2_problems(program, arrays: dict[str, np.ndarray], onnx_logits: Callable[[np.ndarray], np.ndarray],
+def pt2_problems(program, arrays: dict[str, np.ndarray],
+                 onnx_outputs: Callable[[np.ndarray], list[tuple[str, np.ndarray]]],
                  shape: tuple[int, int, int]) -> list[str]:
     """Where a loaded ``model.pt2`` differs from the ONNX file it should have been traced with.
 
     Two checks, both needed: (1) every parameter and buffer of the program equals the ONNX
     initializer of the same name bit for bit (export traces both files once, with ONNX
     optimisation off, so names and values are shared; this catches any changed weight, however
-    small its effect); (2) its logits on :func:`reference_pixels` equal ONNX Runtime's within
-    ``PT2_LOGIT_TOLERANCE`` of the logit scale (this catches an edited graph with intact
-    weights). ``program`` is ``torch.export.load(...).module()``; ``onnx_logits`` runs the ONNX
-    file on pixels ``[B, *shape]`` and returns ``[B, classes]``.
+    small its effect); (2) every output on :func:`reference_pixels` (the logits, and the
+    ``attn_input_norms`` that the certificates are computed from) equals ONNX Runtime's within
+    ``PT2_LOGIT_TOLERANCE`` of that output's scale (this catches an edited graph with intact
+    weights, whichever output the edit touches). ``program`` is ``torch.export.load(...).module()``;
+    ``onnx_outputs`` runs the ONNX file on pixels ``[B, *shape]`` and returns its outputs as
+    ``(name, array)`` pairs in the graph's order, the order the program returns them in.
     """
     import torch
 
@@ -141,22 +144,29 @@ def pt2_problems(program, arrays: dict[str, np.ndarray], onnx_logits: Callable[[
                 or not np.array_equal(value, arrays[name]):
             problems.append(f"model.pt2 tensor {name} differs from the ONNX initializer of that name")
     pixels = reference_pixels(shape)
-    reference = np.asarray(onnx_logits(pixels))
+    references = onnx_outputs(pixels)
     try:
         with torch.no_grad():
-            logits = program(torch.from_numpy(pixels))[0].float().cpu().numpy()
+            outputs = program(torch.from_numpy(pixels))
     except Exception as err:  # noqa: BLE001 - a changed graph can fail in any way: report, do not crash
         return problems + [f"model.pt2 does not run on the reference pixels: {type(err).__name__}: {err}"]
-    tolerance = PT2_LOGIT_TOLERANCE * max(1.0, float(np.abs(reference).max()))
-    difference = float(np.abs(logits - reference).max()) if logits.shape == reference.shape else np.inf
-    if not difference <= tolerance:  # NaN disagrees too
-        problems.append(f"model.pt2's logits differ from ONNX Runtime's by {difference:.3g} on the reference "
-                        f"pixels (tolerance {tolerance:.3g})")
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    if len(outputs) != len(references):
+        return problems + [f"model.pt2 returns {len(outputs)} outputs where the ONNX file has {len(references)} "
+                           f"({', '.join(name for name, _ in references)})"]
+    for (name, reference), output in zip(references, outputs):
+        reference, value = np.asarray(reference), output.float().cpu().numpy()
+        tolerance = PT2_LOGIT_TOLERANCE * max(1.0, float(np.abs(reference).max()))
+        difference = float(np.abs(value - reference).max()) if value.shape == reference.shape else np.inf
+        if not difference <= tolerance:  # NaN disagrees too
+            problems.append(f"model.pt2's {name} differ from ONNX Runtime's by {difference:.3g} on the reference "
+                            f"pixels (tolerance {tolerance:.3g})")
     return problems
 
 
 def load_verified_pt2(pt2: str | Path, arrays: dict[str, np.ndarray],
-                      onnx_logits: Callable[[np.ndarray], np.ndarray], shape: tuple[int, int, int]):
+                      onnx_outputs: Callable[[np.ndarray], list[tuple[str, np.ndarray]]],
+                      shape: tuple[int, int, int]):
     """``model.pt2``'s logits module on CPU, after :func:`pt2_problems` found nothing.
 
     Raises :class:`IntegrityError` when the file is missing, unloadable or does not match."""
@@ -170,7 +180,7 @@ def load_verified_pt2(pt2: str | Path, arrays: dict[str, np.ndarray],
         model = load_exported_logits(pt2)
     except Exception as err:  # torch.export.load raises many types for a damaged file
         raise IntegrityError(f"{pt2.name} cannot be loaded ({type(err).__name__}: {err}); {advice}") from err
-    problems = pt2_problems(model.program, arrays, onnx_logits, shape)
+    problems = pt2_problems(model.program, arrays, onnx_outputs, shape)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise IntegrityError(f"{pt2.name} does not match the ONNX file: {shown} ({advice})", problems)

@@ -265,10 +265,12 @@ class SpecformerRuntime:
             options.log_severity_level = 3
             session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
 
-        def onnx_logits(pixels: np.ndarray) -> np.ndarray:
-            return session.run(["logits"], {"pixels": pixels})[0]
+        names = [output.name for output in session.get_outputs()]
 
-        return load_verified_pt2(self.path.with_suffix(".pt2"), arrays, onnx_logits, self.input_shape)
+        def onnx_outputs(pixels: np.ndarray) -> list[tuple[str, np.ndarray]]:
+            return list(zip(names, session.run(names, {"pixels": pixels})))
+
+        return load_verified_pt2(self.path.with_suffix(".pt2"), arrays, onnx_outputs, self.input_shape)
 
     def _mlp_weights(self, proto) -> list[dict[str, Any]] | None:
         """fc1/fc2 weights (and thresholds) of ReLU-family MLPs, read once for local MLP bounds."""
