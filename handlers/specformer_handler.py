@@ -13,16 +13,21 @@ logs one warning line saying why. The device actually used is logged at start.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 from ts.torch_handler.base_handler import BaseHandler
 
 logger = logging.getLogger(__name__)
+
+TORCHSERVE_RESPONSE_TIMEOUT = 120  # s: TorchServe's default when model-config.yaml sets none
+DEADLINE_FRACTION = 0.75  # of responseTimeout: smoothing stops there, before TorchServe kills the worker
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s\\/:;,'\"()]+)+[\\/]([^\s\\/:;,'\"()]+)")
 
@@ -80,15 +85,31 @@ class SpecformerHandler(BaseHandler):
         logger.info("specformer: loaded %s on %s with %s (gpu_id %s, %d threads); weights, graph, metadata and "
                     "model.pt2 verified against their export",
                     serialized, runtime.device, runtime.providers[0], gpu_id, threads)
+        self.response_timeout = int(model_yaml.get("responseTimeout") or TORCHSERVE_RESPONSE_TIMEOUT)
+        self.size_smoothing()
         self.initialized = True
+
+    def size_smoothing(self) -> None:
+        """Measure what a smoothing sample costs on this worker and cap n0 + n at what finishes in
+        half of ``responseTimeout`` (an endpoint that serves no smoothing measures nothing)."""
+        if self.limits.max_smoothing_samples <= 0:
+            return
+        self.limits = dataclasses.replace(self.limits, samples_per_second=self.runtime.sampling_rate(),
+                                          response_timeout=self.response_timeout)
+        logger.info("specformer: smoothing samples %.4g images/s here: n0 + n up to %d fits in half of "
+                    "responseTimeout %d s", self.limits.samples_per_second, self.limits.smoothing_time_budget,
+                    self.response_timeout)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         if self.refusal is not None:  # never a prediction from a model that failed its integrity check
             message = f"model failed its integrity check: {self.refusal}"
             return [self._error(context, index, 503, message, "integrity") for index in range(len(data))]
         from specformer_deploy.serving.request import ClientError, parse_request, split_form
-        from specformer_deploy.serving.smoothing import SamplingError
+        from specformer_deploy.serving.smoothing import SamplingDeadline, SamplingError
 
+        # Smoothing stops here at the latest (a 503), well before TorchServe's responseTimeout would
+        # kill the worker and every request queued behind it.
+        deadline = time.monotonic() + DEADLINE_FRACTION * self.response_timeout
         answers: list[Any] = [None] * len(data)
         groups: dict[tuple, list[tuple[int, Any]]] = {}
         for index, request in enumerate(data):
@@ -117,11 +138,16 @@ class SpecformerHandler(BaseHandler):
                 timings: dict[str, float] = {}
                 results = self.runtime.answer(pixels, delta0=delta0, top_k=top_k, probe=probe,
                                               certificate=certificate, smoothing=smoothing,
-                                              decodes=[parsed.decode for _, parsed in members], timings=timings)
+                                              decodes=[parsed.decode for _, parsed in members], timings=timings,
+                                              deadline=deadline)
                 for (index, _), result in zip(members, results):
                     answers[index] = json.dumps(result, allow_nan=False)  # strict JSON: never NaN or Infinity
                     context.set_response_content_type(index, "application/json")
                 self._record_times(context, timings)
+            except SamplingDeadline as err:  # the worker lives on; the client can retry with fewer samples
+                logger.warning("specformer: smoothing stopped at its deadline for %d request(s)", len(members))
+                for index, _ in members:
+                    answers[index] = self._error(context, index, 503, f"smoothing stopped: {err}", "deadline")
             except SamplingError as err:  # e.g. NaN logits under noise: no certificate, and the client is told why
                 logger.error("specformer: smoothing refused for %d request(s): %s", len(members), err)
                 for index, _ in members:

@@ -208,3 +208,24 @@ def test_a_full_probe_queue_does_not_touch_cheap_requests(exported_pair, tmp_pat
     # TorchServe's own text for a full queue (fixed in its frontend): it names the probe model.
     full = [answer for status, answer in probe_answers if status == 503]
     assert all(a["type"] == "ServiceUnavailableException" and 'Model "digits-probe"' in a["message"] for a in full)
+
+
+def test_the_probe_archives_timeout_is_sized_for_its_smoothing_cap(exported_pair, tmp_path) -> None:
+    """Half of NAME-probe's responseTimeout must hold its cap at the rate the model samples; a
+    timeout the deployer sets is kept (the worker then caps smoothing by it)."""
+    from specformer_deploy.serving.package import SMOOTHING_TIMEOUT_MARGIN
+    from specformer_deploy.serving.runtime import SpecformerRuntime
+
+    onnx = exported_pair["msvp"]["onnx"]
+    cap = 20_000_000  # far more than 60 s of sampling on this machine
+    deployment = package_deployment(onnx, "big", tmp_path, probe_model_config={"handler": {
+        "max_smoothing_samples": cap, "threads_per_worker": 1}})
+    timeout = _archive_config(tmp_path / "big-probe.mar")["responseTimeout"]
+    rate = SpecformerRuntime(onnx, threads=1).sampling_rate()
+    expected = 2 * cap / rate * SMOOTHING_TIMEOUT_MARGIN
+    assert timeout > 120 and expected / 4 < timeout < expected * 4, (timeout, expected)
+    assert _archive_config(tmp_path / "big.mar")["responseTimeout"] == 60  # NAME serves no smoothing
+    assert deployment.model_configs["big-probe"]["responseTimeout"] == timeout
+    package_deployment(onnx, "kept", tmp_path, probe_model_config={"responseTimeout": 30, "handler": {
+        "max_smoothing_samples": cap}})
+    assert _archive_config(tmp_path / "kept-probe.mar")["responseTimeout"] == 30

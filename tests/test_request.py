@@ -246,7 +246,7 @@ def test_fuzz_deep_nesting(depth, opener) -> None:
 
 # -- the real handler, with TorchServe's own context and metrics cache -----------------------
 
-def _context(model_dir, handler_config: dict):
+def _context(model_dir, handler_config: dict, **model_yaml):
     from pathlib import Path
 
     import ts
@@ -257,7 +257,7 @@ def _context(model_dir, handler_config: dict):
     metrics.model_name = "digits"
     metrics.set_request_ids("r0")
     return Context("digits", str(model_dir), {"model": {"serializedFile": "model.onnx"}}, 8, None, "0.12.0",
-                   metrics=metrics, model_yaml_config={"handler": handler_config})
+                   metrics=metrics, model_yaml_config={"handler": handler_config, **model_yaml})
 
 
 def _handle(handler, context, cases: list[Case]):
@@ -392,3 +392,66 @@ def test_a_smoothing_request_to_the_cheap_endpoint_is_told_where_smoothing_is_se
         parse_request(body, {}, IMAGE_SIZE, named, channels=CHANNELS)
     assert "smoothing.sigma is required" in caught.value.message
     assert "/predictions/digits-probe" in caught.value.message
+
+
+def test_the_smoothing_cap_follows_what_a_sample_costs_and_the_response_timeout() -> None:
+    limits = ServingLimits(max_smoothing_samples=10_100, samples_per_second=26.0, response_timeout=120,
+                           probe_endpoint="vit-probe")
+    assert limits.smoothing_time_budget == 1560  # 26 images/s x 60 s
+    assert limits.smoothing_refusal(100, 1460) is None
+    refusal = limits.smoothing_refusal(100, 10_000)  # the default request on a paper-vit-s-sized model
+    assert "26 images/s" in refusal and "n <= 1460 with n0 = 100" in refusal and "responseTimeout 120 s" in refusal
+    assert "GPU" in refusal
+    assert ServingLimits(max_smoothing_samples=10_100).smoothing_refusal(100, 10_000) is None  # not measured
+
+
+class _Slow:
+    """The worker's real ONNX Runtime session, made slow: 2 ms per image (500 images/s at most)."""
+
+    def __init__(self, session, seconds_per_image: float = 0.002) -> None:
+        self.session, self.seconds_per_image = session, seconds_per_image
+
+    def run(self, names, feeds):
+        import time
+
+        time.sleep(self.seconds_per_image * len(feeds["pixels"]))
+        return self.session.run(names, feeds)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+@pytest.mark.slow
+def test_a_slow_model_refuses_what_would_outlast_its_timeout_and_stops_at_its_deadline(exported_pair) -> None:
+    """Measured at load: a request that cannot finish in half of responseTimeout is a 400 at once,
+    one that fits is answered, and a batch that together outlasts it stops at the deadline (503)
+    with the worker alive, never TorchServe's "Worker died"."""
+    import time
+    from pathlib import Path
+
+    from specformer_handlers.specformer_handler import SpecformerHandler
+
+    context = _context(Path(exported_pair["msvp"]["onnx"]).parent, {"threads_per_worker": 1}, responseTimeout=4)
+    handler = SpecformerHandler()
+    handler.initialize(context)
+    handler.runtime.session = _Slow(handler.runtime.session)
+    handler.size_smoothing()
+    budget = handler.limits.smoothing_time_budget
+    assert budget is not None and 200 < budget <= 1000  # at most 500 images/s x 2 s
+
+    def request(n: int) -> Case:
+        body = {"image": base64.b64encode(PNG).decode(), "smoothing": {"sigma": 0.25, "n0": 20, "n": n}}
+        return Case(f"n {n}", json.dumps(body).encode(), status=200)
+
+    started = time.monotonic()
+    (status, _), answer = _handle(handler, context, [request(10_000)])[0]
+    assert status == 400 and "would outlast this model's time" in json.loads(answer)["error"]
+    assert time.monotonic() - started < 1.0  # refused before any sampling
+    (status, _), answer = _handle(handler, context, [request(budget // 2)])[0]
+    assert status == 200 and json.loads(answer)["smoothing"]["n"] == budget // 2
+    started = time.monotonic()
+    results = _handle(handler, context, [request(budget - 20)] * 3)  # each fits alone; together ~3x half the timeout
+    assert time.monotonic() - started < 4.0  # stopped before responseTimeout
+    assert all(status == 503 and "deadline" in json.loads(answer)["error"] for (status, _), answer in results)
+    (status, _), _ = _handle(handler, context, [request(budget // 2)])[0]
+    assert status == 200  # the worker lives on

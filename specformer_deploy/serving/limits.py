@@ -34,6 +34,18 @@ class ServingLimits:
     max_smoothing_samples: int = 10_100
     probe_endpoint: str | None = None
     threads_per_worker: int | None = None
+    # Measured by the worker at load (not configuration): what one smoothing sample costs here, and
+    # TorchServe's responseTimeout for this model. Together they cap n0 + n at what finishes in
+    # half of the timeout, so no smoothing request can outlive the worker.
+    samples_per_second: float | None = None
+    response_timeout: int | None = None
+
+    @property
+    def smoothing_time_budget(self) -> int | None:
+        """The most n0 + n that this worker samples in half of ``responseTimeout`` (``None``: not measured)."""
+        if not self.samples_per_second or not self.response_timeout:
+            return None
+        return int(self.samples_per_second * self.response_timeout / 2)
 
     @classmethod
     def from_handler_config(cls, config: Mapping[str, Any] | None) -> ServingLimits:
@@ -78,12 +90,20 @@ class ServingLimits:
                 f"{self.max_probe_cost} ({_SOURCE}){where}")
 
     def smoothing_refusal(self, n0: int, n: int) -> str | None:
-        """Why smoothing with ``n0`` + ``n`` samples per image is refused here, or ``None``."""
+        """Why smoothing with ``n0`` + ``n`` samples per image is refused here, or ``None``: the
+        configured cap first, then what this worker can sample in half its response timeout."""
         samples = n0 + n
-        if samples <= self.max_smoothing_samples:
-            return None
         where = (f"; send smoothing requests to /predictions/{self.probe_endpoint}" if self.probe_endpoint else "")
         if self.max_smoothing_samples == 0:
             return f"this endpoint serves no smoothing (handler.max_smoothing_samples = 0 in {_SOURCE}){where}"
-        return (f"n0 + n = {samples} samples per image exceeds this endpoint's cap handler.max_smoothing_samples = "
-                f"{self.max_smoothing_samples} ({_SOURCE}); ask for fewer samples (smoothing n, n0){where}")
+        if samples > self.max_smoothing_samples:
+            return (f"n0 + n = {samples} samples per image exceeds this endpoint's cap handler.max_smoothing_samples "
+                    f"= {self.max_smoothing_samples} ({_SOURCE}); ask for fewer samples (smoothing n, n0){where}")
+        budget = self.smoothing_time_budget
+        if budget is not None and samples > budget:
+            return (f"n0 + n = {samples} samples per image would outlast this model's time: it samples "
+                    f"{self.samples_per_second:.4g} images/s here (measured at load), so half of its "
+                    f"responseTimeout {self.response_timeout} s fits {budget} samples; ask for n <= "
+                    f"{max(budget - n0, 0)} with n0 = {n0}, or raise responseTimeout and "
+                    f"handler.max_smoothing_samples in {_SOURCE} (or serve on a GPU)")
+        return None

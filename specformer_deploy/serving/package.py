@@ -9,6 +9,8 @@ whole probe; separate models keep the cheap queue short whatever the probes do.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import subprocess
 import sys
@@ -205,6 +207,25 @@ def _archive(onnx_path: Path, class_names: list[str], name: str, store: Path, co
     return archive
 
 
+SMOOTHING_TIMEOUT_MARGIN = 1.25  # responseTimeout sized so half of it holds the cap's samples, plus this margin
+
+
+def sized_for_smoothing(onnx_path: Path, config: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``config`` with ``responseTimeout`` raised so that half of it fits ``handler.max_smoothing_samples``
+    at the rate this model samples here (measured now, with the workers' thread count): the worker
+    admits what the timeout allows, so a cap the timeout cannot hold would be a cap in name only.
+    A ``responseTimeout`` the caller set is kept (the worker then caps smoothing by it)."""
+    cap = int(config["handler"].get("max_smoothing_samples") or 0)
+    if cap <= 0 or "responseTimeout" in (overrides or {}):
+        return config
+    from specformer_deploy.serving.runtime import SpecformerRuntime
+
+    threads = config["handler"].get("threads_per_worker") or max(1, (os.cpu_count() or 1) // 2)
+    rate = SpecformerRuntime(onnx_path, threads=threads).sampling_rate()
+    needed = math.ceil(2 * cap / rate * SMOOTHING_TIMEOUT_MARGIN)
+    return {**config, "responseTimeout": max(int(config["responseTimeout"]), needed)}
+
+
 def package_model(onnx_path: str | Path, name: str, store: str | Path = "model_store", *,
                   model_config: dict[str, Any] | None = None, version: str = "1.0",
                   device_ids: Sequence[int] | None = None) -> Path:
@@ -214,7 +235,9 @@ def package_model(onnx_path: str | Path, name: str, store: str | Path = "model_s
     onnx_path = Path(onnx_path)
     config = model_config_for(model_config, device_ids)
     _check_name(name)
-    return _archive(onnx_path, _check_export(onnx_path), name, Path(store), config, version)
+    class_names = _check_export(onnx_path)
+    return _archive(onnx_path, class_names, name, Path(store), sized_for_smoothing(onnx_path, config, model_config),
+                    version)
 
 
 def write_config_properties(store: str | Path) -> tuple[Path, bool]:
@@ -259,6 +282,8 @@ def package_deployment(onnx_path: str | Path, name: str, store: str | Path = "mo
         configs[name] = model_config_for(main, device_ids)
         configs[probe_name] = probe_model_config_for(probe, device_ids)
     class_names = _check_export(onnx_path)
+    overrides = {name: model_config, name + PROBE_SUFFIX: probe_model_config}
+    configs = {model: sized_for_smoothing(onnx_path, config, overrides.get(model)) for model, config in configs.items()}
     archives = {model: _archive(onnx_path, class_names, model, store, config, version)
                 for model, config in configs.items()}
     properties, written = write_config_properties(store)

@@ -8,6 +8,7 @@ ONNX Runtime has no input-gradient path.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -30,6 +31,7 @@ from specformer_deploy.budgets import madry_step_size
 from specformer_deploy.serving.bounds import CertificateConstants, certificate_arrays
 from specformer_deploy.serving.decode import DecodeMap, SentImage
 from specformer_deploy.serving.smoothing import (
+    SamplingDeadline,
     SamplingError,
     SmoothingParams,
     in_sent_image,
@@ -57,6 +59,9 @@ MLP_GUARANTEE = ("for every input within Frobenius distance delta0 of this MLP's
                  "local times as far (global: the weights' bound without dropping units); per layer")
 PROBE_SPACE = "model input {shape}, pixels in [0, 1]"
 PROBE_KIND = "empirical: no guarantee"
+
+# With a deadline, one smoothing batch lasts about this long, so sampling stops close to it.
+DEADLINE_BATCH_SECONDS = 2.0
 
 # The probe's model.pt2 may run on the session's GPU only if its logits there agree with the
 # ONNX session's on the same image to within this fraction of the logit scale (max(1, max|z|)).
@@ -212,6 +217,7 @@ class SpecformerRuntime:
             raise IntegrityError(f"{self.path.name}: the export's training noise specformer.smoothing.sigma "
                                  f"{sigma_problem(trained)}")
         self._probe_model = None
+        self.samples_per_second: float | None = None  # set by sampling_rate()
         self.probe_device: str | None = None  # where model.pt2 runs, once the first probe loaded it
         self._verified_pt2 = self._load_pt2(arrays) if check_pt2 else None  # checked, on CPU, not yet moved
 
@@ -385,7 +391,7 @@ class SpecformerRuntime:
     def answer(self, pixels: np.ndarray, *, delta0: float = 0.01, top_k: int = 5,
                probe: ProbeRequest | None = None, certificate: bool = True,
                smoothing: SmoothingParams | None = None, decodes: list[DecodeMap | None] | None = None,
-               timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
+               timings: dict[str, float] | None = None, deadline: float | None = None) -> list[dict[str, Any]]:
         """One answer per image of the batch (DESIGN.md's served JSON).
 
         ``certificate=False`` leaves out the deterministic per-layer blocks (``attention_lipschitz``,
@@ -394,7 +400,8 @@ class SpecformerRuntime:
         the model grid and, through ``decodes[i]`` (how image ``i`` was decoded; ``None``: the pixels
         are what was sent), in the sent image's own coordinates; ``probe`` adds a PGD probe.
         ``timings``, when given, receives the seconds spent in ``inference``, ``certificate``,
-        ``smoothing`` and ``probe`` (the server's metrics)."""
+        ``smoothing`` and ``probe`` (the server's metrics). ``deadline`` (``time.monotonic()``):
+        smoothing stops there with :class:`SamplingDeadline` instead of running on."""
         self.check_options(delta0, top_k, probe)
         if smoothing is not None:
             smoothing.validate()
@@ -417,7 +424,8 @@ class SpecformerRuntime:
         if smoothing is not None:
             clock = time.perf_counter()
             for i, answer in enumerate(answers):
-                answer["smoothing"] = self.smoothing(pixels[i], smoothing, decodes[i] if decodes else None)
+                answer["smoothing"] = self.smoothing(pixels[i], smoothing, decodes[i] if decodes else None,
+                                                     deadline=deadline)
             spent["smoothing"] = time.perf_counter() - clock
         if probe is not None:
             clock = time.perf_counter()
@@ -530,8 +538,27 @@ class SpecformerRuntime:
         sigma = block.get("sigma") if isinstance(block, dict) else None
         return float(sigma) if sigma is not None else None
 
-    def smoothing(self, pixels: np.ndarray, params: SmoothingParams, decode: DecodeMap | None = None
-                  ) -> dict[str, Any]:
+    def sampling_rate(self, batch_size: int = 1_000, min_seconds: float = 0.2) -> float:
+        """Noisy images per second that this session classifies, measured now: batches grow from 1
+        until one takes ``min_seconds`` (or reaches ``batch_size``, smoothing's batch), the faster of
+        two runs at that size counts. What a smoothing request's cost is judged by."""
+        rng = np.random.default_rng(0)
+        size = 1
+        while True:
+            pixels = rng.random((size, *self.input_shape), dtype=np.float32)
+            seconds = min(self._timed_run(pixels) for _ in range(2))
+            if seconds >= min_seconds or size >= batch_size:
+                self.samples_per_second = size / max(seconds, 1e-9)
+                return self.samples_per_second
+            size = min(batch_size, size * 4)
+
+    def _timed_run(self, pixels: np.ndarray) -> float:
+        started = time.perf_counter()
+        self.session.run(["logits"], {"pixels": pixels})
+        return time.perf_counter() - started
+
+    def smoothing(self, pixels: np.ndarray, params: SmoothingParams, decode: DecodeMap | None = None,
+                  deadline: float | None = None) -> dict[str, Any]:
         """The randomized-smoothing block for one image ``[C, S, S]`` (pixels in [0, 1]): CERTIFY, or
         certify-at-radius when ``params.radius`` is given, on this runtime's own ONNX session.
 
@@ -545,9 +572,15 @@ class SpecformerRuntime:
             raise ValueError(f"decode map ends in {decode.model_shape}, the model takes {expected}")
         if pixels.shape != expected:
             raise ValueError(f"smoothing takes one image of shape {expected}, got {pixels.shape}")
+        if deadline is not None and self.samples_per_second:  # the deadline is checked between batches:
+            batch = max(1, min(params.batch_size, int(self.samples_per_second * DEADLINE_BATCH_SECONDS)))
+            params = dataclasses.replace(params, batch_size=batch)  # the samples do not depend on the batching
         session = self.session
 
         def classify(batch: np.ndarray) -> np.ndarray:
+            if deadline is not None and time.monotonic() > deadline:
+                raise SamplingDeadline("sampling reached its deadline before the response timeout: ask for fewer "
+                                       "samples (smoothing n), or send fewer smoothing requests at once")
             logits = session.run(["logits"], {"pixels": batch})[0]
             if not np.isfinite(logits).all():  # argmax of NaN is 0: never a certificate from it
                 raise SamplingError(f"the model returned non-finite logits under noise of sigma {params.sigma:g}: "

@@ -27,7 +27,7 @@ __all__ = ["SmoothingParams", "SmoothingError", "Classify", "certify", "predict"
            "smoothing_answer", "certified_accuracy", "clopper_pearson_lower", "clopper_pearson_upper",
            "max_radius_for_n", "sequential_looks", "sample_counts", "CERTIFICATE", "SPACE", "GUARANTEE",
            "PREDICT_GUARANTEE", "model_space", "sent_image_space", "in_sent_image", "statement", "MAX_SIGMA",
-           "MAX_ALPHA", "SamplingError", "sigma_problem"]
+           "MAX_ALPHA", "SamplingError", "SamplingDeadline", "sigma_problem"]
 
 Classify = Callable[[np.ndarray], np.ndarray]
 """float32 ``[B, C, S, S]`` pixels -> int64 labels ``[B]``."""
@@ -54,6 +54,10 @@ MAX_ALPHA = 0.5
 
 class SamplingError(RuntimeError):
     """The base classifier returned something no certificate can rest on (non-finite logits)."""
+
+
+class SamplingDeadline(SamplingError):
+    """Sampling was stopped at its deadline: no certificate, and the worker lives on."""
 
 
 class SmoothingError(ValueError):
