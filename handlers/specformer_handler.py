@@ -65,8 +65,10 @@ class SpecformerHandler(BaseHandler):
         # and answers every request 503 at once (see handle()).
         self.refusal: str | None = None
         try:
+            key = options.get("verify_key")  # package --verify-key: the public key inside the archive
             self.runtime = SpecformerRuntime(model_dir / serialized, device_id=None if gpu_id is None else int(gpu_id),
-                                             threads=threads, check_pt2=True)
+                                             threads=threads, check_pt2=True,
+                                             verify_key=None if key is None else model_dir / str(key))
         except (IntegrityError, FileNotFoundError) as err:
             self.refusal = _without_paths(str(err))  # the client sees file names, never the server's folders
             logger.error("specformer: REFUSING TO SERVE model %r: %s; run specformer-deploy audit %s",

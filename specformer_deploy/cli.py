@@ -122,6 +122,9 @@ def export(
     run_dir: Path = typer.Argument(..., help="A run directory written by `train`."),
     out: Path = typer.Option(..., "--out", help="The .onnx file to write; model.pt2 is written beside it."),
     opset: int | None = typer.Option(None, help="ONNX opset (default: the exporter's)."),
+    sign_key: Path | None = typer.Option(None, help="Ed25519 private key (PEM, see `keygen`): also write model.sig, "
+                                         "a signature of model.onnx and model.pt2 that workers packaged with "
+                                         "--verify-key check at load."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Export a run to ONNX (pixels -> logits, attn_input_norms) with spectral metadata, plus model.pt2.
@@ -141,6 +144,13 @@ def export(
             summary = export_run(run_dir, out, opset=opset, step=lambda m: status.update(m))
     except (CheckpointError, ExportError, ValueError) as err:
         _fail(str(err))
+    if sign_key is not None:
+        from specformer_deploy.artifact.signing import SigningError, sign_export
+
+        try:
+            summary["signature"] = str(sign_export(summary["onnx"], sign_key))
+        except SigningError as err:
+            _fail(str(err))
     if json_output:
         typer.echo(_strict_json(summary, indent=2))
     else:
@@ -179,12 +189,30 @@ def _print_audit(report, console: Console) -> None:
 
 
 @app.command()
+def keygen(
+    private_key: Path = typer.Argument(..., help="Where to write the Ed25519 private key (PEM, mode 600)."),
+    public_key: Path = typer.Argument(..., help="Where to write its public key (PEM)."),
+) -> None:
+    """Make a key pair for signed exports: `export --sign-key PRIVATE`, `package --verify-key PUBLIC`,
+    `audit --verify-key PUBLIC`. Keep the private key away from the servers."""
+    from specformer_deploy.artifact.signing import generate_keys
+
+    for path in (private_key, public_key):
+        if path.exists():
+            _fail(f"{path} exists: keygen does not overwrite a key")
+    generate_keys(private_key, public_key)
+    err_console.print(f"[green]wrote[/] {private_key} (private: keep it off the servers) and {public_key}")
+
+
+@app.command()
 def audit(
     model: Path = typer.Argument(..., help="An ONNX file (ideally written by `export`)."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     plot: Path | None = typer.Option(None, help="Write the max-sigma-per-layer figure (paper Fig. 2a) here."),
     compare: Path | None = typer.Option(None, help="A second ONNX file drawn beside the first in --plot."),
     heads: int | None = typer.Option(None, help="Heads per layer for files without metadata."),
+    verify_key: Path | None = typer.Option(None, help="Ed25519 public key (PEM): also check model.sig, the "
+                                           "export's signature (a failure is exit 1)."),
 ) -> None:
     """Recompute every head's spectral norm and the weights' SHA-256 and compare them with the metadata.
 
@@ -194,7 +222,7 @@ def audit(
     """
     from specformer_deploy.artifact.audit import audit_file
 
-    report = audit_file(model, heads=heads)
+    report = audit_file(model, heads=heads, verify_key=verify_key)
     reports = [report]
     if compare is not None:
         reports.append(audit_file(compare, heads=heads))
@@ -409,9 +437,15 @@ def package(
                                              "without a usable CUDA provider serves on CPU. Default: CPU only."),
     batch_size: int = typer.Option(8, min=1, help="TorchServe batch size (both models)."),
     max_batch_delay: int = typer.Option(5, min=0, help="Milliseconds to wait for a batch to fill (both models)."),
-    response_timeout: int = typer.Option(60, min=1, help="Seconds TorchServe gives NAME's worker for one batch."),
-    probe_response_timeout: int = typer.Option(120, min=1, help="Seconds TorchServe gives NAME-probe's worker "
-                                                                "for one batch of probes."),
+    response_timeout: int | None = typer.Option(None, min=1, help="Seconds TorchServe gives NAME's worker for one "
+                                                                  "batch (default 60; sized for smoothing when NAME "
+                                                                  "serves it, --probe-workers 0)."),
+    probe_response_timeout: int | None = typer.Option(None, min=1, help="Seconds TorchServe gives NAME-probe's "
+                                                      "worker for one batch (default 120, raised so that half of it "
+                                                      "holds --max-smoothing-samples at the rate measured now; a "
+                                                      "value given here is kept and caps smoothing instead)."),
+    verify_key: Path | None = typer.Option(None, help="Ed25519 public key (PEM): the workers serve the export only "
+                                           "if its model.sig (export --sign-key) verifies against it; else 503."),
     queue_size: int = typer.Option(512, min=1, help="Requests NAME queues (jobQueueSize); beyond it TorchServe "
                                                     "answers 503."),
     probe_queue_size: int = typer.Option(64, min=1, help="Probe requests NAME-probe queues (jobQueueSize)."),
@@ -443,9 +477,12 @@ def package(
              "max_smoothing_samples": max_smoothing_samples}
     caps = {key: value for key, value in given.items() if value is not None}
     shared = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay}
-    main_config = {**shared, "responseTimeout": response_timeout, "jobQueueSize": queue_size, "handler": caps}
-    probe_config = {**shared, "responseTimeout": probe_response_timeout, "jobQueueSize": probe_queue_size,
-                    "handler": dict(caps)}
+    main_config = {**shared, "jobQueueSize": queue_size, "handler": caps}
+    probe_config = {**shared, "jobQueueSize": probe_queue_size, "handler": dict(caps)}
+    if response_timeout is not None:
+        main_config["responseTimeout"] = response_timeout
+    if probe_response_timeout is not None:
+        probe_config["responseTimeout"] = probe_response_timeout
     if probe_workers != 0:
         main_config["handler"] = {key: value for key, value in caps.items()
                                   if key not in ("max_probe_cost", "max_smoothing_samples")}
@@ -454,7 +491,7 @@ def package(
     try:
         ids = parse_device_ids(device_ids) if device_ids is not None else None
         deployment = package_deployment(model, name, store, model_config=main_config, probe_model_config=probe_config,
-                                        probe_workers=probe_workers, device_ids=ids)
+                                        probe_workers=probe_workers, device_ids=ids, verify_key=verify_key)
     except PackageError as err:
         _fail(str(err))
     written = deployment.model_configs[name]

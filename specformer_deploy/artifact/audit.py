@@ -115,8 +115,9 @@ def _recompute(arrays: dict[str, np.ndarray], layers: list[dict[str, Any]], head
     return out
 
 
-def audit_file(path: str | Path, heads: int | None = None) -> AuditReport:
-    """Audit one file; never raises for a bad file (the report carries exit code 2 instead)."""
+def audit_file(path: str | Path, heads: int | None = None, verify_key: str | Path | None = None) -> AuditReport:
+    """Audit one file; never raises for a bad file (the report carries exit code 2 instead).
+    ``verify_key``: also check the export's signature (``model.sig``) against that public key."""
     path = Path(path)
     try:
         proto = _load(path)
@@ -126,7 +127,29 @@ def audit_file(path: str | Path, heads: int | None = None) -> AuditReport:
     meta = read_metadata(proto)
     if "attention_weights" not in meta or "integrity" not in meta:
         return _audit_plain(path, arrays, heads)
-    return _audit_export(path, proto, arrays, meta)
+    report = _audit_export(path, proto, arrays, meta)
+    if verify_key is not None:
+        _check_signature(report, path, verify_key)
+    return report
+
+
+def _check_signature(report: AuditReport, path: Path, verify_key: str | Path) -> None:
+    """The signature's verdict in the report: a missing or failing signature makes it inconsistent."""
+    from specformer_deploy.artifact.integrity import IntegrityError
+    from specformer_deploy.artifact.signing import SigningError, verify_export
+
+    try:
+        verify_export(path, verify_key)
+    except SigningError as err:
+        report.problems.append(str(err))
+        report.exit_code, report.verdict = EXIT_UNVERIFIABLE, "unverifiable"
+        return
+    except IntegrityError as err:
+        report.problems.append(str(err))
+        report.exit_code, report.verdict = EXIT_INCONSISTENT, "inconsistent"
+        return
+    report.integrity["signature"] = f"valid: {Path(verify_key).name} signed model.onnx and model.pt2"
+    report.notes.append(f"signature verified against {Path(verify_key).name}")
 
 
 def _audit_export(path: Path, proto: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> AuditReport:

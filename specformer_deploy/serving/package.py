@@ -180,8 +180,26 @@ def _check_export(onnx_path: Path) -> list[str]:
     return list(meta["class_names"])
 
 
+VERIFY_KEY_FILE = "verify_key.pem"  # the public key's name inside an archive packaged with --verify-key
+
+
+def _with_verify_key(onnx_path: Path, config: dict[str, Any], verify_key: Path | None) -> dict[str, Any]:
+    """``config`` naming the archive's public key, after checking now that the export's signature
+    verifies with it (a deployer learns at packaging, not from a 503)."""
+    if verify_key is None:
+        return config
+    from specformer_deploy.artifact.integrity import IntegrityError
+    from specformer_deploy.artifact.signing import SigningError, verify_export
+
+    try:
+        verify_export(onnx_path, verify_key)
+    except (IntegrityError, SigningError) as err:
+        raise PackageError(f"--verify-key {verify_key}: {err}") from None
+    return {**config, "handler": {**config["handler"], "verify_key": VERIFY_KEY_FILE}}
+
+
 def _archive(onnx_path: Path, class_names: list[str], name: str, store: Path, config: dict[str, Any],
-             version: str) -> Path:
+             version: str, verify_key: Path | None = None) -> Path:
     archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,9 +209,13 @@ def _archive(onnx_path: Path, class_names: list[str], name: str, store: Path, co
         shutil.copyfile(onnx_path.with_suffix(".pt2"), tmp_dir / "model.pt2")
         (tmp_dir / "index_to_name.json").write_text(json.dumps({str(i): n for i, n in enumerate(class_names)}))
         (tmp_dir / "model-config.yaml").write_text(_yaml(config))
+        extra = [tmp_dir / "model.pt2", tmp_dir / "index_to_name.json"]
+        if verify_key is not None:
+            shutil.copyfile(verify_key, tmp_dir / VERIFY_KEY_FILE)
+            shutil.copyfile(onnx_path.with_suffix(".sig"), tmp_dir / "model.sig")
+            extra += [tmp_dir / VERIFY_KEY_FILE, tmp_dir / "model.sig"]
         command = [archiver, "--model-name", name, "--version", version, "--serialized-file", str(serialized),
-                   "--handler", str(HANDLER), "--extra-files",
-                   f"{tmp_dir / 'model.pt2'},{tmp_dir / 'index_to_name.json'}",
+                   "--handler", str(HANDLER), "--extra-files", ",".join(map(str, extra)),
                    "--config-file", str(tmp_dir / "model-config.yaml"), "--export-path", str(store), "--force"]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -228,7 +250,7 @@ def sized_for_smoothing(onnx_path: Path, config: dict[str, Any], overrides: dict
 
 def package_model(onnx_path: str | Path, name: str, store: str | Path = "model_store", *,
                   model_config: dict[str, Any] | None = None, version: str = "1.0",
-                  device_ids: Sequence[int] | None = None) -> Path:
+                  device_ids: Sequence[int] | None = None, verify_key: str | Path | None = None) -> Path:
     """Write one archive, ``store/NAME.mar``: the ONNX file, ``model.pt2``, ``index_to_name.json``,
     the handler and ``model-config.yaml`` (see :func:`model_config_for`). It serves probes itself
     unless its ``handler`` config says otherwise. Returns the archive's path."""
@@ -236,8 +258,9 @@ def package_model(onnx_path: str | Path, name: str, store: str | Path = "model_s
     config = model_config_for(model_config, device_ids)
     _check_name(name)
     class_names = _check_export(onnx_path)
-    return _archive(onnx_path, class_names, name, Path(store), sized_for_smoothing(onnx_path, config, model_config),
-                    version)
+    key = None if verify_key is None else Path(verify_key)
+    config = _with_verify_key(onnx_path, sized_for_smoothing(onnx_path, config, model_config), key)
+    return _archive(onnx_path, class_names, name, Path(store), config, version, key)
 
 
 def write_config_properties(store: str | Path) -> tuple[Path, bool]:
@@ -254,7 +277,8 @@ def write_config_properties(store: str | Path) -> tuple[Path, bool]:
 def package_deployment(onnx_path: str | Path, name: str, store: str | Path = "model_store", *,
                        model_config: dict[str, Any] | None = None,
                        probe_model_config: dict[str, Any] | None = None, probe_workers: int | None = None,
-                       version: str = "1.0", device_ids: Sequence[int] | None = None) -> Deployment:
+                       version: str = "1.0", device_ids: Sequence[int] | None = None,
+                       verify_key: str | Path | None = None) -> Deployment:
     """Write what a server needs: ``NAME.mar``, ``NAME-probe.mar`` and ``config.properties`` (when absent).
 
     ``NAME`` refuses probes and randomized smoothing (``handler.max_probe_cost: 0``,
@@ -284,7 +308,9 @@ def package_deployment(onnx_path: str | Path, name: str, store: str | Path = "mo
     class_names = _check_export(onnx_path)
     overrides = {name: model_config, name + PROBE_SUFFIX: probe_model_config}
     configs = {model: sized_for_smoothing(onnx_path, config, overrides.get(model)) for model, config in configs.items()}
-    archives = {model: _archive(onnx_path, class_names, model, store, config, version)
+    key = None if verify_key is None else Path(verify_key)
+    configs = {model: _with_verify_key(onnx_path, config, key) for model, config in configs.items()}
+    archives = {model: _archive(onnx_path, class_names, model, store, config, version, key)
                 for model, config in configs.items()}
     properties, written = write_config_properties(store)
     return Deployment(store, archives, configs, properties, written)

@@ -161,18 +161,26 @@ class SpecformerRuntime:
     (``"cuda:N"`` or ``"cpu"``)."""
 
     def __init__(self, onnx_path: str | Path, *, device_id: int | None = None, threads: int | None = None,
-                 verify: bool = True, check_pt2: bool = False) -> None:
+                 verify: bool = True, check_pt2: bool = False, verify_key: str | Path | None = None) -> None:
         """``verify``: refuse (:class:`IntegrityError`) a file whose weights, graph or metadata
         differ from their export-time digests, exactly as `audit` checks them. ``check_pt2``: also
         load ``model.pt2`` now and refuse it unless it matches the ONNX file (the server's choice,
         so a worker never starts with a probe that would fail or lie); without it ``model.pt2`` is
-        loaded and checked the same way on the first probe, and torch is never imported before."""
+        loaded and checked the same way on the first probe, and torch is never imported before.
+        ``verify_key``: an Ed25519 public key; the export is refused unless its ``model.sig`` verifies."""
         import onnx
         import onnxruntime as ort
 
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path} does not exist")
+        if verify_key is not None:  # authenticity first: nothing of an unsigned or re-signed file is read
+            from specformer_deploy.artifact.signing import SigningError, verify_export
+
+            try:
+                verify_export(self.path, verify_key)
+            except SigningError as err:
+                raise IntegrityError(f"the verify key cannot be used: {err}") from None
         try:
             proto = onnx.load(str(self.path))
         except Exception as err:  # protobuf raises several types for a corrupt file
