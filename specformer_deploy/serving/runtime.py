@@ -60,7 +60,8 @@ MLP_GUARANTEE = ("for every input within Frobenius distance delta0 of this MLP's
 PROBE_SPACE = "model input {shape}, pixels in [0, 1]"
 PROBE_KIND = "empirical: no guarantee"
 
-# With a deadline, one smoothing batch lasts about this long, so sampling stops close to it.
+# With a deadline, one smoothing batch lasts at most this long (and an eighth of the time left),
+# so sampling stops close to it.
 DEADLINE_BATCH_SECONDS = 2.0
 
 # The probe's model.pt2 may run on the session's GPU only if its logits there agree with the
@@ -580,9 +581,11 @@ class SpecformerRuntime:
             raise ValueError(f"decode map ends in {decode.model_shape}, the model takes {expected}")
         if pixels.shape != expected:
             raise ValueError(f"smoothing takes one image of shape {expected}, got {pixels.shape}")
-        if deadline is not None and self.samples_per_second:  # the deadline is checked between batches:
-            batch = max(1, min(params.batch_size, int(self.samples_per_second * DEADLINE_BATCH_SECONDS)))
-            params = dataclasses.replace(params, batch_size=batch)  # the samples do not depend on the batching
+        if deadline is not None and self.samples_per_second:  # the deadline is checked between batches, so
+            # one batch lasts a small part of the time left (the samples do not depend on the batching)
+            seconds = min(DEADLINE_BATCH_SECONDS, max(deadline - time.monotonic(), 0.0) / 8)
+            batch = max(1, min(params.batch_size, int(self.samples_per_second * seconds)))
+            params = dataclasses.replace(params, batch_size=batch)
         session = self.session
 
         def classify(batch: np.ndarray) -> np.ndarray:
