@@ -183,11 +183,11 @@ def _check_export(onnx_path: Path) -> list[str]:
 VERIFY_KEY_FILE = "verify_key.pem"  # the public key's name inside an archive packaged with --verify-key
 
 
-def _with_verify_key(onnx_path: Path, config: dict[str, Any], verify_key: Path | None) -> dict[str, Any]:
-    """``config`` naming the archive's public key, after checking now that the export's signature
-    verifies with it (a deployer learns at packaging, not from a 503)."""
+def _check_signature(onnx_path: Path, verify_key: Path | None) -> None:
+    """The export's signature must verify with ``verify_key`` now: a deployer learns it at
+    packaging, not from a 503."""
     if verify_key is None:
-        return config
+        return
     from specformer_deploy.artifact.integrity import IntegrityError
     from specformer_deploy.artifact.signing import SigningError, verify_export
 
@@ -195,6 +195,12 @@ def _with_verify_key(onnx_path: Path, config: dict[str, Any], verify_key: Path |
         verify_export(onnx_path, verify_key)
     except (IntegrityError, SigningError) as err:
         raise PackageError(f"--verify-key {verify_key}: {err}") from None
+
+
+def _naming_key(config: dict[str, Any], verify_key: Path | None) -> dict[str, Any]:
+    """``config`` whose handler verifies the export against the archive's public key."""
+    if verify_key is None:
+        return config
     return {**config, "handler": {**config["handler"], "verify_key": VERIFY_KEY_FILE}}
 
 
@@ -263,7 +269,8 @@ def package_model(onnx_path: str | Path, name: str, store: str | Path = "model_s
     _check_name(name)
     class_names = _check_export(onnx_path)
     key = None if verify_key is None else Path(verify_key)
-    config = _with_verify_key(onnx_path, sized_for_smoothing(onnx_path, config, model_config), key)
+    _check_signature(onnx_path, key)
+    config = _naming_key(sized_for_smoothing(onnx_path, config, model_config), key)
     return _archive(onnx_path, class_names, name, Path(store), config, version, key)
 
 
@@ -313,7 +320,8 @@ def package_deployment(onnx_path: str | Path, name: str, store: str | Path = "mo
     overrides = {name: model_config, name + PROBE_SUFFIX: probe_model_config}
     configs = {model: sized_for_smoothing(onnx_path, config, overrides.get(model)) for model, config in configs.items()}
     key = None if verify_key is None else Path(verify_key)
-    configs = {model: _with_verify_key(onnx_path, config, key) for model, config in configs.items()}
+    _check_signature(onnx_path, key)
+    configs = {model: _naming_key(config, key) for model, config in configs.items()}
     archives = {model: _archive(onnx_path, class_names, model, store, config, version, key)
                 for model, config in configs.items()}
     properties, written = write_config_properties(store)
