@@ -125,12 +125,18 @@ def export(
     sign_key: Path | None = typer.Option(None, help="Ed25519 private key (PEM, see `keygen`): also write model.sig, "
                                          "a signature of model.onnx and model.pt2 that workers packaged with "
                                          "--verify-key check at load."),
+    smoothing_sampler: str = typer.Option("fp32", help="The graph randomized smoothing samples with: fp32 (the "
+                                          "export itself) or int8 (also write NAME.sampler-int8.onnx, a statically "
+                                          "quantized copy calibrated on training images under the run's training "
+                                          "noise; its SHA-256 is in the metadata and checked at load; faster where "
+                                          "the CPU has VNNI/AMX, see docs/RESULTS.md)."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Export a run to ONNX (pixels -> logits, attn_input_norms) with spectral metadata, plus model.pt2.
 
     Parity with PyTorch is checked on the run's own test images (max |logit diff| <= 1e-4 and
-    equal predictions) or the export fails.
+    equal predictions) or the export fails. With --smoothing-sampler int8, the quantized sampler's
+    label agreement with the float32 graph under noise is recorded (not enforced).
     """
     import contextlib
     import io
@@ -141,7 +147,8 @@ def export(
     exporter_chatter = io.StringIO()
     try:
         with err_console.status("exporting") as status, contextlib.redirect_stdout(exporter_chatter):
-            summary = export_run(run_dir, out, opset=opset, step=lambda m: status.update(m))
+            summary = export_run(run_dir, out, opset=opset, step=lambda m: status.update(m),
+                                 smoothing_sampler=smoothing_sampler)
     except (CheckpointError, ExportError, ValueError) as err:
         _fail(str(err))
     if sign_key is not None:
@@ -158,6 +165,12 @@ def export(
         err_console.print(f"[green]exported[/] {summary['onnx']} and {summary['pt2']}: parity on {parity['images']} "
                           f"test images, max |logit diff| {parity['max_abs_logit_diff']:.2e}, predictions equal; "
                           f"sha256 {summary['weights_sha256'][:16]}...")
+        sampler = summary.get("smoothing_sampler")
+        if sampler:
+            agreement = sampler["label_agreement_with_fp32"]
+            err_console.print(f"smoothing sampler: {sampler['file']} ({sampler['precision']}), labels equal to the "
+                              f"float32 graph's on {agreement['fraction']:.1%} of {agreement['images']} test images "
+                              f"under noise {agreement['noise_sd']:g}")
 
 
 def _print_audit(report, console: Console) -> None:

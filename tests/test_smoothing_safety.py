@@ -58,7 +58,8 @@ def test_absurd_alpha_and_sigma_are_refused_by_name(field: str, value: float, me
 def test_non_finite_logits_fail_the_certificate_instead_of_certifying_label_0(exported_pair) -> None:
     """A model whose logits overflow under the noise (argmax of NaN is 0) gets no certificate."""
     runtime = SpecformerRuntime(exported_pair["vanilla"]["onnx"])
-    real_run = runtime.session.run
+    sampler = runtime.sampler  # the session that smoothing samples with
+    real_run = sampler.session.run
 
     class Overflowing:  # the real session, whose logits turn NaN for a large enough input
         def run(self, names, feeds):
@@ -68,9 +69,9 @@ def test_non_finite_logits_fail_the_certificate_instead_of_certifying_label_0(ex
             return outputs
 
         def __getattr__(self, name):
-            return getattr(runtime.__dict__["_real_session"], name)
+            return getattr(sampler.__dict__["_real_session"], name)
 
-    runtime._real_session, runtime.session = runtime.session, Overflowing()
+    sampler._real_session, sampler.session = sampler.session, Overflowing()
     pixels = np.full((1, *runtime.input_shape), 0.5, dtype=np.float32)
     assert runtime.answer(pixels, smoothing=SmoothingParams(sigma=0.1, n=200))[0]["smoothing"]["label"] is not None
     with pytest.raises(SamplingError, match="non-finite logits"):

@@ -34,6 +34,8 @@ from specformer_deploy.artifact.onnx_meta import (
     write_metadata,
 )
 from specformer_deploy.artifact.pt2 import ExportedLogits, load_exported_logits  # noqa: F401 - re-exported
+from specformer_deploy.artifact.sampler import CALIBRATION_IMAGES, SAMPLER_KEY, build_sampler, sampler_path
+from specformer_deploy.artifact.sampler import PRECISIONS as SAMPLER_PRECISIONS
 from specformer_deploy.model.heads import attention_applicability, attention_layers, layer_heads, query_bias
 from specformer_deploy.training.checkpoint import CheckpointError, RunFiles
 from specformer_deploy.training.data import load_dataset
@@ -262,12 +264,17 @@ def write_graph_files(wrapper: nn.Module, example: torch.Tensor, onnx_out: Path,
 
 
 def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
-               step: Step | None = None) -> dict[str, Any]:
+               step: Step | None = None, smoothing_sampler: str = "fp32") -> dict[str, Any]:
     """Export ``run_dir`` to ``out`` (.onnx) and ``out.with_suffix('.pt2')``; returns a summary.
 
     Both files are written in a temporary directory beside ``out`` and renamed into place only
     after parity and the ONNX checker pass, so a failed export leaves no half-written file.
+    ``smoothing_sampler="int8"`` also writes the reduced-precision graph smoothing samples with
+    (:mod:`specformer_deploy.artifact.sampler`), calibrated under the run's training noise.
     """
+    if smoothing_sampler not in SAMPLER_PRECISIONS:
+        raise ExportError(f"--smoothing-sampler must be one of {', '.join(SAMPLER_PRECISIONS)}, "
+                          f"got {smoothing_sampler!r}")
     step = step or (lambda message: None)
     files = RunFiles(run_dir)
     out = Path(out)
@@ -276,6 +283,11 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
     step("loading the run")
     model, config = _load_exportable_run(files)
     pixels = _parity_inputs(config)
+    noise = float(config["train"].get("noise_sd") or 0.0)
+    if smoothing_sampler != "fp32" and noise <= 0:
+        raise ExportError(f"--smoothing-sampler {smoothing_sampler} calibrates the sampler under the run's training "
+                          "noise, and this run was trained without noise (train --noise-sd): smoothing it "
+                          "certifies little; export it with the default fp32 sampler")
     tokens = tokens_per_layer(model, pixels)
     wrapper = _certifiable_wrapper(model, config, tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -288,11 +300,32 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
         parity = _check_parity(tmp_onnx, wrapper, pixels)
         step("writing spectral metadata")
         proto = onnx.load(str(tmp_onnx))
-        metadata = export_metadata(model, config, files, proto, tokens, parity, wrapper.mlp_inputs)
+        sampler = None
+        if smoothing_sampler != "fp32":
+            step(f"quantizing the smoothing sampler ({smoothing_sampler}, calibrated on training images)")
+            images, dataset = _calibration_images(config)
+            sampler = build_sampler(proto, Path(tmp_dir) / out.name, smoothing_sampler, images, noise, dataset,
+                                    pixels.numpy(), seed=int(config["train"].get("seed") or 0))
+        metadata = export_metadata(model, config, files, proto, tokens, parity, wrapper.mlp_inputs, sampler)
         _save_checked(proto, metadata, tmp_onnx)
         os.replace(tmp_pt2, pt2)
+        stale = [sampler_path(out, p) for p in SAMPLER_PRECISIONS[1:]]
+        if sampler is not None:
+            os.replace(Path(tmp_dir) / sampler["file"], sampler_path(out, smoothing_sampler))
+        for path in stale:  # a sampler left by an earlier export of the same name no longer belongs to it
+            if sampler is None or path.name != sampler["file"]:
+                path.unlink(missing_ok=True)
         os.replace(tmp_onnx, out)
     return _summary(out, pt2, metadata)
+
+
+def _calibration_images(config: dict[str, Any]) -> tuple[np.ndarray, str | None]:
+    """The first ``CALIBRATION_IMAGES`` training images of the run's data set (never test images)."""
+    train_cfg, model_cfg = config["train"], config["model"]
+    bundle = load_dataset(train_cfg["dataset"], model_cfg["img_size"], train_cfg.get("data_dir"),
+                          model_cfg.get("in_chans", 3))
+    count = min(CALIBRATION_IMAGES, len(bundle.train))
+    return np.stack([bundle.train[i][0].numpy() for i in range(count)]).astype(np.float32), train_cfg["dataset"]
 
 
 def _load_exportable_run(files: RunFiles) -> tuple[nn.Module, dict[str, Any]]:
@@ -317,7 +350,8 @@ def _output_names(wrapper: CertifiableModel) -> list[str]:
 
 
 def export_metadata(model: nn.Module, config: dict[str, Any], files: RunFiles, proto: onnx.ModelProto,
-                    tokens: list[int], parity: dict[str, Any], mlp_inputs: bool) -> dict[str, Any]:
+                    tokens: list[int], parity: dict[str, Any], mlp_inputs: bool,
+                    sampler: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every ``specformer.*`` entry of the export (prefix stripped), the integrity digests last
     because they cover the weights, the graph and every other entry."""
     arrays = initializer_arrays(proto)
@@ -331,6 +365,7 @@ def export_metadata(model: nn.Module, config: dict[str, Any], files: RunFiles, p
         "attention_weights": _weight_references(model, arrays),
         "mlp": _mlp_references(model, arrays, config["model"].get("mlp_act", "gelu"), mlp_inputs),
         "parity": parity,
+        **({SAMPLER_KEY: sampler} if sampler else {}),
     }
     metadata["integrity"] = _integrity_section(arrays, proto, metadata)
     return metadata
@@ -436,6 +471,7 @@ def _save_checked(proto: onnx.ModelProto, metadata: dict[str, Any], path: Path) 
 def _summary(out: Path, pt2: Path, metadata: dict[str, Any]) -> dict[str, Any]:
     spectral = metadata["spectral"]
     return {"onnx": str(out), "pt2": str(pt2), "bytes": out.stat().st_size,
+            "smoothing_sampler": metadata.get(SAMPLER_KEY),
             "opset": metadata["exporter"]["onnx_opset"], "parity": metadata["parity"],
             "weights_sha256": metadata["integrity"]["weights_sha256"],
             "layers": metadata["layers"], "heads": metadata["heads"],

@@ -27,12 +27,13 @@ from specformer_deploy.artifact.onnx_meta import (
     require_export_metadata,
     weights_digest,
 )
+from specformer_deploy.artifact.sampler import SAMPLER_KEY, verified_sampler_file
 from specformer_deploy.budgets import madry_step_size
 from specformer_deploy.serving.bounds import CertificateConstants, certificate_arrays
 from specformer_deploy.serving.decode import DecodeMap, SentImage
+from specformer_deploy.serving.sampler import NoiseSampler
 from specformer_deploy.serving.smoothing import (
     SamplingDeadline,
-    SamplingError,
     SmoothingParams,
     in_sent_image,
     sigma_problem,
@@ -59,6 +60,8 @@ MLP_GUARANTEE = ("for every input within Frobenius distance delta0 of this MLP's
                  "local times as far (global: the weights' bound without dropping units); per layer")
 PROBE_SPACE = "model input {shape}, pixels in [0, 1]"
 PROBE_KIND = "empirical: no guarantee"
+
+SAMPLER_CHOICES = ("auto", "fp32")
 
 # With a deadline, one smoothing batch lasts at most this long (and an eighth of the time left),
 # so sampling stops close to it.
@@ -162,13 +165,17 @@ class SpecformerRuntime:
     (``"cuda:N"`` or ``"cpu"``)."""
 
     def __init__(self, onnx_path: str | Path, *, device_id: int | None = None, threads: int | None = None,
-                 verify: bool = True, check_pt2: bool = False, verify_key: str | Path | None = None) -> None:
+                 verify: bool = True, check_pt2: bool = False, verify_key: str | Path | None = None,
+                 sampler: str = "auto") -> None:
         """``verify``: refuse (:class:`IntegrityError`) a file whose weights, graph or metadata
         differ from their export-time digests, exactly as `audit` checks them. ``check_pt2``: also
         load ``model.pt2`` now and refuse it unless it matches the ONNX file (the server's choice,
         so a worker never starts with a probe that would fail or lie); without it ``model.pt2`` is
         loaded and checked the same way on the first probe, and torch is never imported before.
-        ``verify_key``: an Ed25519 public key; the export is refused unless its ``model.sig`` verifies."""
+        ``verify_key``: an Ed25519 public key; the export is refused unless its ``model.sig`` verifies.
+        ``sampler``: the graph smoothing samples with, ``"auto"`` (the export's reduced-precision
+        sampling graph when it has one, its SHA-256 checked here) or ``"fp32"`` (the export itself);
+        ``threads`` is also the sampler's number of parallel streams (default: every core)."""
         import onnx
         import onnxruntime as ort
 
@@ -194,6 +201,10 @@ class SpecformerRuntime:
         self.verified = verify
         if verify:
             self._verify(proto)
+        if sampler not in SAMPLER_CHOICES:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLER_CHOICES)}, got {sampler!r}")
+        # checked even when not used: a changed sampling graph is a changed export
+        sampler_file = verified_sampler_file(self.path, self.meta) if verify else None
         self._mlp = self._mlp_weights(proto)
         arrays = initializer_arrays(proto) if check_pt2 else None
         del proto
@@ -208,6 +219,7 @@ class SpecformerRuntime:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.providers = self.session.get_providers()
         self.device = f"cuda:{device_id}" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.sampler = self._noise_sampler(sampler, sampler_file, threads, options)
         self.image_size = int(self.meta["image_size"])
         self.input_shape = input_shape(self.meta)  # (channels, S, S); (3, S, S) for older exports
         self.channels = self.input_shape[0]
@@ -230,7 +242,22 @@ class SpecformerRuntime:
         self.probe_device: str | None = None  # where model.pt2 runs, once the first probe loaded it
         self._verified_pt2 = self._load_pt2(arrays) if check_pt2 else None  # checked, on CPU, not yet moved
 
-    def _cuda_session(self, options, device_id: int):
+    def _noise_sampler(self, choice: str, sampler_file: Path | None, threads: int | None, options) -> NoiseSampler:
+        """The export's sampling graph (``choice`` auto) or the export itself, on every core or on
+        this runtime's GPU."""
+        block = self.meta.get(SAMPLER_KEY) if choice == "auto" else None
+        if block and sampler_file is None:  # not verified at load (verify=False): still found, not trusted
+            sampler_file = self.path.parent / Path(block["file"]).name
+        path, precision, digest = ((sampler_file, block["precision"], block["sha256"]) if block
+                                   else (self.path, "fp32", None))
+        session = None
+        if self.device != "cpu":
+            session = self.session if path == self.path else self._cuda_session(options, int(self.device[5:]),
+                                                                              path)[0]
+        return NoiseSampler(path, precision=precision, sha256=digest, streams=threads, session=session,
+                            device=self.device if session is not None else "cpu")
+
+    def _cuda_session(self, options, device_id: int, path: Path | None = None):
         """``(session on GPU device_id, None)``, or ``(None, why not)``."""
         import onnxruntime as ort
 
@@ -243,7 +270,7 @@ class SpecformerRuntime:
             except Exception as err:  # noqa: BLE001 - the session below reports what is really missing
                 logger.debug("onnxruntime.preload_dlls failed: %s", err)
         try:
-            session = ort.InferenceSession(str(self.path), options, providers=[
+            session = ort.InferenceSession(str(path or self.path), options, providers=[
                 ("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001
             return None, f"ONNX Runtime's CUDA provider failed on device {device_id}: {type(err).__name__}: {err}"
@@ -563,7 +590,7 @@ class SpecformerRuntime:
 
     def _timed_run(self, pixels: np.ndarray) -> float:
         started = time.perf_counter()
-        self.session.run(["logits"], {"pixels": pixels})
+        self.sampler.classify(pixels)
         return time.perf_counter() - started
 
     def smoothing(self, pixels: np.ndarray, params: SmoothingParams, decode: DecodeMap | None = None,
@@ -586,16 +613,16 @@ class SpecformerRuntime:
             seconds = min(DEADLINE_BATCH_SECONDS, max(deadline - time.monotonic(), 0.0) / 8)
             batch = max(1, min(params.batch_size, int(self.samples_per_second * seconds)))
             params = dataclasses.replace(params, batch_size=batch)
-        session = self.session
+        sampler = self.sampler
+        if deadline is None:
+            classify = sampler
+        else:
+            def classify(batch: np.ndarray) -> np.ndarray:
+                if time.monotonic() > deadline:
+                    raise SamplingDeadline("sampling reached its deadline before the response timeout: ask for "
+                                           "fewer samples (smoothing n), or send fewer smoothing requests at once")
+                return sampler.classify(batch)
 
-        def classify(batch: np.ndarray) -> np.ndarray:
-            if deadline is not None and time.monotonic() > deadline:
-                raise SamplingDeadline("sampling reached its deadline before the response timeout: ask for fewer "
-                                       "samples (smoothing n), or send fewer smoothing requests at once")
-            logits = session.run(["logits"], {"pixels": batch})[0]
-            if not np.isfinite(logits).all():  # argmax of NaN is 0: never a certificate from it
-                raise SamplingError(f"the model returned non-finite logits under noise of sigma {params.sigma:g}: "
-                                    "no certificate can be given")
-            return logits.argmax(axis=1)
-
-        return in_sent_image(smoothing_answer(classify, pixels, len(self.class_names), params), decode)
+        answer = smoothing_answer(classify, pixels, len(self.class_names), params)
+        answer["sampler"] = sampler.describe()
+        return in_sent_image(answer, decode)

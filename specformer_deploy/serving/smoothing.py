@@ -27,7 +27,7 @@ __all__ = ["SmoothingParams", "SmoothingError", "Classify", "certify", "predict"
            "smoothing_answer", "certified_accuracy", "clopper_pearson_lower", "clopper_pearson_upper",
            "max_radius_for_n", "sequential_looks", "sample_counts", "CERTIFICATE", "SPACE", "GUARANTEE",
            "PREDICT_GUARANTEE", "model_space", "sent_image_space", "in_sent_image", "statement", "MAX_SIGMA",
-           "MAX_ALPHA", "SamplingError", "SamplingDeadline", "sigma_problem"]
+           "MAX_ALPHA", "SamplingError", "SamplingDeadline", "sigma_problem", "sample_counts_many", "certify_many"]
 
 Classify = Callable[[np.ndarray], np.ndarray]
 """float32 ``[B, C, S, S]`` pixels -> int64 labels ``[B]``."""
@@ -35,7 +35,8 @@ Classify = Callable[[np.ndarray], np.ndarray]
 CERTIFICATE = "randomized smoothing (Cohen et al. 2019)"
 SPACE = "pixels in [0, 1], L2"
 GUARANTEE = ("With probability at least 1 - alpha over the noise samples, the smoothed classifier (the label the "
-             "model gives most often under Gaussian pixel noise of std sigma) returns `label` for every model input "
+             "base classifier, the graph named in `sampler` when given, gives most often under Gaussian pixel noise "
+             "of std sigma) returns `label` for every model input "
              "within L2 distance `radius` of this one (in `space`), and so for every image within "
              "`radius_in_sent_image` of the image that was sent (in `sent_image_space`, when given); an abstention "
              "certifies nothing.")
@@ -205,7 +206,11 @@ def sample_counts(classify: Classify, x: np.ndarray, num_classes: int, samples: 
 
     Noise is drawn in float32 into one preallocated buffer, scaled and shifted in place, so the
     forward pass is the cost. The generator's float32 stream does not depend on how it is cut into
-    batches: the same seed gives the same samples at any ``batch_size``."""
+    batches: the same seed gives the same samples at any ``batch_size``. A ``classify`` with
+    ``device_counts`` (a sampler on a GPU) draws the noise on its device itself."""
+    on_device = getattr(classify, "device_counts", None)
+    if on_device is not None:
+        return np.asarray(on_device(x, samples, sigma, rng, num_classes, batch_size), dtype=np.int64)
     x = np.asarray(x, dtype=np.float32)
     counts = np.zeros(num_classes, dtype=np.int64)
     buffer = np.empty((min(batch_size, samples), *x.shape), dtype=np.float32)
@@ -223,6 +228,73 @@ def sample_counts(classify: Classify, x: np.ndarray, num_classes: int, samples: 
         counts += np.bincount(labels.astype(np.int64, copy=False), minlength=num_classes)
         done += len(batch)
     return counts
+
+
+def sample_counts_many(classify: Classify, jobs: Sequence[tuple[np.ndarray, int, np.random.Generator]],
+                       num_classes: int, sigma: float, batch_size: int) -> list[np.ndarray]:
+    """:func:`sample_counts` for several images at once: ``jobs`` are ``(x, samples, rng)``, and each
+    batch is filled from as many images as fit, so images with few samples still make full batches.
+
+    Image ``i``'s noise comes from its own ``rng`` in the same order as :func:`sample_counts` would
+    draw it, and a label depends only on its own sample, so each image's counts are the ones
+    :func:`sample_counts` gives it alone (given a classifier whose labels do not depend on the batch)."""
+    if not jobs:
+        return []
+    shape = np.shape(jobs[0][0])
+    counts = [np.zeros(num_classes, dtype=np.int64) for _ in jobs]
+    total = sum(samples for _, samples, _ in jobs)
+    buffer = np.empty((max(1, min(batch_size, total)), *shape), dtype=np.float32)
+    owners = np.empty(len(buffer), dtype=np.int64)
+    job, left, fill = 0, jobs[0][1], 0
+
+    def flush(size: int) -> None:
+        labels = np.asarray(classify(buffer[:size])).reshape(-1)
+        if len(labels) != size:
+            raise ValueError(f"classify returned {len(labels)} labels for a batch of {size}")
+        if size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"classify returned a label outside [0, {num_classes}): {labels.min()}..{labels.max()}")
+        for owner in np.unique(owners[:size]):
+            counts[owner] += np.bincount(labels[owners[:size] == owner].astype(np.int64), minlength=num_classes)
+
+    while job < len(jobs):
+        if left == 0:
+            job += 1
+            left = jobs[job][1] if job < len(jobs) else 0
+            continue
+        x, _, rng = jobs[job]
+        take = min(left, len(buffer) - fill)
+        part = buffer[fill: fill + take]
+        rng.standard_normal(dtype=np.float32, out=part)
+        part *= np.float32(sigma)
+        part += np.asarray(x, dtype=np.float32)
+        owners[fill: fill + take] = job
+        fill, left = fill + take, left - take
+        if fill == len(buffer):
+            flush(fill)
+            fill = 0
+    if fill:
+        flush(fill)
+    return counts
+
+
+def certify_many(classify: Classify, images: Sequence[np.ndarray], num_classes: int,
+                 params: Sequence[SmoothingParams]) -> list[dict[str, Any]]:
+    """CERTIFY for several images (``params[i]`` for image ``i``: its own seed), their samples sharing
+    batches (:func:`sample_counts_many`): each answer is the one :func:`certify` gives alone."""
+    for p in params:
+        p.validate()
+    if len({(p.sigma, p.batch_size) for p in params}) > 1:
+        raise ValueError("certify_many: every image must use the same sigma and batch_size")
+    if not params:
+        return []
+    sigma, batch = params[0].sigma, params[0].batch_size
+    rngs = [np.random.default_rng(p.seed) for p in params]
+    selection = sample_counts_many(classify, [(x, p.n0, r) for x, p, r in zip(images, params, rngs)], num_classes,
+                                   sigma, batch)
+    estimation = sample_counts_many(classify, [(x, p.n, r) for x, p, r in zip(images, params, rngs)], num_classes,
+                                    sigma, batch)
+    return [_certified(p, np.shape(x), chosen, counts) for x, p, chosen, counts in
+            zip(images, params, selection, estimation)]
 
 
 def _answer(params: SmoothingParams, shape: tuple[int, ...], *, label: int | None, count: int,
@@ -246,14 +318,19 @@ def certify(classify: Classify, x: np.ndarray, num_classes: int, params: Smoothi
     params.validate()
     rng = np.random.default_rng(params.seed)
     selection = sample_counts(classify, x, num_classes, params.n0, params.sigma, rng, params.batch_size)
-    top = int(selection.argmax())
     counts = sample_counts(classify, x, num_classes, params.n, params.sigma, rng, params.batch_size)
+    return _certified(params, np.shape(x), selection, counts)
+
+
+def _certified(params: SmoothingParams, shape: tuple[int, ...], selection: np.ndarray, counts: np.ndarray
+               ) -> dict[str, Any]:
+    """CERTIFY's answer from its two sets of counts: the top class of ``selection``, bounded on ``counts``."""
+    top = int(selection.argmax())
     count = int(counts[top])
     p_lower = clopper_pearson_lower(count, params.n, params.alpha)
-    abstain = p_lower <= 0.5
-    return _answer(params, np.shape(x), label=None if abstain else top, count=count, p_lower=p_lower,
-                   radius=_radius(params.sigma, p_lower), max_radius=max_radius_for_n(params.sigma, params.n,
-                                                                                      params.alpha),
+    return _answer(params, shape, label=None if p_lower <= 0.5 else top, count=count, p_lower=p_lower,
+                   radius=_radius(params.sigma, p_lower),
+                   max_radius=max_radius_for_n(params.sigma, params.n, params.alpha),
                    samples_used=params.n0 + params.n)
 
 
