@@ -292,6 +292,10 @@ def evaluate(
                                                             "Runtime call with --smoothing (1000)."),
     seed: int = typer.Option(0, help="Seed of random starts (attacks) or of the noise (--smoothing)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: int | None = typer.Option(None, min=1, help="--smoothing: parallel sampling streams (default: every "
+                                       "core, shared among the processes under torchrun)."),
+    sampler: str = typer.Option("auto", help="--smoothing: the graph that samples, auto (the export's "
+                                "--smoothing-sampler graph when it has one) or fp32 (the export itself)."),
     json_output: bool = typer.Option(False, "--json", help='Print {"clean": acc, "<attack>": acc, ...} (or the '
                                                            'certified-accuracy table) on stdout.'),
 ) -> None:
@@ -305,7 +309,7 @@ def evaluate(
             _fail("--attack and --smoothing are different evaluations: pass one of them")
         _evaluate_smoothing(model, smoothing, n=n, n0=n0, alpha=alpha, radii=radii, plot=plot, limit=limit,
                             batch_size=batch_size or 1_000, seed=seed, device=device, json_output=json_output,
-                            dataset=dataset, data_dir=data_dir)
+                            dataset=dataset, data_dir=data_dir, threads=threads, sampler=sampler)
         return
     batch_size = batch_size or 128
 
@@ -350,7 +354,8 @@ def evaluate(
 
 def _evaluate_smoothing(model: Path, sigma: float, *, n: int, n0: int, alpha: float, radii: str, plot: Path | None,
                         limit: int | None, batch_size: int, seed: int, device: str, json_output: bool,
-                        dataset: str | None, data_dir: Path | None) -> None:
+                        dataset: str | None, data_dir: Path | None, threads: int | None = None,
+                        sampler: str = "auto") -> None:
     """`evaluate --smoothing`: certify the test images (sharded under torchrun), print one table on rank 0."""
     from rich.progress import Progress
 
@@ -372,14 +377,15 @@ def _evaluate_smoothing(model: Path, sigma: float, *, n: int, n0: int, alpha: fl
     try:
         options = SmoothingEvalOptions(sigma=sigma, n=n, n0=n0, alpha=alpha, radii=parse_radii(radii), limit=limit,
                                        seed=seed, batch_size=batch_size, dataset=dataset,
-                                       data_dir=str(data_dir) if data_dir else None)
+                                       data_dir=str(data_dir) if data_dir else None, sampler=sampler)
         options.params(seed)
         ctx = init_distributed("cuda" if on_gpu else "cpu")
         with Progress(console=err_console, transient=True, disable=not ctx.is_main) as progress:
             task = progress.add_task(f"certifying (rank 0 of {ctx.world_size})", total=None)
             results = evaluate_smoothing(model, options, ctx, device_id=ctx.local_rank if on_gpu else None,
                                          on_progress=lambda done, total: progress.update(task, completed=done,
-                                                                                         total=total))
+                                                                                         total=total),
+                                         threads=threads)
     except (DataError, IntegrityError, DistributedConfigError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
     finally:
@@ -548,6 +554,10 @@ def certify(
     radius: float | None = typer.Option(None, help="Only decide whether the smoothed prediction is robust at this "
                                         "L2 radius (a sequential test that stops early), instead of estimating one."),
     seed: int = typer.Option(0, help="Seed of the smoothing noise (the server answers the same for the same seed)."),
+    threads: int | None = typer.Option(None, min=1, help="Smoothing: parallel sampling streams (default: every "
+                                       "core)."),
+    sampler: str = typer.Option("auto", help="Smoothing: the graph that samples, auto (the export's "
+                                "--smoothing-sampler graph when it has one) or fp32 (the export itself)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON answer per image on stdout."),
 ) -> None:
     """Predict and certify images offline: the same answer the server gives (same runtime code).
@@ -568,8 +578,8 @@ def certify(
         _fail(str(err))
 
     try:
-        runtime = SpecformerRuntime(model)
-    except (FileNotFoundError, IntegrityError) as err:
+        runtime = SpecformerRuntime(model, threads=threads, sampler=sampler)
+    except (FileNotFoundError, IntegrityError, ValueError) as err:
         _fail(str(err))
     params = None
     if smoothing:

@@ -13,6 +13,7 @@ images ``k, k + N, ...``, and the per-image records are gathered into one table 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -23,12 +24,13 @@ from typing import Any
 import numpy as np
 
 from specformer_deploy.serving.decode import decode_norm, shape_text
+from specformer_deploy.serving.sampler import default_streams
 from specformer_deploy.serving.smoothing import (
     SPACE,
-    SamplingError,
     SmoothingParams,
     certified_accuracy,
     certify,
+    certify_many,
     clopper_pearson_lower,
     clopper_pearson_upper,
     max_radius_for_n,
@@ -62,6 +64,9 @@ class SmoothingEvalOptions:
     # PREDICT costs another n forward passes per image; a certified-accuracy table does not need
     # it (certified accuracy at r = 0 is CERTIFY's own clean answer), so a study may skip it.
     predict: bool = True
+    # The graph that samples: "auto" (the export's reduced-precision sampling graph when it has
+    # one) or "fp32" (the export itself). Part of what is measured, so part of a cache key.
+    sampler: str = "auto"
 
     def params(self, seed: int) -> SmoothingParams:
         return SmoothingParams(sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha,
@@ -91,7 +96,8 @@ def interval(count: int, total: int, level: float = INTERVAL_LEVEL) -> list[floa
     return [clopper_pearson_lower(count, total, tail), clopper_pearson_upper(count, total, tail)]
 
 
-def load_smoothing_runtime(path: str | Path, device_id: int | None = None, threads: int | None = None):
+def load_smoothing_runtime(path: str | Path, device_id: int | None = None, threads: int | None = None,
+                           sampler: str = "auto"):
     """The exported model on ONNX Runtime (digests verified), or a ValueError that says what to pass."""
     from specformer_deploy.serving.runtime import SpecformerRuntime
 
@@ -102,37 +108,45 @@ def load_smoothing_runtime(path: str | Path, device_id: int | None = None, threa
                          "pass the .onnx file")
     if path.suffix != ".onnx":
         raise ValueError(f"{path} is not an .onnx file written by `specformer-deploy export`")
-    return SpecformerRuntime(path, device_id=device_id, threads=threads)
+    return SpecformerRuntime(path, device_id=device_id, threads=threads, sampler=sampler)
 
 
 def certify_images(runtime, images: np.ndarray, labels: np.ndarray, indices: Sequence[int],
                    options: SmoothingEvalOptions, on_image: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """One record per image: the base model's label on the clean image, CERTIFY's label and radius,
-    PREDICT's label (None when ``options.predict`` is off), and the seconds both took."""
-    session, num_classes = runtime.session, len(runtime.class_names)
+    PREDICT's label (None when ``options.predict`` is off), and the seconds both took.
 
-    def classify(batch: np.ndarray) -> np.ndarray:
-        logits = session.run(["logits"], {"pixels": batch})[0]
-        if not np.isfinite(logits).all():  # argmax of NaN is 0: never a certificate from it
-            raise SamplingError(f"the model returned non-finite logits under noise of sigma {options.sigma:g}")
-        return logits.argmax(axis=1)
-
+    Images are certified in groups whose samples share batches (:func:`certify_many`), so an image
+    whose ``n0`` is smaller than the batch does not leave it mostly empty; each image keeps its own
+    seed, so its answer is the one `certify` gives it alone. A sampler that draws its noise on a GPU
+    certifies one image at a time."""
+    sampler, num_classes = runtime.sampler, len(runtime.class_names)
+    group = 1 if getattr(sampler, "device_counts", None) else max(1, math.ceil(options.batch_size /
+                                                                                 min(options.n0, options.n)))
     records = []
-    for position, index in enumerate(indices):
-        x = np.ascontiguousarray(images[position], dtype=np.float32)
+    for start in range(0, len(indices), group):
+        positions = range(start, min(start + group, len(indices)))
+        xs = [np.ascontiguousarray(images[p], dtype=np.float32) for p in positions]
         started = time.perf_counter()
-        cert = certify(classify, x, num_classes, options.params(image_seed(options.seed, index, _CERTIFY)))
-        certified_s = time.perf_counter() - started
-        pred = (predict(classify, x, num_classes, options.params(image_seed(options.seed, index, _PREDICT)))
-                if options.predict else {"label": None, "abstain": None})
-        records.append({"index": int(index), "true_label": int(labels[position]),
-                        "base_label": int(classify(x[None])[0]),
-                        "label": cert["label"], "abstain": cert["abstain"], "radius": cert["radius"],
-                        "count": cert["count"], "p_lower": cert["p_lower"],
-                        "predict_label": pred["label"], "predict_abstain": pred["abstain"],
-                        "certify_s": round(certified_s, 4), "seconds": round(time.perf_counter() - started, 4)})
-        if on_image is not None:
-            on_image()
+        params = [options.params(image_seed(options.seed, indices[p], _CERTIFY)) for p in positions]
+        certs = (certify_many(sampler, xs, num_classes, params) if len(xs) > 1
+                 else [certify(sampler, xs[0], num_classes, params[0])])
+        certified_s = (time.perf_counter() - started) / len(xs)
+        base = sampler.classify(np.stack(xs))
+        for position, x, cert, base_label in zip(positions, xs, certs, base):
+            started = time.perf_counter()
+            pred = (predict(sampler, x, num_classes, options.params(image_seed(options.seed, indices[position],
+                                                                                 _PREDICT)))
+                    if options.predict else {"label": None, "abstain": None})
+            records.append({"index": int(indices[position]), "true_label": int(labels[position]),
+                            "base_label": int(base_label),
+                            "label": cert["label"], "abstain": cert["abstain"], "radius": cert["radius"],
+                            "count": cert["count"], "p_lower": cert["p_lower"],
+                            "predict_label": pred["label"], "predict_abstain": pred["abstain"],
+                            "certify_s": round(certified_s, 4),
+                            "seconds": round(certified_s + time.perf_counter() - started, 4)})
+            if on_image is not None:
+                on_image()
     return records
 
 
@@ -219,15 +233,16 @@ def _test_images(runtime, options: SmoothingEvalOptions) -> tuple[np.ndarray, np
 
 
 def evaluate_smoothing(path: str | Path, options: SmoothingEvalOptions, ctx=None, device_id: int | None = None,
-                       on_progress: Progress | None = None) -> dict[str, Any]:
+                       on_progress: Progress | None = None, threads: int | None = None) -> dict[str, Any]:
     """Certify this rank's share of the test images and gather every rank's records into one table
     (returned on every rank). ``ctx`` is a :class:`~specformer_deploy.training.distributed.DistContext`
     (``None``: one process). ``on_progress(done, total)`` counts this rank's images."""
     from specformer_deploy.training.distributed import DistContext, gather_objects
 
     ctx = ctx or DistContext()
-    threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    runtime = load_smoothing_runtime(path, device_id=device_id, threads=threads)
+    # Every core by default, shared among the processes of this machine under torchrun.
+    threads = threads or max(1, default_streams() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    runtime = load_smoothing_runtime(path, device_id=device_id, threads=threads, sampler=options.sampler)
     options.params(0)  # refuse bad parameters before any work
     images, labels, dataset, source_shape = _test_images(runtime, options)
     mine = _shard(len(images), ctx.rank, ctx.world_size)
@@ -248,6 +263,7 @@ def evaluate_smoothing(path: str | Path, options: SmoothingEvalOptions, ctx=None
     return summarize([r for part in gathered for r in part["records"]], options, runtime.input_shape, source_shape,
                      model=str(path), dataset=dataset,
                      trained_sigma=trained, msvp=msvp, world_size=ctx.world_size, device=runtime.device,
+                     sampler=runtime.sampler.describe(), streams=runtime.sampler.streams,
                      wall_s=round(max(part["wall_s"] for part in gathered), 3))
 
 
