@@ -1,8 +1,9 @@
 """A one-channel MNIST model from training to a served answer whose radius is about the sent image.
 
-Trained, exported, audited, certified with the CLI and served by a real TorchServe, the way a user
-runs them; a grey 28x28 PNG gets equal radii in both spaces, a 56x56 one the grid's radius divided
-by the decode's exact norm (checked against numpy's SVD of the explicit decode matrix).
+Trained, exported (with the int8 smoothing sampler), audited, certified with the CLI and served by
+a real TorchServe, the way a user runs them; a grey 28x28 PNG gets equal radii in both spaces, a
+56x56 one the grid's radius divided by the decode's exact norm (checked against numpy's SVD of the
+explicit decode matrix); offline and served answers name the int8 graph that sampled them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from specformer_deploy.artifact.sampler import file_sha256
 from specformer_deploy.serving.decode import DecodeMap, SentImage
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
@@ -42,7 +44,7 @@ def mnist_export(tmp_path_factory) -> Path:
     cfg = TrainConfig(dataset="mnist", img_size=28, patch_size=7, epochs=3, warmup_epochs=0, batch_size=64,
                       noise_sd=0.25, seed=0)
     train(cfg, root / "run", show_progress=False)
-    return Path(export_run(root / "run", root / "run" / "export" / "model.onnx")["onnx"])
+    return Path(export_run(root / "run", root / "run" / "export" / "model.onnx", smoothing_sampler="int8")["onnx"])
 
 
 def _grey_png(path: Path, side: int) -> Path:
@@ -79,6 +81,9 @@ def test_grey_png_radius_is_stated_in_its_own_pixels_offline_and_served(mnist_ex
     assert same["space"] == "model input 1x28x28, pixels in [0, 1], L2" and same["sent_image"] == "grey 28x28"
     assert not same["abstain"] and same["radius"] > 0
     assert same["radius_in_sent_image"] == same["radius"] and same["decode_norm"] == 1.0
+    sampler = mnist_export.with_name("model.sampler-int8.onnx")
+    assert same["sampler"] == {"graph": sampler.name, "precision": "int8", "sha256": file_sha256(sampler),
+                               "noise": "numpy on the host"}
     norm = _exact_norm((1, 56, 56), (1, 28, 28))
     assert double["sent_image"] == "grey 56x56" and double["decode_norm"] == pytest.approx(norm, rel=1e-5)
     assert not double["abstain"] and double["radius"] > 0

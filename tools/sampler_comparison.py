@@ -71,7 +71,7 @@ def compare(path: Path, limit: int, n: int, n0: int, alpha: float, radii: tuple[
 
 def render(result: dict[str, Any]) -> str:
     radii = result["radii"]
-    lines = [f"| sampler | samples/s | base acc. under noise | " + " | ".join(f"r = {r:g}" for r in radii) + " |",
+    lines = ["| sampler | samples/s | base acc. under noise | " + " | ".join(f"r = {r:g}" for r in radii) + " |",
              "|---|---|---|" + "---|" * len(radii)]
     for name, row in result["rows"].items():
         t = row["table"]

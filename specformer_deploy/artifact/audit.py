@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from specformer_deploy.artifact.integrity import verify_digests
+from specformer_deploy.artifact.integrity import IntegrityError, verify_digests
 from specformer_deploy.artifact.onnx_meta import (
     head_blocks,
     initializer_arrays,
@@ -170,6 +170,7 @@ def _audit_export(path: Path, proto: Any, arrays: dict[str, np.ndarray], meta: d
     report.sigmas = {f"sigma_{n}": sigmas[n].tolist() for n in PROJECTIONS}
     report.layers = _layer_rows(sigmas)
     _check_digests(report, proto, arrays, meta)
+    _check_sampler(report, path, meta)
     _check_certificate_inputs(report, arrays, layers, meta)
     _check_sigmas(report, sigmas, meta.get("spectral", {}))
     if report.problems:
@@ -189,6 +190,21 @@ def _note_smoothing(report: AuditReport, block: Any) -> None:
         report.notes.append(f"randomized smoothing: trained with Gaussian pixel noise sigma {sigma} (train "
                             f"--noise-sd), objective {objective}" + (f" ({settings})" if settings else "")
                             + "; certify at this sigma")
+
+
+def _check_sampler(report: AuditReport, path: Path, meta: dict[str, Any]) -> None:
+    """The smoothing sampling graph (``export --smoothing-sampler``) against its recorded SHA-256,
+    by the check the runtime makes at load."""
+    from specformer_deploy.artifact.sampler import SAMPLER_KEY, verified_sampler_file
+
+    try:
+        sampler = verified_sampler_file(path, meta)
+    except IntegrityError as err:
+        report.problems.append(str(err))
+        return
+    if sampler is not None:
+        block = meta[SAMPLER_KEY]
+        report.integrity["smoothing_sampler"] = f"{sampler.name} ({block['precision']}), sha256 {block['sha256']}"
 
 
 def _check_digests(report: AuditReport, proto: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:

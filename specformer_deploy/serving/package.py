@@ -177,6 +177,7 @@ def _check_export(onnx_path: Path) -> list[str]:
         meta = require_export(onnx_path, need_pt2=True)
     except NotAnExportError as err:
         raise PackageError(str(err)) from err
+    _sampler_file(onnx_path)  # a missing or changed smoothing sampler is refused before anything is measured
     return list(meta["class_names"])
 
 
@@ -204,6 +205,18 @@ def _naming_key(config: dict[str, Any], verify_key: Path | None) -> dict[str, An
     return {**config, "handler": {**config["handler"], "verify_key": VERIFY_KEY_FILE}}
 
 
+def _sampler_file(onnx_path: Path) -> Path | None:
+    """The export's reduced-precision smoothing sampler (its SHA-256 checked), or ``None``."""
+    from specformer_deploy.artifact.integrity import IntegrityError
+    from specformer_deploy.artifact.onnx_meta import read_metadata_file
+    from specformer_deploy.artifact.sampler import verified_sampler_file
+
+    try:
+        return verified_sampler_file(onnx_path, read_metadata_file(onnx_path))
+    except IntegrityError as err:
+        raise PackageError(str(err)) from None
+
+
 def _archive(onnx_path: Path, class_names: list[str], name: str, store: Path, config: dict[str, Any],
              version: str, verify_key: Path | None = None) -> Path:
     archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
@@ -216,6 +229,10 @@ def _archive(onnx_path: Path, class_names: list[str], name: str, store: Path, co
         (tmp_dir / "index_to_name.json").write_text(json.dumps({str(i): n for i, n in enumerate(class_names)}))
         (tmp_dir / "model-config.yaml").write_text(_yaml(config))
         extra = [tmp_dir / "model.pt2", tmp_dir / "index_to_name.json"]
+        sampler = _sampler_file(onnx_path)
+        if sampler is not None:  # the smoothing sampling graph: beside model.onnx, under its recorded name
+            shutil.copyfile(sampler, tmp_dir / sampler.name)
+            extra.append(tmp_dir / sampler.name)
         if verify_key is not None:
             shutil.copyfile(verify_key, tmp_dir / VERIFY_KEY_FILE)
             shutil.copyfile(onnx_path.with_suffix(".sig"), tmp_dir / "model.sig")
