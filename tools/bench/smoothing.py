@@ -1,24 +1,27 @@
-"""Cost of the randomized-smoothing certificate on CPU, measured in one run.
+"""Cost of the randomized-smoothing certificate on CPU, measured in one run, against the hardware's limit.
 
-1. The smoothing loop (``SpecformerRuntime.smoothing``: float32 noise, in-place add, ONNX
-   forward, ``bincount``) in samples/s against the bare ONNX Runtime session's images/s on
-   pre-made batches of the same size: the forward pass should be the limit (target >= 0.9x, the
-   median of the ratios paired within each repetition).
-   Beside them, torch on the same network (``model.pt2``'s module, checked against the ONNX file,
-   called eagerly under ``inference_mode``) at the same batch.
-2. Seconds per certified image (CERTIFY, ``n0 = 100``, ``n = 10,000``) on test images (target < 1 s).
-3. Samples used by certify-at-radius (the sequential test) against the fixed ``n0 + n`` of CERTIFY
+1. The limit: the measured one-core peak of matrix products (fp32 and int8 on ONNX Runtime, bf16 on
+   torch), the model's FLOPs per sample counted from its graph, and what share of the sampler's time
+   ONNX Runtime spends in matrix products at all (its own profiler).
+2. The sampler (``NoiseSampler``: float32 noise, the forward pass, ``bincount``) in samples/s, for the
+   export's float32 graph and its int8 sampling graph (``export --smoothing-sampler int8``), each on
+   one stream (one thread: the baseline), on one session with intra-op threads on every core, and on
+   one single-threaded stream per core; each row's fraction of the peak of its precision on the cores
+   it used. Beside them the bare session on pre-made batches (the loop's overhead, target >= 0.9x).
+3. Seconds per certified image (CERTIFY, ``n0 = 100``, ``n = 10,000``) on test images, for the
+   one-thread fp32 baseline and the fastest sampler, interleaved (targets: < 1 s; >= 4x).
+4. Samples used by certify-at-radius (the sequential test) against the fixed ``n0 + n`` of CERTIFY
    on test images, per radius asked (target: >= 5x fewer on the median image).
-4. With ``--training-cost`` (instead of 1-3): the training cost of each smoothing objective
+5. With ``--training-cost`` (instead of 1-4): the training cost of each smoothing objective
    (``train --smoothing-objective``) relative to plain Gaussian-noise training: the same model,
    batch and number of optimizer steps, each objective with its paper defaults (consistency m = 2;
    SmoothAdv m = 4 and 10 PGD steps), MSVP on as ``train``'s default, repetitions interleaved.
 
-Throughput repetitions are interleaved (bare, loop, torch, ...) and medians reported, because the
-machines are shared. Without ``--onnx`` the built-in model is trained with Gaussian noise
-(``--sigma``) on digits and exported to a temporary directory first.
+Throughput repetitions are interleaved and medians reported, because the machines are shared.
+Without ``--onnx`` the MNIST model (``specformer-mnist``) is trained with Gaussian noise
+(``--sigma``) for ``--epochs`` and exported with its int8 sampler to a temporary directory first.
 
-    python tools/bench/smoothing.py [--onnx runs/demo/export/model.onnx] [--threads 2] [--json -]
+    python tools/bench/smoothing.py [--onnx runs/x/export/model.onnx] [--json -]
     python tools/bench/smoothing.py --training-cost [--train-steps 5] [--train-reps 3] [--train-batch 32] [--json -]
 """
 
@@ -37,75 +40,117 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import finish, load_average, machine, percentile, set_torch_threads, spread, timed_calls
+from common import finish, load_average, machine, percentile, set_torch_threads, spread, timed_calls, usable_cpus
+from compute import cpu_features, flops_per_sample, matmul_peak, op_time_shares
 
 
-def _prepare(onnx_path: str | None, workdir: Path, model: str, sigma: float, epochs: int) -> Path:
-    """The ``--onnx`` file, or the built-in model trained with noise ``sigma`` and exported."""
+def _prepare(onnx_path: str | None, workdir: Path, model: str, dataset: str, sigma: float, epochs: int) -> Path:
+    """The ``--onnx`` file, or the MNIST model trained with noise ``sigma`` and exported with its int8 sampler."""
     if onnx_path:
         return Path(onnx_path)
     from specformer_deploy.artifact.export import export_run
     from specformer_deploy.training.train import TrainConfig, train
 
     run = workdir / "run"
-    train(TrainConfig(model=model, epochs=epochs, warmup_epochs=0, noise_sd=sigma), run, show_progress=False)
-    return Path(export_run(run, run / "export" / "model.onnx")["onnx"])
+    train(TrainConfig(model=model, dataset=dataset, epochs=epochs, warmup_epochs=0, noise_sd=sigma), run,
+          show_progress=False)
+    return Path(export_run(run, run / "export" / "model.onnx", smoothing_sampler="int8")["onnx"])
 
 
-def _throughput(runtime, x: np.ndarray, sigma: float, batch: int, blocks: int, reps: int) -> dict[str, Any]:
-    """Per repetition: images/s of the bare session, samples/s of the loop, images/s of torch."""
-    import torch
+def _limit(path: Path, int8: Path | None, cores: int) -> dict[str, Any]:
+    """Per-core peaks, the model's FLOPs per sample, and where each graph spends its time."""
+    peaks = {p: matmul_peak(p, threads=1) for p in ("fp32", "int8", "bf16")}
+    flops = flops_per_sample(path)
+    feed = {"pixels": np.random.default_rng(0).random((256, *_input_shape(path)), dtype=np.float32)}
+    shares = {"fp32": op_time_shares(path, feed)}
+    if int8 is not None:
+        shares["int8"] = op_time_shares(int8, feed)
+    return {"cpu_features": cpu_features(), "cores": cores, "peak_per_core": peaks, "flops_per_sample": flops,
+            "op_time_shares_one_thread_batch_256": shares}
 
-    from specformer_deploy.serving.smoothing import SmoothingParams
 
-    session = runtime.session
-    rng = np.random.default_rng(0)
-    noisy = (x + sigma * rng.standard_normal((batch, *x.shape), dtype=np.float32)).astype(np.float32)
-    model = runtime._logits_model()  # model.pt2, verified against the ONNX weights and logits
-    params = SmoothingParams(sigma, n0=1, n=blocks * batch, batch_size=batch)
-    tensor = torch.from_numpy(noisy)
+def _input_shape(path: Path) -> tuple[int, ...]:
+    from specformer_deploy.artifact.onnx_meta import input_shape, read_metadata_file
+
+    return tuple(input_shape(read_metadata_file(path)))
+
+
+def _samplers(path: Path, int8: Path | None, cores: int) -> dict[str, Any]:
+    """Every sampler configuration the bench compares, by name."""
+    from specformer_deploy.serving.sampler import NoiseSampler
+
+    graphs = {"fp32": path} if int8 is None else {"fp32": path, "int8": int8}
+    out = {}
+    for precision, graph in graphs.items():
+        out[f"{precision}, 1 thread"] = NoiseSampler(graph, precision=precision, streams=1)
+        if cores > 1:
+            out[f"{precision}, {cores} intra-op threads"] = NoiseSampler(graph, precision=precision,
+                                                                         intra_op_threads=cores)
+            out[f"{precision}, {cores} streams"] = NoiseSampler(graph, precision=precision, streams=cores)
+    return out
+
+
+def _sampler_table(samplers: dict[str, Any], x: np.ndarray, sigma: float, batch: int, blocks: int, reps: int,
+                   flops: float, peaks: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """samples/s of the smoothing loop on each sampler (interleaved repetitions, medians) and its
+    fraction of the peak of its precision on the cores it used; the bare one-thread session beside."""
+    from specformer_deploy.serving.smoothing import sample_counts
+
+    samples = blocks * batch
+    noisy = (x + sigma * np.random.default_rng(0).standard_normal((batch, *x.shape), dtype=np.float32))
+    noisy = noisy.astype(np.float32)
+    baseline = next(iter(samplers.values()))
+
+    def loop(sampler) -> None:
+        sample_counts(sampler, x, num_classes, samples, sigma, np.random.default_rng(0), batch)
 
     def bare() -> None:
-        session.run(["logits"], {"pixels": noisy})[0].argmax(axis=1)
+        baseline.session.run(["logits"], {"pixels": noisy})[0].argmax(axis=1)
 
-    def loop() -> None:
-        runtime.smoothing(x, params)
-
-    def eager() -> None:
-        with torch.inference_mode():
-            model(tensor).argmax(dim=1)
-
-    for fn in (bare, loop, eager):  # warm-up: allocations, thread pools
-        fn()
-    rows = {"bare_onnx_images_per_s": [], "loop_samples_per_s": [], "torch_images_per_s": []}
+    for sampler in samplers.values():
+        loop(sampler)  # warm-up: allocations, thread pools
+    rates: dict[str, list[float]] = {name: [] for name in samplers}
+    bare_rates, ratios = [], []
     for _ in range(reps):
-        rows["bare_onnx_images_per_s"].append(blocks * batch / timed_calls(bare, blocks)[0])
-        rows["loop_samples_per_s"].append((1 + blocks * batch) / timed_calls(loop)[0])
-        rows["torch_images_per_s"].append(blocks * batch / timed_calls(eager, blocks)[0])
-    medians = {key: statistics.median(values) for key, values in rows.items()}
-    ratios = [lo / ba for lo, ba in zip(rows["loop_samples_per_s"], rows["bare_onnx_images_per_s"])]
-    # The headline is the median of ratios paired within a repetition: the load of a shared
-    # machine drifts between repetitions and would otherwise land on one side of the ratio.
-    return {"batch": batch, "samples_per_rep": blocks * batch, "reps": reps, **medians,
-            "loop_vs_bare": statistics.median(ratios), "loop_vs_bare_paired": spread(ratios),
-            "loop_vs_bare_of_medians": medians["loop_samples_per_s"] / medians["bare_onnx_images_per_s"],
-            "onnx_vs_torch": medians["bare_onnx_images_per_s"] / medians["torch_images_per_s"],
-            "target_loop_vs_bare": 0.9}
+        bare_rates.append(samples / timed_calls(bare, blocks)[0])
+        for name, sampler in samplers.items():
+            rates[name].append(samples / timed_calls(lambda s=sampler: loop(s))[0])
+        ratios.append(rates[next(iter(samplers))][-1] / bare_rates[-1])
+    rows = {}
+    for name, sampler in samplers.items():
+        cores_used = sampler.streams if sampler.intra_op_threads is None else sampler.intra_op_threads
+        rate = statistics.median(rates[name])
+        peak = peaks[sampler.precision]["gflops"] * 1e9 * cores_used
+        rows[name] = {"precision": sampler.precision, "cores": cores_used, "samples_per_s": rate,
+                      "samples_per_s_reps": spread(rates[name]), "fraction_of_peak": rate * flops / peak}
+    base_rate = rows[next(iter(rows))]["samples_per_s"]
+    for row in rows.values():
+        row["vs_one_thread_fp32"] = row["samples_per_s"] / base_rate
+    return {"batch": batch, "samples_per_rep": samples, "reps": reps, "rows": rows,
+            "bare_one_thread_images_per_s": statistics.median(bare_rates),
+            "loop_vs_bare": statistics.median(ratios), "target_loop_vs_bare": 0.9, "target_fraction_of_peak": 0.6}
 
 
-def _certify_seconds(runtime, images: np.ndarray, sigma: float, n: int, batch: int) -> dict[str, Any]:
-    """Wall seconds of one CERTIFY (n0 = 100, n) per image, and what it answered."""
-    from specformer_deploy.serving.smoothing import SmoothingParams
+def _certify_seconds(samplers: dict[str, Any], images: np.ndarray, sigma: float, n: int, batch: int,
+                     num_classes: int) -> dict[str, Any]:
+    """Wall seconds of one CERTIFY (n0 = 100, n) per image on each sampler, interleaved per image."""
+    from specformer_deploy.serving.smoothing import SmoothingParams, certify
 
-    seconds, radii, abstained = [], [], 0
+    seconds: dict[str, list[float]] = {name: [] for name in samplers}
+    radii: dict[str, list[float]] = {name: [] for name in samplers}
     for i, x in enumerate(images):
-        started = time.perf_counter()
-        answer = runtime.smoothing(x, SmoothingParams(sigma, n0=100, n=n, batch_size=batch, seed=i))
-        seconds.append(time.perf_counter() - started)
-        radii.append(answer["radius"])
-        abstained += answer["abstain"]
-    return {"n0": 100, "n": n, "images": len(images), "seconds_per_image": spread(seconds),
-            "median_radius": statistics.median(radii), "abstained": abstained, "target_s": 1.0}
+        for name, sampler in samplers.items():
+            started = time.perf_counter()
+            answer = certify(sampler, x, num_classes, SmoothingParams(sigma, n0=100, n=n, batch_size=batch, seed=i))
+            seconds[name].append(time.perf_counter() - started)
+            radii[name].append(answer["radius"])
+    names = list(samplers)
+    base = names[0]
+    rows = {name: {"seconds_per_image": spread(seconds[name]), "median_radius": statistics.median(radii[name]),
+                   "speedup_vs_one_thread_fp32": statistics.median(b / s for b, s in zip(seconds[base],
+                                                                                          seconds[name]))}
+            for name in names}
+    return {"n0": 100, "n": n, "images": len(images), "rows": rows, "target_s": 1.0, "target_speedup": 4.0}
 
 
 def _sequential(runtime, images: np.ndarray, labels: np.ndarray, sigma: float, n: int, radius: float,
@@ -210,26 +255,46 @@ def _render_training_cost(result: dict[str, Any], console) -> None:
 def _render(result: dict[str, Any], console) -> None:
     from rich.table import Table
 
-    t = result["throughput"]
-    table = Table(title=f"smoothing loop vs bare ONNX Runtime, batch {t['batch']} ({result['model']})")
-    for column in ("bare ONNX (img/s)", "smoothing loop (samples/s)", "loop / bare (paired median)", "torch (img/s)",
-                   "ONNX / torch"):
+    limit = result["limit"]
+    peaks, flops = limit["peak_per_core"], limit["flops_per_sample"]["flops"]
+    peak_text = ", ".join(f"{p} {v['gflops']:.0f}" if v.get("available") else f"{p} n/a" for p, v in peaks.items())
+    console.print(f"one-core matmul peak (GFLOP/s; int8 GOP/s): {peak_text}; CPU: {', '.join(limit['cpu_features'])}")
+    shares = limit["op_time_shares_one_thread_batch_256"]
+    console.print(f"model: {flops / 1e6:.2f} MFLOP per sample (counted from the graph); time in matrix products: "
+                  + ", ".join(f"{p} {100 * v['matmul_share']:.0f}%" for p, v in shares.items())
+                  + " (the rest: " + ", ".join(f"{p}: " + ", ".join(f"{op} {100 * share:.0f}%" for op, share in
+                                                                    v["by_op"][:4] if "MatMul" not in op)
+                                               for p, v in shares.items()) + ")")
+    t = result["samplers"]
+    table = Table(title=f"smoothing sampler, batch {t['batch']}, {t['reps']} interleaved repetitions (medians)")
+    for column in ("sampler", "cores", "samples/s", "vs 1-thread fp32", "GFLOP/s per core", "of peak"):
         table.add_column(column, justify="right")
-    verdict = "met" if t["loop_vs_bare"] >= t["target_loop_vs_bare"] else "not met"
-    table.add_row(f"{t['bare_onnx_images_per_s']:.0f}", f"{t['loop_samples_per_s']:.0f}",
-                  f"{t['loop_vs_bare']:.3f} (>= 0.9 {verdict})", f"{t['torch_images_per_s']:.0f}",
-                  f"{t['onnx_vs_torch']:.2f}")
+    for name, row in t["rows"].items():
+        table.add_row(name, str(row["cores"]), f"{row['samples_per_s']:,.0f}", f"{row['vs_one_thread_fp32']:.2f}x",
+                      f"{row['samples_per_s'] * flops / row['cores'] / 1e9:.1f}",
+                      f"{100 * row['fraction_of_peak']:.0f}% (target 60%)")
     console.print(table)
+    verdict = "met" if t["loop_vs_bare"] >= t["target_loop_vs_bare"] else "not met"
+    console.print(f"loop / bare session (1 thread fp32): {t['loop_vs_bare']:.3f} (>= 0.9 {verdict}); "
+                  f"bare {t['bare_one_thread_images_per_s']:,.0f} images/s")
     c = result["certify"]
-    s = c["seconds_per_image"]
-    console.print(f"CERTIFY n0={c['n0']} n={c['n']}: {s['median']:.3f} s per image (median of {c['images']}, "
-                  f"min {s['min']:.3f}, max {s['max']:.3f}; target < {c['target_s']} s "
-                  f"{'met' if s['median'] < c['target_s'] else 'not met'}); median radius {c['median_radius']:.3f}, "
-                  f"{c['abstained']} abstained")
+    table = Table(title=f"CERTIFY n0={c['n0']} n={c['n']:,}, seconds per image (median of {c['images']})")
+    for column in ("sampler", "s / image", "min", "max", "speedup vs 1-thread fp32", "median radius"):
+        table.add_column(column, justify="right")
+    for name, row in c["rows"].items():
+        s = row["seconds_per_image"]
+        table.add_row(name, f"{s['median']:.3f}", f"{s['min']:.3f}", f"{s['max']:.3f}",
+                      f"{row['speedup_vs_one_thread_fp32']:.2f}x", f"{row['median_radius']:.3f}")
+    console.print(table)
+    best = min(c["rows"].items(), key=lambda kv: kv[1]["seconds_per_image"]["median"])
+    console.print(f"fastest: {best[0]} at {best[1]['seconds_per_image']['median']:.3f} s per image (target < "
+                  f"{c['target_s']} s: {'met' if best[1]['seconds_per_image']['median'] < c['target_s'] else 'not met'}"
+                  f"; {best[1]['speedup_vs_one_thread_fp32']:.2f}x the one-thread fp32 loop, target "
+                  f">= {c['target_speedup']:g}x: "
+                  f"{'met' if best[1]['speedup_vs_one_thread_fp32'] >= c['target_speedup'] else 'not met'})")
     table = Table(title="certify-at-radius: samples used vs CERTIFY's fixed n0 + n")
     for column in ("radius (L2 px)", "images", "fixed", "median used", "p90 used", "median fewer",
-                   "robust / not / undecided",
-                   "median s"):
+                   "robust / not / undecided", "median s"):
         table.add_column(column, justify="right")
     for row in result["sequential"]:
         ok = "met" if row["median_fewer_x"] >= row["target_fewer_x"] else "not met"
@@ -246,21 +311,21 @@ def _render(result: dict[str, Any], console) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--onnx", help="an exported model (default: train the built-in one with noise and export)")
-    parser.add_argument("--model", default="specformer-tiny", help="model to train when --onnx is not given")
-    parser.add_argument("--epochs", type=int, default=50,
-                        help="training epochs when --onnx is not given (a few epochs with noise leave a constant "
-                             "classifier, whose certificates are trivially fast and say nothing)")
+    parser.add_argument("--onnx", help="an exported model (default: train the MNIST model with noise and export it "
+                                       "with its int8 sampler)")
+    parser.add_argument("--model", default="specformer-mnist", help="model to train when --onnx is not given")
+    parser.add_argument("--dataset", default="mnist", help="its data set")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs when --onnx is not given")
     parser.add_argument("--sigma", type=float, default=None,
-                        help="noise std in [0, 1] pixels (default: the model's smoothing.sigma, else 0.25)")
+                        help="noise std in [0, 1] pixels (default: the model's smoothing.sigma, else 0.5)")
     parser.add_argument("--batch", type=int, default=1000, help="smoothing batch (and the bare session's)")
-    parser.add_argument("--blocks", type=int, default=4, help="batches per throughput repetition")
-    parser.add_argument("--reps", type=int, default=7, help="interleaved throughput repetitions")
+    parser.add_argument("--blocks", type=int, default=3, help="batches per throughput repetition")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved throughput repetitions")
     parser.add_argument("--n", type=int, default=10_000, help="estimation samples")
-    parser.add_argument("--images", type=int, default=10, help="test images certified at n")
+    parser.add_argument("--images", type=int, default=5, help="test images certified at n on each sampler")
     parser.add_argument("--radius-images", type=int, default=20, help="test images for certify-at-radius")
-    parser.add_argument("--radii", default="0.1,0.25", help="radii asked of certify-at-radius (L2, pixels in [0, 1])")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime and torch threads")
+    parser.add_argument("--radii", default="0.25,0.5", help="radii asked of certify-at-radius (L2, pixels in [0, 1])")
+    parser.add_argument("--threads", type=int, default=None, help="cores the multi-core samplers use (default: all)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON ('-': stdout)")
     parser.add_argument("--training-cost", action="store_true",
                         help="measure each smoothing objective's training cost against Gaussian noise instead")
@@ -277,12 +342,13 @@ def main() -> int:
     from specformer_deploy.training.data import load_dataset
 
     started, console = time.perf_counter(), Console(stderr=args.json == "-", width=150)
-    set_torch_threads(args.threads)
+    cores = args.threads or usable_cpus()
     result: dict[str, Any] = {"load_average_1m": {"before": load_average()}, "environment": machine()}
     with tempfile.TemporaryDirectory() as tmp:
-        path = _prepare(args.onnx, Path(tmp), args.model, args.sigma or 0.25, args.epochs)
-        runtime = SpecformerRuntime(path, threads=args.threads)
-        sigma = args.sigma or runtime.smoothing_sigma or 0.25
+        path = _prepare(args.onnx, Path(tmp), args.model, args.dataset, args.sigma or 0.5, args.epochs)
+        runtime = SpecformerRuntime(path, threads=cores)
+        int8 = runtime.sampler.path if runtime.sampler.precision == "int8" else None
+        sigma = args.sigma or runtime.smoothing_sigma or 0.5
         test = load_dataset(runtime.meta["training"]["dataset"] or "digits", runtime.image_size,
                             channels=runtime.input_shape[0]).test
         count = max(args.images, args.radius_images)
@@ -290,9 +356,19 @@ def main() -> int:
         labels = np.array([int(test[i][1]) for i in range(count)])
         result.update(model=str(path), sigma=sigma, model_smoothing_sigma=runtime.smoothing_sigma,
                       model_clean_accuracy=runtime.meta["training"].get("clean_accuracy"),
-                      device=runtime.device, threads=args.threads)
-        result["throughput"] = _throughput(runtime, images[0], sigma, args.batch, args.blocks, args.reps)
-        result["certify"] = _certify_seconds(runtime, images[: args.images], sigma, args.n, args.batch)
+                      int8_sampler=runtime.meta.get("smoothing_sampler"))
+        if int8 is None:
+            console.print("[yellow]this export has no int8 sampler (export --smoothing-sampler int8): fp32 rows only")
+        result["limit"] = _limit(path, int8, cores)
+        samplers = _samplers(path, int8, cores)
+        num_classes = len(runtime.class_names)
+        result["samplers"] = _sampler_table(samplers, images[0], sigma, args.batch, args.blocks, args.reps,
+                                            result["limit"]["flops_per_sample"]["flops"],
+                                            result["limit"]["peak_per_core"], num_classes)
+        fastest = max(result["samplers"]["rows"], key=lambda k: result["samplers"]["rows"][k]["samples_per_s"])
+        first = next(iter(samplers))
+        chosen = {first: samplers[first], fastest: samplers[fastest]}
+        result["certify"] = _certify_seconds(chosen, images[: args.images], sigma, args.n, args.batch, num_classes)
         result["sequential"] = [_sequential(runtime, images[: args.radius_images], labels[: args.radius_images],
                                             sigma, args.n, float(r), args.batch) for r in args.radii.split(",")]
     finish(result, started, _render, args.json, console)
