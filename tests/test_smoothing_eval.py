@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -26,6 +25,7 @@ from specformer_deploy.robustness.smoothing_eval import (
     parse_radii,
     summarize,
 )
+from specformer_deploy.serving.sampler import NoiseSampler
 
 SIZE = 4  # [3, 4, 4] pixels: 48 dimensions
 
@@ -44,8 +44,7 @@ def _linear_runtime(w: np.ndarray, b: float, path: Path) -> SimpleNamespace:
                               [numpy_helper.from_array(weights, "W"),
                                numpy_helper.from_array(np.array([0.0, b], dtype=np.float32), "B")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return SimpleNamespace(session=session, class_names=["below", "above"])
+    return SimpleNamespace(sampler=NoiseSampler(path, streams=2), class_names=["below", "above"])
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +109,18 @@ def test_skipping_predict_keeps_certify_and_saves_its_samples(linear_case) -> No
     for n0 + n forward passes per image instead of n0 + 2n, and no smoothed-clean figure."""
     runtime, images, labels, _ = linear_case
     counted = {"images": 0}
-    session = runtime.session
+    sampler = runtime.sampler
 
-    class CountingSession:
-        def run(self, names, feeds):
-            counted["images"] += feeds["pixels"].shape[0]
-            return session.run(names, feeds)
+    class CountingSampler:
+        streams = 1
 
-    counting = SimpleNamespace(session=CountingSession(), class_names=runtime.class_names)
+        def classify(self, batch):
+            counted["images"] += batch.shape[0]
+            return sampler.classify(batch)
+
+        __call__ = classify
+
+    counting = SimpleNamespace(sampler=CountingSampler(), class_names=runtime.class_names)
     options = SmoothingEvalOptions(sigma=0.5, n=400, n0=40, radii=(0.0, 0.5))
     skipped = SmoothingEvalOptions(sigma=0.5, n=400, n0=40, radii=(0.0, 0.5), predict=False)
     count = 6

@@ -51,6 +51,9 @@ SECTIONS: dict[str, Section] = {
     "smoothing-mnist-n10k": Section("smoothing_study.py", "smoothing-mnist-n10k.json", "certified_accuracy.png",
                                     "certified-accuracy-mnist-n10k.png",
                                     "certified accuracy against radius, MNIST, n = 10,000 on 500 images"),
+    "sampler-mnist": Section("sampler_comparison.py", "sampler-mnist.json", "certified_accuracy_samplers.png",
+                             "certified-accuracy-samplers-mnist.png",
+                             "certified accuracy against radius, fp32 and int8 smoothing samplers, MNIST"),
     "reproduce-digits": Section("reproduce.py", "results-digits.json", "fig2a.png", "fig2a-digits.png",
                                 "max singular value per layer, digits"),
 }

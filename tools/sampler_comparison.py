@@ -89,6 +89,21 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+FIGURE = "certified_accuracy_samplers.png"
+
+
+def write_reports(result: dict[str, Any], folder: Path) -> None:
+    """``results.md`` and the figure (certified accuracy against radius, one curve per sampler)."""
+    from specformer_deploy.robustness.smoothing_eval import plot_certified_accuracy
+
+    folder.mkdir(parents=True, exist_ok=True)
+    curves = [(f"{name} sampler", np.asarray(row["radii_per_image"], dtype=float))
+              for name, row in result["rows"].items()]
+    plot_certified_accuracy(curves, folder / FIGURE, result["radii"],
+                            styles=[{"color": "C0"}, {"color": "C3", "linestyle": "--"}])
+    (folder / "results.md").write_text(render(result) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +128,7 @@ def main() -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False))
+        write_reports(result, Path(args.json).parent)
     print(render(result))
     return 0
 

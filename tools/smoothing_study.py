@@ -265,16 +265,20 @@ def ensure_run(out: Path, name: str, cfg) -> tuple[Path, bool]:
     return run, True
 
 
-def ensure_export(run: Path) -> Path:
-    """``run/export/model.onnx``, exported again only when the checkpoint is newer than it."""
+def ensure_export(run: Path, smoothing_sampler: str = "fp32") -> Path:
+    """``run/export/model.onnx``, exported again only when the checkpoint is newer than it or its
+    smoothing sampler is not the one asked for."""
     from specformer_deploy.artifact.export import export_run
+    from specformer_deploy.artifact.onnx_meta import read_metadata_file
 
     onnx_path = run / "export" / "model.onnx"
     trained = max((run / f).stat().st_mtime for f in ("checkpoint.pt", "model.safetensors") if (run / f).is_file())
     if onnx_path.is_file() and onnx_path.stat().st_mtime > trained:
-        return onnx_path
+        block = read_metadata_file(onnx_path).get("smoothing_sampler")
+        if (block or {}).get("precision", "fp32") == smoothing_sampler:
+            return onnx_path
     print(f"exporting {onnx_path}", file=sys.stderr)
-    export_run(run, onnx_path)
+    export_run(run, onnx_path, smoothing_sampler=smoothing_sampler)
     return onnx_path
 
 
@@ -311,8 +315,8 @@ def export_shapes(onnx_path: Path, dataset: str, data_dir: str | None
     return list(shape), None if source is None else list(source)
 
 
-def certify_cell(run: Path, onnx_path: Path, options: SmoothingEvalOptions, progress: StudyProgress
-                 ) -> tuple[dict[str, Any], str]:
+def certify_cell(run: Path, onnx_path: Path, options: SmoothingEvalOptions, progress: StudyProgress,
+                 threads: int | None = None) -> tuple[dict[str, Any], str]:
     """The cell's certification summary, from the cache when the same file was certified with the
     same options; ``(summary, onnx_sha256)``."""
     from specformer_deploy.robustness.smoothing_eval import evaluate_smoothing
@@ -324,7 +328,7 @@ def certify_cell(run: Path, onnx_path: Path, options: SmoothingEvalOptions, prog
         summary = json.loads(cached.read_text())
         shape, source = export_shapes(onnx_path, options.dataset, options.data_dir)
         return {**summary, **summarize(summary["per_image"], options, shape, source)}, digest
-    summary = evaluate_smoothing(onnx_path, options, on_progress=progress.on_image)
+    summary = evaluate_smoothing(onnx_path, options, on_progress=progress.on_image, threads=threads)
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_suffix(".tmp")
     partial.write_text(json.dumps(summary) + "\n")
@@ -390,12 +394,12 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         run, trained_now = ensure_run(args.out, cell.name, cfg)
         if trained_now:
             progress.trained(training_seconds(run))
-        onnx_path = ensure_export(run)
+        onnx_path = ensure_export(run, args.smoothing_sampler)
         options = SmoothingEvalOptions(sigma=cell.sigma, n=args.n, n0=args.n0, alpha=args.alpha, radii=args.radii,
                                        limit=args.limit, seed=cell.seed, dataset=args.dataset,
                                        data_dir=args.data_dir, predict=args.predict)
         progress.certifying()
-        summary, digest = certify_cell(run, onnx_path, options, progress)
+        summary, digest = certify_cell(run, onnx_path, options, progress, args.threads)
         input_shape, source_shape = export_shapes(onnx_path, args.dataset, args.data_dir)
         records.append({**asdict(cell), "run": cell.name, "train_overrides": objectives[cell.objective],
                         "input_shape": input_shape, "source_shape": source_shape,
@@ -937,6 +941,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=10_000, help="CERTIFY/PREDICT samples per image")
     parser.add_argument("--n0", type=int, default=100, help="CERTIFY selection samples per image")
     parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--threads", type=int, default=None, help="sampling streams (default: every core)")
+    parser.add_argument("--smoothing-sampler", choices=("fp32", "int8"), default="fp32",
+                        help="export each cell with this sampler and certify with it (int8: see README)")
     parser.add_argument("--no-predict", dest="predict", action="store_false",
                         help="skip PREDICT (the smoothed clean column): n0 + n forward passes per image instead of "
                              "n0 + 2n; certified accuracy at every radius is unchanged")
