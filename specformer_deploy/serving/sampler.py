@@ -6,9 +6,11 @@ metadata's SHA-256), on how many parallel streams, and on which device the noise
 
 Streams: on these small graphs ONNX Runtime's intra-op threads scale poorly (measured in
 ``tools/bench/smoothing.py``), while independent single-threaded runs scale with the cores. So a
-batch is cut into ``streams`` parts run at once on one single-threaded session (``session.run``
-releases the GIL and is safe to call concurrently). A sample's label depends on its own pixels
-only, so how a batch is cut never changes a count.
+batch is cut into chunks of ``chunk`` samples run on ``streams`` threads at once over one
+single-threaded session (``session.run`` releases the GIL and is safe to call concurrently).
+Small chunks keep a run's activations in the core's own cache: on the MNIST ViT, two streams of
+128-sample chunks sampled 1.5 to 2.5x faster than two halves of a 1,000-sample batch. A sample's
+label depends on its own pixels only, so how a batch is cut never changes a count.
 
 On CUDA the noise is drawn on the device by torch and handed to ONNX Runtime through I/O binding,
 so no noisy batch crosses the PCIe bus; the same path runs on the CPU (tested there).
@@ -26,7 +28,9 @@ import numpy as np
 from specformer_deploy.artifact.sampler import file_sha256
 from specformer_deploy.serving.smoothing import SamplingError
 
-__all__ = ["NoiseSampler", "default_streams"]
+__all__ = ["NoiseSampler", "default_streams", "CHUNK"]
+
+CHUNK = 128  # samples per ONNX Runtime call: what fits a core's cache on the models measured
 
 
 def default_streams() -> int:
@@ -44,11 +48,12 @@ class NoiseSampler:
     ``path``: the graph that samples; ``precision``/``sha256``: what the answer names;
     ``streams``: parallel single-threaded runs (default: every core); ``intra_op_threads``: use one
     session with that many ONNX Runtime threads instead (the other way to use the cores);
-    ``device_id``: CUDA device (the session is then ONNX Runtime's CUDA provider)."""
+    ``session``/``device``: a session on a GPU (one stream, whole batches: the GPU is the parallelism);
+    ``chunk``: samples per call on the CPU (``None``: whole batches, the loop before streams)."""
 
     def __init__(self, path: str | Path, *, precision: str = "fp32", sha256: str | None = None,
                  streams: int | None = None, intra_op_threads: int | None = None, session=None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", chunk: int | None = CHUNK) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -68,6 +73,7 @@ class NoiseSampler:
                 self.streams = int(streams or default_streams())
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.intra_op_threads = intra_op_threads
+        self.chunk = None if session is not None else chunk
         self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="smoothing") if self.streams > 1 else None
 
     def describe(self) -> dict[str, Any]:
@@ -86,10 +92,12 @@ class NoiseSampler:
     def classify(self, batch: np.ndarray) -> np.ndarray:
         """int64 labels of ``batch`` (float32 ``[B, C, S, S]``), its parts run on every stream at once."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if self._pool is None or len(batch) < 2 * self.streams:
+        size = self.chunk or -(-len(batch) // self.streams)
+        if len(batch) <= size:
             return self._labels(batch)
-        parts = np.array_split(batch, self.streams)
-        return np.concatenate(list(self._pool.map(self._labels, parts)))
+        parts = [batch[start: start + size] for start in range(0, len(batch), size)]
+        labels = map(self._labels, parts) if self._pool is None else self._pool.map(self._labels, parts)
+        return np.concatenate(list(labels))
 
     __call__ = classify
 

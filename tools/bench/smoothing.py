@@ -3,13 +3,15 @@
 1. The limit: the measured one-core peak of matrix products (fp32 and int8 on ONNX Runtime, bf16 on
    torch), the model's FLOPs per sample counted from its graph, and what share of the sampler's time
    ONNX Runtime spends in matrix products at all (its own profiler).
-2. The sampler (``NoiseSampler``: float32 noise, the forward pass, ``bincount``) in samples/s, for the
-   export's float32 graph and its int8 sampling graph (``export --smoothing-sampler int8``), each on
-   one stream (one thread: the baseline), on one session with intra-op threads on every core, and on
-   one single-threaded stream per core; each row's fraction of the peak of its precision on the cores
-   it used. Beside them the bare session on pre-made batches (the loop's overhead, target >= 0.9x).
+2. The sampler (``NoiseSampler``: float32 noise, the forward pass, ``bincount``) in samples/s. The
+   baseline is the loop as it was: the export's float32 graph, one thread, whole 1,000-sample
+   batches. Then the float32 graph and the int8 sampling graph (``export --smoothing-sampler int8``)
+   each on one thread in cache-sized chunks, on one session with intra-op threads on every core
+   (whole batches), and on one single-threaded stream per core (chunks); each row's fraction of the
+   peak of its precision on the cores it used. Beside them the bare session on pre-made batches
+   (the baseline loop's overhead, target >= 0.9x).
 3. Seconds per certified image (CERTIFY, ``n0 = 100``, ``n = 10,000``) on test images, for the
-   one-thread fp32 baseline and the fastest sampler, interleaved (targets: < 1 s; >= 4x).
+   baseline loop and the fastest sampler, interleaved (targets: < 1 s; >= 4x the baseline).
 4. Samples used by certify-at-radius (the sequential test) against the fixed ``n0 + n`` of CERTIFY
    on test images, per radius asked (target: >= 5x fewer on the median image).
 5. With ``--training-cost`` (instead of 1-4): the training cost of each smoothing objective
@@ -59,7 +61,12 @@ def _prepare(onnx_path: str | None, workdir: Path, model: str, dataset: str, sig
 
 def _limit(path: Path, int8: Path | None, cores: int) -> dict[str, Any]:
     """Per-core peaks, the model's FLOPs per sample, and where each graph spends its time."""
-    peaks = {p: matmul_peak(p, threads=1) for p in ("fp32", "int8", "bf16")}
+    # Best of three interleaved rounds: a shared core's clock and neighbours vary, and AMX units
+    # need a warm-up; the peak is what the core can do, so the highest round counts.
+    rounds = [{p: matmul_peak(p, threads=1) for p in ("fp32", "int8", "bf16")} for _ in range(3)]
+    peaks = {p: max((r[p] for r in rounds), key=lambda v: v.get("gflops") or 0.0) for p in rounds[0]}
+    for p in peaks:
+        peaks[p] = {**peaks[p], "rounds_gflops": [r[p].get("gflops") for r in rounds]}
     flops = flops_per_sample(path)
     feed = {"pixels": np.random.default_rng(0).random((256, *_input_shape(path)), dtype=np.float32)}
     shares = {"fp32": op_time_shares(path, feed)}
@@ -80,12 +87,13 @@ def _samplers(path: Path, int8: Path | None, cores: int) -> dict[str, Any]:
     from specformer_deploy.serving.sampler import NoiseSampler
 
     graphs = {"fp32": path} if int8 is None else {"fp32": path, "int8": int8}
-    out = {}
+    out = {"fp32, 1 thread, whole batches (the loop before this bench's samplers)":
+           NoiseSampler(path, precision="fp32", streams=1, chunk=None)}
     for precision, graph in graphs.items():
         out[f"{precision}, 1 thread"] = NoiseSampler(graph, precision=precision, streams=1)
         if cores > 1:
-            out[f"{precision}, {cores} intra-op threads"] = NoiseSampler(graph, precision=precision,
-                                                                         intra_op_threads=cores)
+            out[f"{precision}, {cores} intra-op threads, whole batches"] = NoiseSampler(
+                graph, precision=precision, intra_op_threads=cores, chunk=None)
             out[f"{precision}, {cores} streams"] = NoiseSampler(graph, precision=precision, streams=cores)
     return out
 
@@ -267,7 +275,7 @@ def _render(result: dict[str, Any], console) -> None:
                                                for p, v in shares.items()) + ")")
     t = result["samplers"]
     table = Table(title=f"smoothing sampler, batch {t['batch']}, {t['reps']} interleaved repetitions (medians)")
-    for column in ("sampler", "cores", "samples/s", "vs 1-thread fp32", "GFLOP/s per core", "of peak"):
+    for column in ("sampler", "cores", "samples/s", "vs baseline", "GFLOP/s per core", "of peak"):
         table.add_column(column, justify="right")
     for name, row in t["rows"].items():
         table.add_row(name, str(row["cores"]), f"{row['samples_per_s']:,.0f}", f"{row['vs_one_thread_fp32']:.2f}x",
@@ -275,11 +283,11 @@ def _render(result: dict[str, Any], console) -> None:
                       f"{100 * row['fraction_of_peak']:.0f}% (target 60%)")
     console.print(table)
     verdict = "met" if t["loop_vs_bare"] >= t["target_loop_vs_bare"] else "not met"
-    console.print(f"loop / bare session (1 thread fp32): {t['loop_vs_bare']:.3f} (>= 0.9 {verdict}); "
+    console.print(f"baseline loop / bare session: {t['loop_vs_bare']:.3f} (>= 0.9 {verdict}); "
                   f"bare {t['bare_one_thread_images_per_s']:,.0f} images/s")
     c = result["certify"]
     table = Table(title=f"CERTIFY n0={c['n0']} n={c['n']:,}, seconds per image (median of {c['images']})")
-    for column in ("sampler", "s / image", "min", "max", "speedup vs 1-thread fp32", "median radius"):
+    for column in ("sampler", "s / image", "min", "max", "speedup vs baseline", "median radius"):
         table.add_column(column, justify="right")
     for name, row in c["rows"].items():
         s = row["seconds_per_image"]
@@ -289,7 +297,7 @@ def _render(result: dict[str, Any], console) -> None:
     best = min(c["rows"].items(), key=lambda kv: kv[1]["seconds_per_image"]["median"])
     console.print(f"fastest: {best[0]} at {best[1]['seconds_per_image']['median']:.3f} s per image (target < "
                   f"{c['target_s']} s: {'met' if best[1]['seconds_per_image']['median'] < c['target_s'] else 'not met'}"
-                  f"; {best[1]['speedup_vs_one_thread_fp32']:.2f}x the one-thread fp32 loop, target "
+                  f"; {best[1]['speedup_vs_one_thread_fp32']:.2f}x the baseline loop, target "
                   f">= {c['target_speedup']:g}x: "
                   f"{'met' if best[1]['speedup_vs_one_thread_fp32'] >= c['target_speedup'] else 'not met'})")
     table = Table(title="certify-at-radius: samples used vs CERTIFY's fixed n0 + n")
