@@ -125,11 +125,13 @@ def export(
     sign_key: Path | None = typer.Option(None, help="Ed25519 private key (PEM, see `keygen`): also write model.sig, "
                                          "a signature of model.onnx and model.pt2 that workers packaged with "
                                          "--verify-key check at load."),
-    smoothing_sampler: str = typer.Option("fp32", help="The graph randomized smoothing samples with: fp32 (the "
-                                          "export itself) or int8 (also write NAME.sampler-int8.onnx, a statically "
-                                          "quantized copy calibrated on training images under the run's training "
-                                          "noise; its SHA-256 is in the metadata and checked at load; faster where "
-                                          "the CPU has VNNI/AMX, see docs/RESULTS.md)."),
+    smoothing_sampler: str = typer.Option("auto", help="The graph randomized smoothing samples with: int8 (also "
+                                          "write NAME.sampler-int8.onnx, a statically quantized copy calibrated on "
+                                          "training images under the run's training noise; its SHA-256 is in the "
+                                          "metadata and checked at load; see docs/RESULTS.md), fp32 (the export "
+                                          "itself), or auto: int8 for a run trained with noise when its labels "
+                                          "under that noise agree with fp32's on >= 95% of the parity images, "
+                                          "else fp32."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Export a run to ONNX (pixels -> logits, attn_input_norms) with spectral metadata, plus model.pt2.
@@ -166,6 +168,8 @@ def export(
                           f"test images, max |logit diff| {parity['max_abs_logit_diff']:.2e}, predictions equal; "
                           f"sha256 {summary['weights_sha256'][:16]}...")
         sampler = summary.get("smoothing_sampler")
+        if summary.get("smoothing_sampler_note"):
+            err_console.print(f"[yellow]note:[/] {summary['smoothing_sampler_note']}")
         if sampler:
             agreement = sampler["label_agreement_with_fp32"]
             err_console.print(f"smoothing sampler: {sampler['file']} ({sampler['precision']}), labels equal to the "
