@@ -132,6 +132,23 @@ def test_a_tampered_sampling_graph_is_refused_at_load_by_audit_and_by_package(in
         package_model(onnx_path, "tampered", tmp_path / "store")
 
 
+def test_auto_writes_the_int8_sampler_for_a_noise_trained_run_only_when_it_agrees(
+        int8_export: Path, exported_pair, tmp_path: Path) -> None:
+    from specformer_deploy.artifact.export import AUTO_MIN_AGREEMENT, export_run
+    from specformer_deploy.artifact.onnx_meta import read_metadata_file
+
+    summary = export_run(int8_export.parent.parent / "run", tmp_path / "auto" / "model.onnx")  # the default: auto
+    block = read_metadata_file(summary["onnx"]).get(SAMPLER_KEY)
+    if block is None:  # dropped: the export says why, and no sampler file is left
+        assert "agreed with the float32" in summary["smoothing_sampler_note"]
+        assert not (tmp_path / "auto" / "model.sampler-int8.onnx").exists()
+    else:
+        assert block["label_agreement_with_fp32"]["fraction"] >= AUTO_MIN_AGREEMENT
+        assert (tmp_path / "auto" / block["file"]).is_file()
+    plain = export_run(exported_pair["vanilla"]["run"], tmp_path / "plain" / "model.onnx")
+    assert plain["smoothing_sampler"] is None and not (tmp_path / "plain" / "model.sampler-int8.onnx").exists()
+
+
 def test_int8_sampler_needs_a_run_trained_with_noise(exported_pair, tmp_path: Path) -> None:
     from specformer_deploy.artifact.export import ExportError, export_run
 
