@@ -300,6 +300,8 @@ def evaluate(
                                        "core, shared among the processes under torchrun)."),
     sampler: str = typer.Option("auto", help="--smoothing: the graph that samples, auto (the export's "
                                 "--smoothing-sampler graph when it has one) or fp32 (the export itself)."),
+    split: str = typer.Option("test", help="--smoothing: test (the images a report states), or val (the training "
+                              "images the run held out with train --val-images: choose sigma and recipe there)."),
     json_output: bool = typer.Option(False, "--json", help='Print {"clean": acc, "<attack>": acc, ...} (or the '
                                                            'certified-accuracy table) on stdout.'),
 ) -> None:
@@ -313,7 +315,7 @@ def evaluate(
             _fail("--attack and --smoothing are different evaluations: pass one of them")
         _evaluate_smoothing(model, smoothing, n=n, n0=n0, alpha=alpha, radii=radii, plot=plot, limit=limit,
                             batch_size=batch_size or 1_000, seed=seed, device=device, json_output=json_output,
-                            dataset=dataset, data_dir=data_dir, threads=threads, sampler=sampler)
+                            dataset=dataset, data_dir=data_dir, threads=threads, sampler=sampler, split=split)
         return
     batch_size = batch_size or 128
 
@@ -359,7 +361,7 @@ def evaluate(
 def _evaluate_smoothing(model: Path, sigma: float, *, n: int, n0: int, alpha: float, radii: str, plot: Path | None,
                         limit: int | None, batch_size: int, seed: int, device: str, json_output: bool,
                         dataset: str | None, data_dir: Path | None, threads: int | None = None,
-                        sampler: str = "auto") -> None:
+                        sampler: str = "auto", split: str = "test") -> None:
     """`evaluate --smoothing`: certify the test images (sharded under torchrun), print one table on rank 0."""
     from rich.progress import Progress
 
@@ -381,7 +383,7 @@ def _evaluate_smoothing(model: Path, sigma: float, *, n: int, n0: int, alpha: fl
     try:
         options = SmoothingEvalOptions(sigma=sigma, n=n, n0=n0, alpha=alpha, radii=parse_radii(radii), limit=limit,
                                        seed=seed, batch_size=batch_size, dataset=dataset,
-                                       data_dir=str(data_dir) if data_dir else None, sampler=sampler)
+                                       data_dir=str(data_dir) if data_dir else None, sampler=sampler, split=split)
         options.params(seed)
         ctx = init_distributed("cuda" if on_gpu else "cpu")
         with Progress(console=err_console, transient=True, disable=not ctx.is_main) as progress:
@@ -420,8 +422,9 @@ def _print_certified_accuracy(model: Path, results: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"{model} on {results['dataset']}: randomized smoothing, sigma {results['sigma']}, "
-                        f"n {results['n']}, n0 {results['n0']}, alpha {results['alpha']} ({results['images']} test "
-                        f"images; certified accuracy in %, L2 radius in the {results['space']})")
+                        f"n {results['n']}, n0 {results['n0']}, alpha {results['alpha']} ({results['images']} "
+                        f"{results.get('split', 'test images')}; certified accuracy in %, L2 radius in the "
+                        f"{results['space']})")
     table.add_column("Model")
     for radius in results["radii"]:
         table.add_column(f"r = {radius:g}", justify="right")

@@ -431,7 +431,10 @@ def _training_section(config: dict[str, Any], files: RunFiles) -> dict[str, Any]
         "training": {"dataset": config["data"].get("dataset"), "clean_accuracy": last.get("test_accuracy"),
                      "epochs": last.get("epoch"), "adversarial": bool(train_cfg.get("adversarial")),
                      "adv_eps": train_cfg.get("adv_eps") if train_cfg.get("adversarial") else None,
-                     "seed": train_cfg.get("seed")},
+                     "seed": train_cfg.get("seed"),
+                     # the held-out split settings were chosen on (rebuilt by `evaluate --split val`)
+                     "val_images": int(train_cfg.get("val_images") or 0),
+                     "val_accuracy": last.get("val_accuracy")},
     }
 
 

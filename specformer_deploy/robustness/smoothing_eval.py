@@ -64,6 +64,9 @@ class SmoothingEvalOptions:
     # PREDICT costs another n forward passes per image; a certified-accuracy table does not need
     # it (certified accuracy at r = 0 is CERTIFY's own clean answer), so a study may skip it.
     predict: bool = True
+    # Which images: "test" (what a report states) or "val" (the training images the run held out,
+    # `train --val-images`, where settings are chosen).
+    split: str = "test"
     # The graph that samples: "auto" (the export's reduced-precision sampling graph when it has
     # one) or "fp32" (the export itself). Part of what is measured, so part of a cache key.
     sampler: str = "auto"
@@ -220,15 +223,22 @@ def _test_images(runtime, options: SmoothingEvalOptions) -> tuple[np.ndarray, np
     dataset = options.dataset or (runtime.meta.get("training") or {}).get("dataset")
     if not dataset:
         raise ValueError("the model does not record its dataset: pass --dataset")
-    bundle = load_dataset(dataset, runtime.image_size, options.data_dir, runtime.channels)
+    held_out = int((runtime.meta.get("training") or {}).get("val_images") or 0)
+    if options.split not in ("test", "val"):
+        raise ValueError(f"--split must be test or val, got {options.split!r}")
+    if options.split == "val" and held_out <= 0:
+        raise ValueError("--split val certifies the training images the run held out, and this model's run held "
+                         "out none (train --val-images N)")
+    bundle = load_dataset(dataset, runtime.image_size, options.data_dir, runtime.channels, held_out)
     if bundle.num_classes != len(runtime.class_names):
         raise ValueError(f"dataset {dataset} has {bundle.num_classes} classes but the model has "
                          f"{len(runtime.class_names)}")
-    count = len(bundle.test) if options.limit is None else min(options.limit, len(bundle.test))
+    images_of = bundle.validation if options.split == "val" else bundle.test
+    count = len(images_of) if options.limit is None else min(options.limit, len(images_of))
     if count < 1:
         raise ValueError(f"--limit must be >= 1, got {options.limit}")
-    images = np.stack([bundle.test[i][0].numpy() for i in range(count)]).astype(np.float32)
-    labels = np.array([int(bundle.test[i][1]) for i in range(count)])
+    images = np.stack([images_of[i][0].numpy() for i in range(count)]).astype(np.float32)
+    labels = np.array([int(images_of[i][1]) for i in range(count)])
     return images, labels, dataset, bundle.source_shape
 
 
@@ -264,6 +274,8 @@ def evaluate_smoothing(path: str | Path, options: SmoothingEvalOptions, ctx=None
                      model=str(path), dataset=dataset,
                      trained_sigma=trained, msvp=msvp, world_size=ctx.world_size, device=runtime.device,
                      sampler=runtime.sampler.describe(), streams=runtime.sampler.streams,
+                     split={"test": "test images", "val": "validation images (held-out training images)"}[
+                         options.split],
                      wall_s=round(max(part["wall_s"] for part in gathered), 3))
 
 

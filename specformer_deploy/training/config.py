@@ -58,6 +58,10 @@ class TrainConfig:
     in_chans: int | None = option(None, "Input channels of the model: 1 (grey) or 3 (colour). Default: the data's "
                                   "own (1 for digits, mnist and a grey image folder); other data is converted (grey "
                                   "replicated, colour to ITU-R 601 luma).", metavar="C")
+    val_images: int = option(0, "Hold out this many training images as a validation split (stratified by class, "
+                                "the same images for every run and seed): never trained on, val_accuracy reported "
+                                "each epoch, and `evaluate --smoothing --split val` certifies them. Choose settings on "
+                                "it and report on the test images. 0: no split.", min=0)
     epochs: int = option(50, "Training epochs (the default suits the built-in digits).", min=1)
     batch_size: int = option(32, "Global batch size: under torchrun each of the N processes takes batch-size/N "
                              "images per step.", min=2)

@@ -40,6 +40,8 @@ class DatasetBundle:
     # The images' own shape (channels, height, width) before resizing, when every image has the
     # same one: the space in which a radius about the data set's images is stated. None: varies.
     source_shape: tuple[int, int, int] | None = None
+    # Training images held out to choose settings on (``train --val-images``); None: no split.
+    validation: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -263,16 +265,19 @@ def _rgb_loader(path: str):
 
 
 def load_dataset(name: str, size: int, data_dir: str | Path | None = None,
-                 channels: int | None = None) -> DatasetBundle:
+                 channels: int | None = None, val_images: int = 0) -> DatasetBundle:
     """Load a dataset by name at image size ``size``, in its own channels or in ``channels``
-    (a model's ``in_chans``: 1 or 3)."""
+    (a model's ``in_chans``: 1 or 3), with ``val_images`` training images held out as its
+    validation split (:mod:`specformer_deploy.training.validation`)."""
+    from specformer_deploy.training.validation import with_validation
+
     if channels not in (None, 1, 3):
         raise DataError(f"a model takes 1 (grey) or 3 (colour) channels, got {channels}")
     bundle = _load_native(name, size, data_dir)
-    if channels is None or channels == bundle.channels:
-        return bundle
-    return DatasetBundle(ChannelView(bundle.train, channels), ChannelView(bundle.test, channels), bundle.class_names,
-                         bundle.name, channels, bundle.source_shape)
+    if channels is not None and channels != bundle.channels:
+        bundle = DatasetBundle(ChannelView(bundle.train, channels), ChannelView(bundle.test, channels),
+                               bundle.class_names, bundle.name, channels, bundle.source_shape)
+    return with_validation(bundle, int(val_images or 0))
 
 
 def _load_native(name: str, size: int, data_dir: str | Path | None) -> DatasetBundle:

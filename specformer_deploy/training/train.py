@@ -176,6 +176,9 @@ def _run_epochs(state: RunState, console: Console, show_progress: bool,
             totals = train_one_epoch(state, epoch, show_step)
             accuracy = evaluate_accuracy(state.model, state.bundle.test, state.device, ctx=state.ctx)
             record = _epoch_record(state, epoch, totals, accuracy)
+            if state.bundle.validation is not None:
+                record["val_accuracy"] = evaluate_accuracy(state.model, state.bundle.validation, state.device,
+                                                           ctx=state.ctx)
             state.metrics.append(record)
             if state.ctx.is_main:
                 save_checkpoint(state, epoch + 1)
@@ -364,7 +367,8 @@ def save_checkpoint(state: RunState, epoch: int) -> None:
 
 def log_epoch(console: Console, cfg: TrainConfig, record: dict[str, Any]) -> None:
     sigma = record["max_sigma"]
-    console.print(f"epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f} "
+    val = f"val acc {record['val_accuracy']:.4f} " if "val_accuracy" in record else ""
+    console.print(f"epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f} {val}"
                   f"test acc {record['test_accuracy']:.4f} max sigma q/k/v "
                   f"{max(sigma['q']):.3f}/{max(sigma['k']):.3f}/{max(sigma['v']):.3f} ({record['time_s']:.1f}s)")
 
@@ -434,7 +438,7 @@ def _build_data_and_model(ctx: DistContext, cfg: TrainConfig,
         _seed(cfg.seed)
         probe = resolve_model_config(cfg.model, num_classes=2, img_size=cfg.img_size, patch_size=cfg.patch_size,
                                      mlp_act=cfg.mlp_act, attention=cfg.attention)
-        bundle = load_dataset(cfg.dataset, probe.img_size, cfg.data_dir, cfg.in_chans)
+        bundle = load_dataset(cfg.dataset, probe.img_size, cfg.data_dir, cfg.in_chans, cfg.val_images)
         model_cfg = resolve_model_config(cfg.model, bundle.num_classes, cfg.img_size, cfg.patch_size, cfg.mlp_act,
                                          cfg.attention, in_chans=bundle.channels)
         _seed(cfg.seed)
@@ -454,7 +458,8 @@ def _build_data_and_model(ctx: DistContext, cfg: TrainConfig,
 def _write_run_config(files: RunFiles, ctx: DistContext, cfg: TrainConfig, model_cfg: ModelConfig,
                       bundle: DatasetBundle) -> None:
     data = {"dataset": bundle.name, "class_names": bundle.class_names, "train_size": len(bundle.train),
-            "test_size": len(bundle.test)}
+            "test_size": len(bundle.test),
+            "val_size": 0 if bundle.validation is None else len(bundle.validation)}
     run_config = {"format_version": FORMAT_VERSION, "package_version": __version__, "train": asdict(cfg),
                   "model": model_cfg.to_dict(), "data": data,
                   # Mixup/CutMix and PGD noise are drawn per process: part of what repeats a run.
