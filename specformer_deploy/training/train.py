@@ -40,6 +40,7 @@ from specformer_deploy.model.factory import ModelConfig, build_model, load_pretr
 from specformer_deploy.model.heads import UnsupportedAttentionError
 from specformer_deploy.model.mlp import activation_sparsity
 from specformer_deploy.robustness.attacks import pgd
+from specformer_deploy.training.augment import augment_seed, shift_and_rotate
 from specformer_deploy.training.checkpoint import (
     CheckpointError,
     RunFiles,
@@ -258,6 +259,8 @@ def training_batch(state: RunState, x: torch.Tensor, y: torch.Tensor) -> tuple[t
     (2019) train smoothed classifiers adversarially, PGD attacks the clean image and the noise
     is drawn around the adversarial point; SmoothAdv's attack uses the very noise the copies get."""
     cfg = state.cfg
+    if cfg.translate or cfg.rotate:  # on the clean images, so the noise below stays N(0, sigma^2 I)
+        x = shift_and_rotate(x, cfg.translate, cfg.rotate, augment_seed(cfg.seed, state.step, state.ctx.rank))
     noise = None
     if cfg.noise_sd > 0:
         noise = gaussian_noise(x.shape, cfg.noise_sd, cfg.copies, noise_seed(cfg.seed, state.step, state.ctx.rank),
@@ -469,12 +472,17 @@ def _write_run_config(files: RunFiles, ctx: DistContext, cfg: TrainConfig, model
 
 def _optimization(cfg: TrainConfig, model: nn.Module,
                   train_size: int) -> tuple[torch.optim.Optimizer, CosineLRScheduler, int]:
-    """SGD with warm-up then cosine, stepped per optimizer step.
+    """SGD (or AdamW) with warm-up then cosine, stepped per optimizer step.
 
     Every step takes a full global batch (the incomplete last one is dropped, as timm's loaders
     do): so N processes see exactly the batches one process sees, whatever N.
     """
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
+                                                             weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
     steps_per_epoch = train_size // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"the training set ({train_size} images) is smaller than one batch ({cfg.batch_size})")
