@@ -71,6 +71,9 @@ class TrainConfig:
                                "any noise; for digits a few pixels. 0: off.", min=0)
     rotate: float = option(0.0, "Rotate each training image by up to DEG degrees, before any noise. No flips are "
                                 "offered: a mirrored digit is another symbol. 0: off.")
+    ema_decay: float = option(0.0, "Keep an exponential moving average of the weights (timm's ModelEmaV3, with "
+                                   "warm-up) at this decay, e.g. 0.999: it is what each epoch evaluates (the raw "
+                                   "weights' accuracy is logged beside it) and what the run saves and exports. 0: off.")
     lr: float = option(0.1, "Peak learning rate (warm-up then cosine).")
     weight_decay: float = option(1e-4, "SGD weight decay.")
     momentum: float = option(0.9, "SGD momentum.")
@@ -166,6 +169,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if not (0 <= self.ema_decay < 1):
+            raise ValueError(f"--ema-decay must be in [0, 1) (0: off; e.g. 0.999), got {self.ema_decay}")
         if not (0 <= self.rotate <= 45):
             raise ValueError(f"--rotate must be between 0 and 45 degrees, got {self.rotate}")
         if self.adversarial:

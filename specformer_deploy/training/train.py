@@ -102,6 +102,7 @@ class RunState:
     criterion: Criterion
     local_batch: int
     steps_per_epoch: int
+    ema: Any | None = None  # timm's ModelEmaV3 of ``model`` (train --ema-decay), or None
     start_epoch: int = 0
     step: int = 0
     metrics: list[dict[str, Any]] = field(default_factory=list)
@@ -175,11 +176,15 @@ def _run_epochs(state: RunState, console: Console, show_progress: bool,
                 progress.update(task, advance=1, description=description, info=f"loss {loss:.4f}")
 
             totals = train_one_epoch(state, epoch, show_step)
-            accuracy = evaluate_accuracy(state.model, state.bundle.test, state.device, ctx=state.ctx)
+            evaluated = evaluated_model(state)
+            accuracy = evaluate_accuracy(evaluated, state.bundle.test, state.device, ctx=state.ctx)
             record = _epoch_record(state, epoch, totals, accuracy)
             if state.bundle.validation is not None:
-                record["val_accuracy"] = evaluate_accuracy(state.model, state.bundle.validation, state.device,
+                record["val_accuracy"] = evaluate_accuracy(evaluated, state.bundle.validation, state.device,
                                                            ctx=state.ctx)
+            if state.ema is not None:  # the raw weights beside their average
+                record["raw_test_accuracy"] = evaluate_accuracy(state.model, state.bundle.test, state.device,
+                                                                ctx=state.ctx)
             state.metrics.append(record)
             if state.ctx.is_main:
                 save_checkpoint(state, epoch + 1)
@@ -210,12 +215,27 @@ def setup_run(ctx: DistContext, cfg: TrainConfig, out: Path, resume: bool, conso
     state = RunState(ctx=ctx, cfg=cfg, files=files, bundle=bundle, model_cfg=model_cfg, model=model,
                      forward_model=model, attack_model=model, msvp=msvp, optimizer=optimizer, scheduler=scheduler,
                      mixup=mixup, criterion=_criterion(cfg, mixup), local_batch=local_batch,
-                     steps_per_epoch=steps_per_epoch)
+                     steps_per_epoch=steps_per_epoch, ema=_weight_average(cfg, model))
     if checkpoint is not None:
         _restore(state, checkpoint, plan, console)
     scheduler.step_update(state.step)
     _wrap_forward_model(state, console)
     return state
+
+
+def _weight_average(cfg: TrainConfig, model: nn.Module):
+    """timm's ``ModelEmaV3`` of ``model`` under ``--ema-decay`` (with its warm-up, so the average
+    is not dominated by the initial weights in short runs), else ``None``."""
+    if cfg.ema_decay <= 0:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+
+
+def evaluated_model(state: RunState) -> nn.Module:
+    """The weights a run evaluates, saves and exports: the moving average when there is one."""
+    return state.ema.module if state.ema is not None else state.model
 
 
 def train_one_epoch(state: RunState, epoch: int, on_step: Callable[[float], None] | None = None) -> dict[str, float]:
@@ -329,6 +349,8 @@ def _train_step(state: RunState, x: torch.Tensor, y: torch.Tensor) -> tuple[floa
     state.optimizer.step()
     state.step += 1
     state.scheduler.step_update(state.step)
+    if state.ema is not None:
+        state.ema.update(state.model, step=state.step)
     return float(loss.detach()), float(penalty.detach())
 
 
@@ -358,13 +380,14 @@ def save_checkpoint(state: RunState, epoch: int) -> None:
     """Metrics first, checkpoint last: the checkpoint's epoch is the commit point."""
     files, model, msvp = state.files, state.model, state.msvp
     atomic_write_text(files.metrics, "".join(json.dumps(m) + "\n" for m in state.metrics))
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in evaluated_model(state).state_dict().items()}
     atomic_write(files.weights, lambda tmp: save_file(weights, str(tmp), metadata={"epoch": str(epoch)}))
     if msvp is not None:
         vectors = {k: v.detach().cpu().contiguous() for k, v in msvp.state_dict().items()}
         atomic_write(files.vectors, lambda tmp: save_file(vectors, str(tmp)))
     checkpoint = {"epoch": epoch, "step": state.step, "model": model.state_dict(),
-                  "optimizer": state.optimizer.state_dict(), "msvp": msvp.state_dict() if msvp is not None else {}}
+                  "optimizer": state.optimizer.state_dict(), "msvp": msvp.state_dict() if msvp is not None else {},
+                  "ema": state.ema.module.state_dict() if state.ema is not None else None}
     atomic_write(files.checkpoint, lambda tmp: torch.save(checkpoint, tmp))
 
 
@@ -509,6 +532,10 @@ def _restore(state: RunState, checkpoint: dict[str, Any], plan: dict[str, Any], 
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     if state.msvp is not None:
         state.msvp.load_state_dict(checkpoint["msvp"])
+    if state.ema is not None:
+        if checkpoint.get("ema") is None:
+            raise CheckpointError(f"{files.checkpoint} holds no weight average; it was not trained with --ema-decay")
+        state.ema.module.load_state_dict(checkpoint["ema"])
     state.start_epoch, state.step = int(checkpoint["epoch"]), int(checkpoint["step"])
     state.metrics = broadcast_object(ctx, read_metrics(files.metrics)[:state.start_epoch] if ctx.is_main else None)
     if not ctx.is_main:
