@@ -127,10 +127,13 @@ class NoiseSampler:
             count = min(size, samples - done)
             noisy, out = buffer[:count], logits[:count]
             noisy.normal_(generator=generator).mul_(sigma).add_(image)
+            if device.type == "cuda":  # torch wrote the noise on its own stream: done before ONNX Runtime reads it
+                torch.cuda.current_stream(device).synchronize()
             binding = self.session.io_binding()
             binding.bind_input("pixels", kind, index, np.float32, list(noisy.shape), noisy.data_ptr())
             binding.bind_output("logits", kind, index, np.float32, list(out.shape), out.data_ptr())
             self.session.run_with_iobinding(binding)
+            binding.synchronize_outputs()  # ONNX Runtime's stream has finished writing the logits
             if not bool(torch.isfinite(out).all()):
                 raise SamplingError("the model returned non-finite logits under noise: no certificate can be given")
             counts += torch.bincount(out.argmax(dim=1), minlength=num_classes)
