@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from specformer_deploy.training.data import DataError, load_dataset
-from specformer_deploy.training.validation import dataset_labels, split_indices
+from specformer_deploy.training.data import load_dataset
+from specformer_deploy.training.validation import ValidationSplitError, dataset_labels, split_indices
 
 
 def _pixels(dataset) -> torch.Tensor:
@@ -39,9 +39,9 @@ def test_mnist_split_is_stratified_disjoint_and_the_same_every_time() -> None:
 
 def test_split_size_outside_its_range_is_a_clear_error() -> None:
     labels = np.repeat(np.arange(10), 40)
-    with pytest.raises(DataError, match="--val-images must be between 10"):
+    with pytest.raises(ValidationSplitError, match="--val-images must be between 10"):
         split_indices(labels, 5)
-    with pytest.raises(DataError, match="between 10 .* and 390"):
+    with pytest.raises(ValidationSplitError, match="between 10 .* and 390"):
         split_indices(labels, 395)
     train, validation = split_indices(labels, 100)
     assert len(set(train) | set(validation)) == 400 and not set(train) & set(validation)

@@ -10,16 +10,19 @@ recorded ``val_images`` wherever it is measured (training, `evaluate --split val
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from specformer_deploy.training.data import DataError, DatasetBundle
-
-__all__ = ["VALIDATION_SEED", "dataset_labels", "split_indices", "with_validation"]
+__all__ = ["VALIDATION_SEED", "ValidationSplitError", "dataset_labels", "split_indices", "with_validation"]
 
 VALIDATION_SEED = 2024  # fixed: the same held-out images for every run
+
+
+class ValidationSplitError(ValueError):
+    """A split size the training set cannot give (``train`` reports it like any bad option)."""
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:
@@ -40,15 +43,16 @@ def split_indices(labels: np.ndarray, count: int, seed: int = VALIDATION_SEED) -
 
     classes = len(np.unique(labels))
     if not classes <= count <= len(labels) - classes:
-        raise DataError(f"--val-images must be between {classes} (one per class) and {len(labels) - classes} "
-                        f"(the training set has {len(labels)} images), got {count}")
+        raise ValidationSplitError(f"--val-images must be between {classes} (one per class) and "
+                                   f"{len(labels) - classes} (the training set has {len(labels)} images), got {count}")
     train, validation = train_test_split(np.arange(len(labels)), test_size=count, stratify=labels,
                                          random_state=seed)
     return np.sort(train), np.sort(validation)
 
 
-def with_validation(bundle: DatasetBundle, count: int) -> DatasetBundle:
-    """``bundle`` whose training images lose ``count`` held out as ``bundle.validation`` (0: unchanged)."""
+def with_validation(bundle: Any, count: int) -> Any:
+    """``bundle`` (a :class:`~specformer_deploy.training.data.DatasetBundle`) whose training images
+    lose ``count`` held out as ``bundle.validation`` (0: unchanged)."""
     if count <= 0:
         return bundle
     train, validation = split_indices(dataset_labels(bundle.train), count)
