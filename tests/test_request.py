@@ -434,7 +434,7 @@ def test_a_slow_model_refuses_what_would_outlast_its_timeout_and_stops_at_its_de
     context = _context(Path(exported_pair["msvp"]["onnx"]).parent, {"threads_per_worker": 1}, responseTimeout=4)
     handler = SpecformerHandler()
     handler.initialize(context)
-    handler.runtime.session = _Slow(handler.runtime.session)
+    handler.runtime.sampler.session = _Slow(handler.runtime.sampler.session)  # the session smoothing samples with
     handler.size_smoothing()
     budget = handler.limits.smoothing_time_budget
     assert budget is not None and 200 < budget <= 1000  # at most 500 images/s x 2 s
