@@ -86,7 +86,7 @@ def test_flops_lists_nodes_with_unknown_shapes(tmp_path):
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_flops_torch_exported_linear(tmp_path, dynamic):
     """Per image whether the batch is symbolic or fixed at 3 in the file (the output then says [3,7])."""
-    torch = pytest.importorskip("torch")
+    import torch
     model = torch.nn.Sequential(torch.nn.Linear(12, 7)).eval()
     path = tmp_path / "linear.onnx"
     axes = {"x": {0: "batch"}, "y": {0: "batch"}} if dynamic else None
@@ -107,7 +107,7 @@ def test_matmul_peak_ort(precision):
 
 
 def test_matmul_peak_bf16_reports_either_way():
-    torch = pytest.importorskip("torch")
+    import torch
     before = torch.get_num_threads()
     got = compute.matmul_peak("bf16", size=128, reps=2)
     assert torch.get_num_threads() == before  # the thread count is restored

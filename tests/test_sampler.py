@@ -206,7 +206,6 @@ def _linear_onnx(path: Path, w: np.ndarray, b: float) -> Path:
 
 
 def test_device_noise_counts_match_the_closed_form_and_repeat_for_a_seed(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     w, b, sigma, samples = np.array([0.5, -0.5, 0.5, 0.5], np.float32), -0.3, 0.4, 40_000
     x = np.full((1, 2, 2), 0.4, dtype=np.float32)
     sampler = NoiseSampler(_linear_onnx(tmp_path / "linear.onnx", w, b), streams=1, device="cpu")
