@@ -164,6 +164,49 @@ def test_a_study_without_predict_says_so_and_keeps_the_certified_columns(study: 
 
 
 @pytest.mark.slow
+def test_a_killed_certification_resumes_from_its_journal(study: Path) -> None:
+    """Hours-long certifications (n = 100,000) survive a killed process: each image's record is
+    journalled as it is certified, a rerun certifies only the images the journal lacks (a torn last
+    line is dropped), and the result equals an uninterrupted run's."""
+    from specformer_deploy.robustness.smoothing_eval import SmoothingEvalOptions
+
+    tool = _tool()
+    run = study / "gaussian-sigma0.25-msvp-seed0"
+    onnx_path = run / "export" / "model.onnx"
+    options = SmoothingEvalOptions(sigma=0.25, n=150, n0=20, alpha=0.001, radii=(0.1,), limit=8, seed=0,
+                                   dataset="digits", predict=False)
+
+    class Count:
+        def __init__(self) -> None:
+            self.totals: list[int] = []
+
+        def on_image(self, done: int, total: int) -> None:
+            self.totals.append(total)
+
+    whole, digest = tool.certify_cell(run, onnx_path, options, Count())
+    cached = run / tool.CACHE_DIR / f"{tool.cache_key(options, digest)}.json"
+    journal = cached.with_suffix(".partial.jsonl")
+    assert cached.is_file() and not journal.exists()
+    cached.unlink()  # as if the process had been killed after five images
+    journal.write_text("".join(json.dumps(r) + "\n" for r in whole["per_image"][:5]) + '{"index": 5, "tru')
+    counted = Count()
+    resumed, _ = tool.certify_cell(run, onnx_path, options, counted)
+    assert set(counted.totals) == {3}  # only images 5, 6 and 7 were certified again
+    keys = ("index", "label", "abstain", "radius", "count", "p_lower", "base_label")
+    assert [{k: r[k] for k in keys} for r in resumed["per_image"]] == \
+        [{k: r[k] for k in keys} for r in whole["per_image"]]
+    assert resumed["certified_accuracy"] == whole["certified_accuracy"]
+    assert cached.is_file() and not journal.exists()
+
+
+@pytest.mark.slow
+def test_a_validation_split_is_refused_for_runs_that_held_none_out(study: Path) -> None:
+    result = _study("--out", str(study), "--objectives", "gaussian", *TINY, "--seeds", "0", "--msvp", "on",
+                    "--split", "val", ok=False)
+    assert result.returncode != 0 and "held out none (train --val-images N)" in result.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_OBJECTIVES, reason="TrainConfig has no smoothing_objective field yet (issue 14 part B)")
 def test_consistency_extends_the_grid_and_reuses_the_gaussian_cells(study: Path) -> None:
     # One seed keeps the smoke test short: consistency training runs several noisy copies per image.

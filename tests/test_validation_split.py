@@ -68,3 +68,23 @@ def test_training_reports_validation_accuracy_and_export_records_the_split(tmp_p
     held_out = load_dataset("digits", runtime.image_size, channels=runtime.channels, val_images=200).validation
     assert len(images) == 200 and np.array_equal(images, _pixels(held_out).numpy())
     assert labels.tolist() == dataset_labels(held_out).tolist()
+
+
+def test_training_subset_is_stratified_fixed_and_leaves_the_validation_split_alone() -> None:
+    """A data-size study's smaller training sets: the same images whatever the run, balanced across
+    classes, nested inside the training images that remain after the validation split."""
+    from specformer_deploy.training.validation import with_training_subset
+
+    full = load_dataset("mnist", 28, val_images=500)
+    small = load_dataset("mnist", 28, val_images=500, train_images=1000)
+    assert len(small.train) == 1000 and len(small.test) == 1000
+    assert torch.equal(_pixels(small.validation), _pixels(full.validation))
+    assert np.bincount(dataset_labels(small.train), minlength=10).tolist() == \
+        np.round(np.bincount(dataset_labels(full.train), minlength=10) * 1000 / 3500).astype(int).tolist()
+    kept = {tuple(x.flatten().tolist()) for x in _pixels(small.train)}
+    assert kept <= {tuple(x.flatten().tolist()) for x in _pixels(full.train)}
+    assert torch.equal(_pixels(load_dataset("mnist", 28, val_images=500, train_images=1000).train),
+                       _pixels(small.train))
+    assert with_training_subset(full, 0) is full and with_training_subset(full, 3500) is full
+    with pytest.raises(ValidationSplitError, match="--train-images 4000 is more than the 3500"):
+        with_training_subset(full, 4000)

@@ -328,12 +328,37 @@ def certify_cell(run: Path, onnx_path: Path, options: SmoothingEvalOptions, prog
         summary = json.loads(cached.read_text())
         shape, source = export_shapes(onnx_path, options.dataset, options.data_dir)
         return {**summary, **summarize(summary["per_image"], options, shape, source)}, digest
-    summary = evaluate_smoothing(onnx_path, options, on_progress=progress.on_image, threads=threads)
     cached.parent.mkdir(parents=True, exist_ok=True)
+    journal = cached.with_suffix(".partial.jsonl")  # each image's record as it is certified: a killed run resumes
+    done = read_journal(journal)
+    if done:
+        print(f"resuming certification: {len(done)} images already in {journal}", file=sys.stderr)
+    journal.write_text("".join(json.dumps(r) + "\n" for r in done))  # drops a torn last line
+    with journal.open("a") as sink:
+        def keep(record: dict[str, Any]) -> None:
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+
+        summary = evaluate_smoothing(onnx_path, options, on_progress=progress.on_image, threads=threads, done=done,
+                                     on_record=keep)
     partial = cached.with_suffix(".tmp")
     partial.write_text(json.dumps(summary) + "\n")
     partial.replace(cached)
+    journal.unlink()
     return summary, digest
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The records a killed certification wrote, one JSON line each (a torn last line is dropped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # the line being written when the run was killed
+    return records
 
 
 def training_seconds(run: Path) -> float:
@@ -397,7 +422,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         onnx_path = ensure_export(run, args.smoothing_sampler)
         options = SmoothingEvalOptions(sigma=cell.sigma, n=args.n, n0=args.n0, alpha=args.alpha, radii=args.radii,
                                        limit=args.limit, seed=cell.seed, dataset=args.dataset,
-                                       data_dir=args.data_dir, predict=args.predict)
+                                       data_dir=args.data_dir, predict=args.predict, split=args.split)
         progress.certifying()
         summary, digest = certify_cell(run, onnx_path, options, progress, args.threads)
         input_shape, source_shape = export_shapes(onnx_path, args.dataset, args.data_dir)
@@ -582,7 +607,7 @@ def accuracy_table(sigma: float, sigma_groups: list[Group], radii: list[float]) 
     first = sigma_groups[0].cells[0]["smoothing"]
     head = (f"### sigma = {sigma:g}\n\nSmoothed clean accuracy (PREDICT) and certified accuracy (%) at L2 radius r "
             f"about {_where(spaces)} (pixels in [0, 1]), n = {first['n']:,}, n0 = {first['n0']}, "
-            f"alpha = {first['alpha']:g}, {first['images']} test images.\n\n")
+            f"alpha = {first['alpha']:g}, {first['images']} {_split_words(first)}.\n\n")
     header = ["objective", "MSVP", "seeds", *(["model input"] if several_inputs else []), "smoothed clean",
               *[f"r = {r:g}" for r in radii], "train min", "s / image"]
     note = ""
@@ -720,7 +745,7 @@ def published_table(results: dict[str, Any], all_groups: list[Group]) -> str | N
                    f"n = {smoothing['n']:,}"
                    + ("" if (smoothing["n0"], smoothing["alpha"]) == (100, pub["alpha"])
                       else f", n0 = {smoothing['n0']}, alpha = {smoothing['alpha']:g}")
-                   + f"; first {smoothing['images']} test images; "
+                   + f"; first {smoothing['images']} {_split_words(smoothing)}; "
                    + (f"mean of {len(group.cells)} seeds" if len(group.cells) > 1 else "one seed"))
         values = [f"{100 * np.mean(group.certified_at(r)):.1f}{' †' if r > group.reach else ''}" for r in radii]
         rows.append(["measured here", f"{group.objective}{', MSVP' if group.msvp else ''}", f"{group.sigma:g}",
@@ -772,8 +797,12 @@ def targets_paragraph(results: dict[str, Any]) -> str:
             lines.append(f"Stretch goal {100 * STRETCH[1]:.1f}% ({STRETCH_SOURCE}): {_versus(value, STRETCH[1])}. "
                          "That figure is a deterministic guarantee; ours holds with probability 1 - alpha.")
     dataset = results["options"].get("dataset")
-    caveat = (" The best of several settings is chosen on the same test images, so it is an optimistic "
-              "estimate of that setting.")
+    if results["options"].get("split", "test") == "val":
+        caveat = (" These are validation images (held out of the training images): they choose settings, and "
+                  "the chosen settings are reported on the test images elsewhere.")
+    else:
+        caveat = (" The best of several settings is chosen on the same test images, so it is an optimistic "
+                  "estimate of that setting.")
     if dataset != "mnist":
         caveat += f" The targets are for the built-in MNIST split; this study ran on `{dataset}`."
     elif any(s.source_shape != TARGET_SHAPE or not s.known for s in spaces):
@@ -789,6 +818,11 @@ def targets_paragraph(results: dict[str, Any]) -> str:
         caveat += (" For scale, the published figures above (theirs: LeNet, 60,000 training images, N = 100,000) "
                    "meet both targets: best " + " and ".join(best) + ".")
     return "### Targets\n\n" + " ".join(lines) + caveat + "\n"
+
+
+def _split_words(summary: dict[str, Any]) -> str:
+    """What a summary's images were: test images, or validation images held out of training."""
+    return str(summary.get("split") or "test images")  # evaluate_smoothing's words for its split
 
 
 def best_curves(all_groups: list[Group], radii: list[float]) -> list[Group]:
@@ -886,7 +920,7 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-_CERTIFICATION_KEYS = ("n", "n0", "alpha", "limit", "predict", "dataset")
+_CERTIFICATION_KEYS = ("n", "n0", "alpha", "limit", "predict", "dataset", "split")
 
 
 def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -947,7 +981,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-predict", dest="predict", action="store_false",
                         help="skip PREDICT (the smoothed clean column): n0 + n forward passes per image instead of "
                              "n0 + 2n; certified accuracy at every radius is unchanged")
-    parser.add_argument("--limit", type=int, default=500, help="first test images certified per cell")
+    parser.add_argument("--limit", type=int, default=500, help="first test (or --split val) images certified per cell")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="certify the test images, or the validation images the runs held out (choose settings "
+                             "on val: give the runs one with --override all:val_images=500)")
     parser.add_argument("--radii", type=_radii, default=(0.5, 1.0, 1.5, 1.58, 2.0),
                         help="the tables' L2 radii, about the data set's own images (MNIST: 1x28x28), whatever "
                              "the model's input grid; on MNIST the published table's radii are always added")

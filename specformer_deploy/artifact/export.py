@@ -434,6 +434,7 @@ def _training_section(config: dict[str, Any], files: RunFiles) -> dict[str, Any]
                      "seed": train_cfg.get("seed"),
                      # the held-out split settings were chosen on (rebuilt by `evaluate --split val`)
                      "val_images": int(train_cfg.get("val_images") or 0),
+                     "train_images": int(train_cfg.get("train_images") or 0) or None,  # None: all of them
                      "val_accuracy": last.get("val_accuracy")},
     }
 

@@ -115,7 +115,8 @@ def load_smoothing_runtime(path: str | Path, device_id: int | None = None, threa
 
 
 def certify_images(runtime, images: np.ndarray, labels: np.ndarray, indices: Sequence[int],
-                   options: SmoothingEvalOptions, on_image: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+                   options: SmoothingEvalOptions, on_image: Callable[[], None] | None = None,
+                   on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """One record per image: the base model's label on the clean image, CERTIFY's label and radius,
     PREDICT's label (None when ``options.predict`` is off), and the seconds both took.
 
@@ -148,6 +149,8 @@ def certify_images(runtime, images: np.ndarray, labels: np.ndarray, indices: Seq
                             "predict_label": pred["label"], "predict_abstain": pred["abstain"],
                             "certify_s": round(certified_s, 4),
                             "seconds": round(certified_s + time.perf_counter() - started, 4)})
+            if on_record is not None:
+                on_record(records[-1])
             if on_image is not None:
                 on_image()
     return records
@@ -243,10 +246,16 @@ def _test_images(runtime, options: SmoothingEvalOptions) -> tuple[np.ndarray, np
 
 
 def evaluate_smoothing(path: str | Path, options: SmoothingEvalOptions, ctx=None, device_id: int | None = None,
-                       on_progress: Progress | None = None, threads: int | None = None) -> dict[str, Any]:
+                       on_progress: Progress | None = None, threads: int | None = None,
+                       done: Sequence[dict[str, Any]] = (),
+                       on_record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Certify this rank's share of the test images and gather every rank's records into one table
     (returned on every rank). ``ctx`` is a :class:`~specformer_deploy.training.distributed.DistContext`
-    (``None``: one process). ``on_progress(done, total)`` counts this rank's images."""
+    (``None``: one process). ``on_progress(done, total)`` counts this rank's images.
+
+    Hours-long certifications resume: ``done`` holds records of an earlier, interrupted call with the
+    same file and options (each image's answer depends only on its index and the seed, so they are
+    not certified again), and ``on_record`` receives each new record as soon as it exists."""
     from specformer_deploy.training.distributed import DistContext, gather_objects
 
     ctx = ctx or DistContext()
@@ -255,22 +264,23 @@ def evaluate_smoothing(path: str | Path, options: SmoothingEvalOptions, ctx=None
     runtime = load_smoothing_runtime(path, device_id=device_id, threads=threads, sampler=options.sampler)
     options.params(0)  # refuse bad parameters before any work
     images, labels, dataset, source_shape = _test_images(runtime, options)
-    mine = _shard(len(images), ctx.rank, ctx.world_size)
-    done = 0
+    finished = {int(r["index"]): r for r in done if int(r["index"]) < len(images)}
+    mine = [i for i in _shard(len(images), ctx.rank, ctx.world_size) if i not in finished]
+    count = 0
 
     def advance() -> None:
-        nonlocal done
-        done += 1
+        nonlocal count
+        count += 1
         if on_progress is not None:
-            on_progress(done, len(mine))
+            on_progress(count, len(mine))
 
     started = time.perf_counter()
-    records = certify_images(runtime, images[mine], labels[mine], mine, options, advance)
+    records = certify_images(runtime, images[mine], labels[mine], mine, options, advance, on_record)
     wall = time.perf_counter() - started
     gathered = gather_objects(ctx, {"records": records, "wall_s": wall})
     trained = runtime.smoothing_sigma
     msvp = (runtime.meta.get("msvp") or {}).get("enabled")
-    return summarize([r for part in gathered for r in part["records"]], options, runtime.input_shape, source_shape,
+    return summarize([*finished.values(), *(r for part in gathered for r in part["records"])], options, runtime.input_shape, source_shape,
                      model=str(path), dataset=dataset,
                      trained_sigma=trained, msvp=msvp, world_size=ctx.world_size, device=runtime.device,
                      sampler=runtime.sampler.describe(), streams=runtime.sampler.streams,

@@ -62,6 +62,9 @@ class TrainConfig:
                                 "the same images for every run and seed): never trained on, val_accuracy reported "
                                 "each epoch, and `evaluate --smoothing --split val` certifies them. Choose settings on "
                                 "it and report on the test images. 0: no split.", min=0)
+    train_images: int = option(0, "Train on a stratified subset of this many training images (the same subset for "
+                                  "every run and seed; taken after --val-images, which it never touches), for a "
+                                  "data-size study. 0: all of them.", min=0)
     epochs: int = option(50, "Training epochs (the default suits the built-in digits).", min=1)
     batch_size: int = option(32, "Global batch size: under torchrun each of the N processes takes batch-size/N "
                              "images per step.", min=2)

@@ -265,11 +265,12 @@ def _rgb_loader(path: str):
 
 
 def load_dataset(name: str, size: int, data_dir: str | Path | None = None,
-                 channels: int | None = None, val_images: int = 0) -> DatasetBundle:
+                 channels: int | None = None, val_images: int = 0, train_images: int = 0) -> DatasetBundle:
     """Load a dataset by name at image size ``size``, in its own channels or in ``channels``
     (a model's ``in_chans``: 1 or 3), with ``val_images`` training images held out as its
-    validation split (:mod:`specformer_deploy.training.validation`)."""
-    from specformer_deploy.training.validation import with_validation
+    validation split and, when ``train_images`` is set, training on a stratified subset of that
+    many of the rest (:mod:`specformer_deploy.training.validation`)."""
+    from specformer_deploy.training.validation import with_training_subset, with_validation
 
     if channels not in (None, 1, 3):
         raise DataError(f"a model takes 1 (grey) or 3 (colour) channels, got {channels}")
@@ -277,7 +278,7 @@ def load_dataset(name: str, size: int, data_dir: str | Path | None = None,
     if channels is not None and channels != bundle.channels:
         bundle = DatasetBundle(ChannelView(bundle.train, channels), ChannelView(bundle.test, channels),
                                bundle.class_names, bundle.name, channels, bundle.source_shape)
-    return with_validation(bundle, int(val_images or 0))
+    return with_training_subset(with_validation(bundle, int(val_images or 0)), int(train_images or 0))
 
 
 def _load_native(name: str, size: int, data_dir: str | Path | None) -> DatasetBundle:

@@ -464,7 +464,8 @@ def _build_data_and_model(ctx: DistContext, cfg: TrainConfig,
         _seed(cfg.seed)
         probe = resolve_model_config(cfg.model, num_classes=2, img_size=cfg.img_size, patch_size=cfg.patch_size,
                                      mlp_act=cfg.mlp_act, attention=cfg.attention)
-        bundle = load_dataset(cfg.dataset, probe.img_size, cfg.data_dir, cfg.in_chans, cfg.val_images)
+        bundle = load_dataset(cfg.dataset, probe.img_size, cfg.data_dir, cfg.in_chans, cfg.val_images,
+                              cfg.train_images)
         model_cfg = resolve_model_config(cfg.model, bundle.num_classes, cfg.img_size, cfg.patch_size, cfg.mlp_act,
                                          cfg.attention, in_chans=bundle.channels)
         _seed(cfg.seed)
