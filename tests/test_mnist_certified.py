@@ -1,0 +1,148 @@
+"""tools/mnist_certified.py and tools/published_mnist.py: the MNIST report's numbers from per-image
+records, checked by hand; the published rows from logs in the authors' format; the targets' verdicts;
+radii about the 1x28x28 image even for a model of another grid."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _records(radii: list[float | None], wrong: int = 0) -> list[dict]:
+    """One record per radius (None: abstained), then ``wrong`` certified with a wrong label."""
+    out = [{"index": i, "true_label": 3, "label": 3, "abstain": r is None, "radius": r} for i, r in enumerate(radii)]
+    out += [{"index": len(radii) + i, "true_label": 3, "label": 5, "abstain": False, "radius": 2.5}
+            for i in range(wrong)]
+    return out
+
+
+def _study(cells: list[dict], split: str = "test images") -> dict:
+    for cell in cells:
+        cell["smoothing"]["split"] = split
+    return {"options": {"model": "specformer-mnist"}, "cells": cells}
+
+
+def _cell(objective: str, sigma: float, msvp: bool, seed: int, radii, wrong: int = 0, n: int = 10_000,
+          shape=(1, 28, 28), overrides: dict | None = None) -> dict:
+    records = _records(radii, wrong)
+    return {"run": f"{objective}-sigma{sigma:g}-{'msvp' if msvp else 'vanilla'}-seed{seed}", "objective": objective,
+            "sigma": sigma, "msvp": msvp, "seed": seed, "epochs": 60, "train_overrides": overrides or {},
+            "input_shape": list(shape), "source_shape": [1, 28, 28], "train_seconds": 1.0,
+            "smoothing": {"per_image": records, "n": n, "n0": 100, "alpha": 0.001, "images": len(records),
+                          "base_clean_accuracy": 0.9, "seconds_per_image": 0.1}}
+
+
+def _published(tmp_path: Path) -> Path:
+    pub = {"source": "Jeong & Shin 2020 logs", "setting": "LeNet, 60,000", "n": 100_000, "alpha": 0.001,
+           "radii": [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.58, 1.75, 2.0],
+           "rows": [{"method": "gaussian", "sigma": 0.5, "acr": 1.558,
+                     "certified_accuracy": [98.3, 96.9, 94.3, 89.8, 82.0, 67.8, 61.8, 45.0, 0.0],
+                     "curve": {"radii": [0.0, 1.0, 2.0], "certified_accuracy": [99.0, 89.8, 0.0]}}]}
+    path = tmp_path / "published.json"
+    path.write_text(json.dumps(pub))
+    return path
+
+
+def _write(tmp_path: Path, name: str, study: dict) -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(study))
+    return path
+
+
+def test_tables_acr_and_targets_from_per_image_records(tmp_path: Path) -> None:
+    tool = _tool("mnist_certified")
+    on = [1.7, 1.6, 1.2, 0.6, 0.3, None]  # + 2 wrong: 8 images
+    off = [1.7, 1.2, 1.2, 0.4, None, None]
+    final = _write(tmp_path, "final.json", _study([_cell("consistency", 0.5, True, 0, on, wrong=2, n=100_000),
+                                                   _cell("consistency", 0.5, False, 0, off, wrong=2, n=100_000)]))
+    val = _write(tmp_path, "val.json", _study([_cell("gaussian", 0.5, True, 0, [0.9, 0.2], n=1000),
+                                               _cell("cons-l5", 0.5, True, 0, [0.9, 0.8], n=1000)],
+                                              split="validation images (held-out training images)"))
+    data = tool.collect([val], [final], [], _published(tmp_path), None, ["python tools/x.py"])
+    assert data["validation"]["chosen"] == "cons-l5-sigma0.5-msvp-seed0"  # the higher ACR on validation
+    row = next(r for r in data["final"] if r["msvp"])
+    assert tool.certified_at(row["radii_per_image"], 1.58) == pytest.approx(100 * 2 / 8)
+    assert tool.acr(row["radii_per_image"]) == pytest.approx(sum([1.7, 1.6, 1.2, 0.6, 0.3]) / 8)
+    report = tool.render(data)
+    ours = next(line for line in report.splitlines() if line.startswith("| ours | consistency, MSVP |"))
+    cells = [c.strip() for c in ours.strip("|").split("|")]
+    assert cells[3].startswith("62.5 [") and cells[9].startswith("25.0 [")  # r = 0.25 (5 of 8); r = 1.58 (2 of 8)
+    assert cells[-1] == f"{sum([1.7, 1.6, 1.2, 0.6, 0.3]) / 8:.3f}"
+    assert "| published (theirs) | gaussian |" in report and "61.8" in report
+    assert "25.0% (consistency, MSVP, sigma 0.5, n = 100,000); target 61.8%" in report
+    assert "**not met** (-36.8 points)" in report
+    assert "Smoothed clean accuracy of the sigma 0.25 model: not measured" in report
+    assert "### Does MSVP change certified accuracy?" in report
+    assert "| 0.5 | consistency | 100,000 | 1.58 | +12.5 |" in report
+    tool.write_reports(data, tmp_path / "out")
+    assert (tmp_path / "out" / tool.FIGURE).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_radii_are_about_the_grey_image_and_n_caps_are_marked(tmp_path: Path) -> None:
+    """A 3x28x28 model of grey images: its radii are divided by sqrt(3) (decode_norm); n = 10,000
+    at sigma 0.5 cannot reach 1.58, so that column is daggered and the 1.58 target is not measured."""
+    tool = _tool("mnist_certified")
+    final = _write(tmp_path, "final.json",
+                   _study([_cell("gaussian", 0.5, True, 0, [1.5, 1.0, 0.5], shape=(3, 28, 28))]))
+    data = tool.collect([], [final], [], _published(tmp_path), None, [])
+    assert data["final"][0]["radii_per_image"] == pytest.approx([1.5 / np.sqrt(3), 1.0 / np.sqrt(3),
+                                                                 0.5 / np.sqrt(3)], abs=1e-5)
+    report = tool.render(data)
+    assert "not measured: no final model was certified with an n that can reach it" in report
+    ours = next(line for line in report.splitlines() if line.startswith("| ours |"))
+    assert ours.count("†") >= 2  # 1.58 and beyond cannot be reached by n = 10,000 at sigma 0.5 / sqrt(3)
+
+
+def test_validation_and_test_studies_cannot_be_swapped(tmp_path: Path) -> None:
+    tool = _tool("mnist_certified")
+    test_study = _write(tmp_path, "t.json", _study([_cell("gaussian", 0.5, True, 0, [1.0])]))
+    with pytest.raises(SystemExit, match="validation images"):
+        tool.collect([test_study], [], [], _published(tmp_path), None, [])
+    val_study = _write(tmp_path, "v.json", _study([_cell("gaussian", 0.5, True, 0, [1.0])],
+                                                  split="validation images (held-out training images)"))
+    with pytest.raises(SystemExit, match="test images"):
+        tool.collect([], [val_study], [], _published(tmp_path), None, [])
+
+
+def test_published_figures_are_computed_from_logs_in_the_authors_format(tmp_path: Path) -> None:
+    """Two seeds' CERTIFY logs (tab-separated, as released) in a git repository: certified accuracy
+    at each radius is the mean over seeds of (correct and radius >= r); ACR counts wrong images as 0;
+    a single exploratory run (suffix _0) is left out."""
+    tool = _tool("published_mnist")
+    repo = tmp_path / "repo"
+    folder = repo / "data" / "certify" / "mnist" / "cohen"
+    folder.mkdir(parents=True)
+    header = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+    logs = {"noise_0.50_11": [(1.6, 1), (0.8, 1), (1.9, 0), (-1.0, 0)],
+            "noise_0.50_12": [(1.2, 1), (1.58, 1), (0.1, 1), (2.1, 0)],
+            "noise_0.50_0": [(0.0, 0)] * 4}
+    for name, rows in logs.items():
+        (folder / name).write_text(header + "".join(f"{i}\t1\t1\t{r}\t{c}\t0:00:01\n" for i, (r, c) in enumerate(rows)))
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "logs"],
+                   check=True)
+    data = tool.published(repo)
+    (row,) = data["rows"]
+    assert row["method"] == "gaussian" and row["sigma"] == 0.5 and row["seeds"] == 2
+    at = dict(zip(data["radii"], row["certified_accuracy"]))
+    assert at[0.25] == pytest.approx((50 + 50) / 2) and at[0.1 + 0.4] == pytest.approx(50.0) and at[1.58] == pytest.approx((25 + 25) / 2)
+    assert at[2.0] == 0.0
+    assert row["acr"] == pytest.approx(((1.6 + 0.8) / 4 + (1.2 + 1.58 + 0.1) / 4) / 2, abs=1e-4)
+    assert len(data["commit"]) == 40
