@@ -95,6 +95,27 @@ def test_serving_never_imports_training() -> None:
     assert not {m: t for m, t in offenders.items() if t}, offenders
 
 
+def _offenders(graph: dict[str, set[str]], importers: tuple[str, ...], forbidden: tuple[str, ...]) -> dict:
+    found = {m: sorted(t for t in targets if t.startswith(forbidden))
+             for m, targets in graph.items() if m.startswith(importers)}
+    return {m: t for m, t in found.items() if t}
+
+
+def test_robustness_composes_and_is_never_imported_from_below() -> None:
+    """robustness/ composes attacks, training's data and serving's runtime into evaluations: nothing in
+    training/ or serving/ may import it (lazily neither), and the attacks it composes sit below
+    training, evaluation and serving alike."""
+    graph = _graph(top_level_only=False)
+    below = ("specformer_deploy.training", "specformer_deploy.serving", "specformer_deploy.model",
+             "specformer_deploy.artifact", "specformer_deploy.attacks")
+    assert not _offenders(graph, below, ("specformer_deploy.robustness",))
+    assert not _offenders(graph, ("specformer_deploy.attacks",),
+                          ("specformer_deploy.training", "specformer_deploy.serving", "specformer_deploy.artifact"))
+    # the rule can say no: an upward import is found
+    assert _offenders({"specformer_deploy.training.train": {"specformer_deploy.robustness.robust_accuracy"}}, below,
+                      ("specformer_deploy.robustness",))
+
+
 def test_serving_modules_import_without_torch() -> None:
     """Module-level imports only: torch may appear lazily inside the PGD probe."""
     blocked = ("torch", "torchvision", "timm")

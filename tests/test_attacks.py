@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchattacks
 
-from specformer_deploy.model.factory import build_model, resolve_model_config
-from specformer_deploy.robustness.attacks import (
+from specformer_deploy.attacks import (
     AttackSpec,
     autoattack,
     check_budget,
@@ -20,9 +19,10 @@ from specformer_deploy.robustness.attacks import (
     fgsm,
     parse_attack,
     pgd,
-    robust_accuracy,
     run_attack,
 )
+from specformer_deploy.model.factory import build_model, resolve_model_config
+from specformer_deploy.robustness.robust_accuracy import robust_accuracy
 from specformer_deploy.training.data import load_dataset
 
 EPS = 8 / 255

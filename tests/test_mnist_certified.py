@@ -142,7 +142,8 @@ def test_published_figures_are_computed_from_logs_in_the_authors_format(tmp_path
     (row,) = data["rows"]
     assert row["method"] == "gaussian" and row["sigma"] == 0.5 and row["seeds"] == 2
     at = dict(zip(data["radii"], row["certified_accuracy"]))
-    assert at[0.25] == pytest.approx((50 + 50) / 2) and at[0.1 + 0.4] == pytest.approx(50.0) and at[1.58] == pytest.approx((25 + 25) / 2)
+    assert at[0.25] == pytest.approx((50 + 50) / 2) and at[0.5] == pytest.approx((50 + 50) / 2)
+    assert at[1.58] == pytest.approx((25 + 25) / 2)
     assert at[2.0] == 0.0
     assert row["acr"] == pytest.approx(((1.6 + 0.8) / 4 + (1.2 + 1.58 + 0.1) / 4) / 2, abs=1e-4)
     assert len(data["commit"]) == 40

@@ -16,8 +16,8 @@ import torch
 from onnx import numpy_helper
 from PIL import Image
 
+from specformer_deploy.attacks import pgd
 from specformer_deploy.model.heads import attention_layers, layer_heads
-from specformer_deploy.robustness.attacks import pgd
 from specformer_deploy.robustness.lipschitz import attention_inputs, jacobian_norm, unfused_attention
 from specformer_deploy.serving.bounds import attention_head_bound, layer_bound, paper_head_bound
 from specformer_deploy.serving.images import ImageError, decode_image, pixels_from_array

@@ -194,7 +194,7 @@ def test_pgd_just_inside_the_certified_radius_never_changes_the_smoothed_label(n
     torchrun's sharded table is the single process's."""
     import torch
 
-    from specformer_deploy.robustness.attacks import pgd
+    from specformer_deploy.attacks import pgd
     from specformer_deploy.serving.runtime import SpecformerRuntime
     from specformer_deploy.serving.smoothing import SmoothingParams, predict
     from specformer_deploy.training.train import load_run_model

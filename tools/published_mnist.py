@@ -64,7 +64,8 @@ def read_log(repo: Path, commit: str, path: str) -> tuple[np.ndarray, np.ndarray
 
 def summarize_logs(logs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     """Mean over seeds of certified accuracy (%) at RADII and of the ACR."""
-    certified = [[100.0 * float(np.mean(correct.astype(bool) & (radius >= r))) for r in RADII] for radius, correct in logs]
+    certified = [[100.0 * float(np.mean(correct.astype(bool) & (radius >= r))) for r in RADII]
+                 for radius, correct in logs]
     acr = [float(np.mean(np.where(correct == 1, radius, 0.0))) for radius, correct in logs]
     grid = np.round(np.arange(0.0, CURVE_END + CURVE_STEP / 2, CURVE_STEP), 4)
     curve = np.mean([[100.0 * float(np.mean(correct.astype(bool) & (radius >= r))) for r in grid]

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from specformer_deploy.artifact.plots import plot_sigma_per_layer
-from specformer_deploy.robustness.attacks import parse_attack, run_attack
+from specformer_deploy.attacks import parse_attack, run_attack
 from specformer_deploy.robustness.evaluate import PROTOCOLS, load_attack_model
 from specformer_deploy.robustness.statistics import METHOD, Interval, mean_sd, paired_bootstrap
 from specformer_deploy.training.checkpoint import atomic_write_text, read_metrics

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from specformer_deploy.robustness.attacks import AttackSpec, parse_attack, robust_accuracy
+from specformer_deploy.attacks import AttackSpec, parse_attack
+from specformer_deploy.robustness.robust_accuracy import robust_accuracy
 from specformer_deploy.training.data import load_dataset
 
 __all__ = ["PROTOCOLS", "load_attack_model", "evaluate_model"]

@@ -280,7 +280,8 @@ def evaluate_smoothing(path: str | Path, options: SmoothingEvalOptions, ctx=None
     gathered = gather_objects(ctx, {"records": records, "wall_s": wall})
     trained = runtime.smoothing_sigma
     msvp = (runtime.meta.get("msvp") or {}).get("enabled")
-    return summarize([*finished.values(), *(r for part in gathered for r in part["records"])], options, runtime.input_shape, source_shape,
+    records = [*finished.values(), *(r for part in gathered for r in part["records"])]
+    return summarize(records, options, runtime.input_shape, source_shape,
                      model=str(path), dataset=dataset,
                      trained_sigma=trained, msvp=msvp, world_size=ctx.world_size, device=runtime.device,
                      sampler=runtime.sampler.describe(), streams=runtime.sampler.streams,

@@ -528,7 +528,7 @@ class SpecformerRuntime:
         adversarial image is then classified by the ONNX model itself."""
         import torch
 
-        from specformer_deploy.robustness.attacks import fgsm, pgd
+        from specformer_deploy.attacks import fgsm, pgd
 
         request.validate(self.image_size, self.channels)
         model = self._logits_model(pixels)

@@ -160,7 +160,7 @@ class TrainConfig:
         return MSVPConfig(self.lambda_q, self.lambda_k, self.lambda_v, self.n_power_iterations)
 
     def validate(self) -> None:
-        from specformer_deploy.robustness.attacks import check_budget
+        from specformer_deploy.attacks import check_budget
 
         if self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")

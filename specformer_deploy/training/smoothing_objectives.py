@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specformer_deploy.robustness.attacks import input_grad_only
+from specformer_deploy.attacks import input_grad_only
 
 __all__ = ["gaussian_noise", "noisy_copies", "repeat_target", "consistency_terms",
            "consistency_regularizer", "smoothed_nll", "smoothadv_attack", "smoothadv_step_size",

@@ -36,10 +36,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from specformer_deploy import __version__
+from specformer_deploy.attacks import pgd
 from specformer_deploy.model.factory import ModelConfig, build_model, load_pretrained, resolve_model_config
 from specformer_deploy.model.heads import UnsupportedAttentionError
 from specformer_deploy.model.mlp import activation_sparsity
-from specformer_deploy.robustness.attacks import pgd
 from specformer_deploy.training.augment import augment_seed, shift_and_rotate
 from specformer_deploy.training.checkpoint import (
     CheckpointError,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark PGD throughput: ``specformer_deploy.robustness.attacks.pgd`` against ``torchattacks.PGD``, in one run.
+"""Benchmark PGD throughput: ``specformer_deploy.attacks.pgd`` against ``torchattacks.PGD``, in one run.
 
 What it measures
 ----------------
@@ -58,15 +58,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py: the bench
 
 from common import finish, load_average, machine, pixel_budget, spread, timed_calls, usable_cpus, versions
 
+from specformer_deploy.attacks import format_eps, pgd
 from specformer_deploy.model.factory import build_model, resolve_model_config
-from specformer_deploy.robustness.attacks import format_eps, pgd
 
 TARGET_RATIO = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Throughput (images/s) of specformer_deploy.robustness.attacks.pgd against torchattacks.PGD on "
+        description="Throughput (images/s) of specformer_deploy.attacks.pgd against torchattacks.PGD on "
                     "the same model, inputs and budget (Linf eps, step size, steps), interleaved repetitions.",
         epilog="Target displayed: ours/torchattacks >= 1.0 (ratio of median throughputs). Weights are random.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "alpha": args.alpha, "steps": args.steps, "random_start": args.random_start, "reps": args.reps,
                    "warmup": args.warmup, "min_block_s": args.min_block_s, "threads": args.threads,
                    "device": args.device, "seed": args.seed, "weights": "random init", "model_mode": "eval",
-                   "ours": "specformer_deploy.robustness.attacks.pgd(norm='linf')", "torchattacks": "torchattacks.PGD"},
+                   "ours": "specformer_deploy.attacks.pgd(norm='linf')", "torchattacks": "torchattacks.PGD"},
         "environment": environment(args),
         "target": {"ratio_at_least": TARGET_RATIO},
         "load_average_1m": {"before": load_average()},

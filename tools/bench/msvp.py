@@ -72,9 +72,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py: the bench
 
 from common import emit_json, load_average, machine, percentile, pixel_budget, set_torch_threads, timed_calls, versions
 
+from specformer_deploy.attacks import pgd
 from specformer_deploy.model.factory import build_model, resolve_model_config
 from specformer_deploy.model.heads import attention_layers, layer_heads
-from specformer_deploy.robustness.attacks import pgd
 from specformer_deploy.training.msvp import MSVP, MSVPConfig, power_iteration_, rayleigh_sigma
 
 TARGET_RATIO = 1.03

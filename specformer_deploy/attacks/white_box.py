@@ -1,52 +1,36 @@
-"""Batched white-box attacks in pixel space ([0, 1]); every epsilon is a pixel-space radius.
+"""White-box attacks in pixel space ([0, 1]): every epsilon is a pixel-space radius.
 
-Used by adversarial training (PGD-AT, Madry et al.) and by evaluation. The paper's FGSM and
-PGD-2 at 2/255 are weak attacks, so evaluation also offers many-step PGD with restarts, PGD on
-the Carlini-Wagner margin ("CW-20") and AutoAttack (through torchattacks), all in pixel space.
+The primitive that adversarial training (PGD-AT, Madry et al.), SmoothAdv training, evaluation and
+the served PGD probe all use, so it sits below all of them. The paper's FGSM and PGD-2 at 2/255 are
+weak attacks, so there are also many-step PGD with restarts, PGD on the Carlini-Wagner margin
+("CW-20") and AutoAttack (through torchattacks).
 
 Model mode is the caller's job: run attacks on a model in eval mode (``model.eval()``), so that
 dropout does not randomise the gradient and the prediction that decides "fooled". Training
 generates its examples in eval mode too. Only ``autoattack`` switches the mode itself
 (torchattacks puts the model in eval mode and restores it).
-
-Attack strings for the command line (``parse_attack``): ``NAME:EPS[:STEPS[:RESTARTS]]``, e.g.
-``pgd:8/255:20``, ``pgd-l2:0.5:10:5``, ``cw:8/255``, ``autoattack:8/255``, ``fgsm:2/255``.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from specformer_deploy.budgets import BudgetError, madry_step_size, parse_epsilon
+from specformer_deploy.budgets import BudgetError, madry_step_size
 
-__all__ = ["pgd", "fgsm", "input_grad_only", "check_budget", "cw_margin", "cw_linf", "autoattack", "default_step_size",
-           "AttackSpec", "ATTACKS", "DEFAULT_STEPS", "MAX_STEPS", "parse_attack", "format_eps", "run_attack",
-           "robust_accuracy", "RobustAccuracy"]
+__all__ = ["MAX_RESTARTS", "MAX_STEPS", "Norm", "autoattack", "check_budget", "cw_linf", "cw_margin",
+           "default_step_size", "fgsm", "input_grad_only", "pgd"]
 
 Norm = Literal["linf", "l2"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Progress = Callable[[int, "int | None", int], None]
 
-# name -> norm. "autoattack-l2" is torchattacks' AutoAttack with norm="L2".
-ATTACKS: dict[str, Norm] = {"fgsm": "linf", "pgd": "linf", "pgd-l2": "l2", "cw": "linf", "autoattack": "linf",
-                            "autoattack-l2": "l2"}
-# Steps used when the spec string gives none. CW-20 as in the SpecFormer paper; fgsm is one step by
-# definition and AutoAttack's schedule is its own (100 iterations per attack), so neither takes STEPS.
-DEFAULT_STEPS: dict[str, int] = {"fgsm": 1, "pgd": 10, "pgd-l2": 10, "cw": 20, "autoattack": 100,
-                                 "autoattack-l2": 100}
-_FIXED_STEPS = ("fgsm", "autoattack", "autoattack-l2")
 MAX_STEPS = 10_000  # a typo guard: more steps than this is almost certainly "8/255:100000" by mistake
 MAX_RESTARTS = 1_000
 
@@ -317,250 +301,3 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
     with torch.random.fork_rng(devices=devices):
         attack = ta.AutoAttack(model, norm=canonical, eps=eps, version=version, n_classes=n_classes, seed=seed)
         return attack(x.detach(), y.detach()).detach()
-
-
-# --------------------------------------------------------------------------------------------- specs
-
-def format_eps(eps: float) -> str:
-    """``8/255`` when eps is a whole number of 255ths (the usual way to state it), else a short decimal."""
-    k = eps * 255
-    if 0 < k < 255 and abs(k - round(k)) < 1e-6:
-        return f"{round(k)}/255"
-    return f"{eps:.6g}"
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    """One attack with its budget; build it with ``parse_attack`` or directly (it validates itself).
-
-    ``step_size=None`` means ``default_step_size(eps, steps)`` (FGSM: eps). ``steps`` is fixed for
-    fgsm (1) and AutoAttack (its own schedule; kept at 100 for the record).
-    """
-
-    name: str
-    eps: float
-    steps: int | None = None  # None: DEFAULT_STEPS[name]
-    step_size: float | None = None
-    restarts: int = 1
-
-    def __post_init__(self) -> None:
-        if self.name not in ATTACKS:
-            raise ValueError(f"unknown attack {self.name!r}; choose one of {', '.join(ATTACKS)}")
-        if self.steps is None:
-            object.__setattr__(self, "steps", DEFAULT_STEPS[self.name])
-        if not _is_int(self.steps) or self.steps < 1 or self.steps > MAX_STEPS:
-            raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {self.steps!r}")
-        if self.name in _FIXED_STEPS and self.steps != DEFAULT_STEPS[self.name]:
-            raise ValueError(f"{self.name} takes no step count (it always uses {DEFAULT_STEPS[self.name]})")
-        if not _is_int(self.restarts) or not (1 <= self.restarts <= MAX_RESTARTS):
-            raise ValueError(f"restarts must be an integer in [1, {MAX_RESTARTS}], got {self.restarts!r}")
-        if self.restarts > 1 and self.name in _FIXED_STEPS:
-            raise ValueError(f"{self.name} takes no restarts")
-        if not math.isfinite(self.eps) or self.eps <= 0:
-            raise ValueError(f"eps must be a finite number > 0 (for clean accuracy use no attack), got {self.eps}")
-        if self.norm == "linf" and self.eps > 1:
-            hint = f"; did you mean {self.eps:g}/255?" if self.eps <= 255 else ""
-            raise ValueError(f"Linf eps {self.eps:g} is outside (0, 1]: pixels lie in [0, 1]{hint}")
-        check_budget(self.eps, self.resolved_step_size, self.steps, self.norm)
-
-    @property
-    def norm(self) -> Norm:
-        return ATTACKS[self.name]
-
-    @property
-    def resolved_step_size(self) -> float:
-        if self.step_size is not None:
-            return self.step_size
-        if self.name == "fgsm":
-            return self.eps
-        return default_step_size(self.eps, self.steps, self.norm)
-
-    @property
-    def label(self) -> str:
-        """Human-readable, e.g. ``PGD-20 (Linf, eps 8/255)`` or ``CW-20 x5 restarts``."""
-        base = {"fgsm": "FGSM", "pgd": "PGD", "pgd-l2": "PGD", "cw": "CW", "autoattack": "AutoAttack",
-                "autoattack-l2": "AutoAttack"}[self.name]
-        steps = "" if self.name in _FIXED_STEPS else f"-{self.steps}"
-        restarts = f" x{self.restarts} restarts" if self.restarts > 1 else ""
-        norm = "Linf" if self.norm == "linf" else "L2"
-        return f"{base}{steps}{restarts} ({norm}, eps {format_eps(self.eps)})"
-
-    def __str__(self) -> str:
-        """The spec string; ``parse_attack(str(spec))`` gives back an equal spec (step size aside)."""
-        parts = [self.name, format_eps(self.eps) if "/" in format_eps(self.eps) else repr(self.eps)]
-        if self.name not in _FIXED_STEPS:
-            parts.append(str(self.steps))
-            if self.restarts > 1:
-                parts.append(str(self.restarts))
-        return ":".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        step = None if self.name.startswith("autoattack") else self.resolved_step_size  # AutoAttack: its own
-        return {**asdict(self), "norm": self.norm, "resolved_step_size": step,
-                "spec": str(self), "label": self.label}
-
-
-def _parse_number(text: str, what: str, spec: str) -> float:
-    """``0.0314``, ``8/255``; anything else is a ValueError naming ``spec``."""
-    try:
-        return parse_epsilon(text, what)
-    except BudgetError as err:
-        raise ValueError(f"attack {spec!r}: {err}") from None
-
-
-def _parse_int(text: str, what: str, spec: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"attack {spec!r}: {what} must be a whole number, got {text!r}") from None
-
-
-def parse_attack(spec: str, input_shape: tuple[int, ...] | None = None) -> AttackSpec:
-    """Parse ``NAME:EPS[:STEPS[:RESTARTS]]``, e.g. ``pgd:8/255:20``, ``pgd-l2:0.5:10:5``, ``cw:8/255``.
-
-    Names: fgsm, pgd (Linf), pgd-l2, cw (Linf PGD on the CW margin), autoattack (Linf),
-    autoattack-l2. EPS is a pixel-space radius, ``8/255`` or ``0.0314``; Linf eps must lie in
-    (0, 1]. L2 eps must be > 0 and, when ``input_shape`` (one example, ``(C, H, W)``) is given,
-    at most the pixel cube's diameter sqrt(C*H*W); otherwise that bound is checked when the
-    attack runs. STEPS defaults to ``DEFAULT_STEPS`` (pgd 10, cw 20); fgsm and AutoAttack take
-    none. The step size is ``default_step_size`` = 2.5 * eps / STEPS (Madry et al.).
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError("empty attack spec; expected NAME:EPS[:STEPS[:RESTARTS]], e.g. pgd:8/255:20")
-    parts = [p.strip() for p in spec.strip().split(":")]
-    name = parts[0].lower()
-    if name not in ATTACKS:
-        raise ValueError(f"attack {spec!r}: unknown name {parts[0]!r}; choose one of {', '.join(ATTACKS)} "
-                         "(format NAME:EPS[:STEPS[:RESTARTS]])")
-    if len(parts) < 2 or not parts[1]:
-        raise ValueError(f"attack {spec!r}: missing EPS; expected {name}:EPS, e.g. {name}:8/255")
-    if len(parts) > 4:
-        raise ValueError(f"attack {spec!r}: too many fields; expected NAME:EPS[:STEPS[:RESTARTS]]")
-    if len(parts) > 2 and name in _FIXED_STEPS:
-        raise ValueError(f"attack {spec!r}: {name} takes only NAME:EPS (no steps or restarts)")
-    eps = _parse_number(parts[1], "EPS", spec)
-    steps = _parse_int(parts[2], "STEPS", spec) if len(parts) > 2 else DEFAULT_STEPS[name]
-    restarts = _parse_int(parts[3], "RESTARTS", spec) if len(parts) > 3 else 1
-    try:
-        parsed = AttackSpec(name=name, eps=eps, steps=steps, restarts=restarts)
-        if input_shape is not None:
-            check_budget(parsed.eps, parsed.resolved_step_size, parsed.steps, parsed.norm, input_shape)
-    except ValueError as err:
-        raise ValueError(f"attack {spec!r}: {err}") from None
-    return parsed
-
-
-# --------------------------------------------------------------------------------------------- dispatch
-
-def run_attack(model: nn.Module, spec: AttackSpec | str, x: torch.Tensor, y: torch.Tensor,
-               num_classes: int | None = None, generator: torch.Generator | None = None, seed: int = 0) -> torch.Tensor:
-    """Adversarial images for ``spec`` (an ``AttackSpec`` or a spec string); use eval mode.
-
-    ``num_classes`` is only used by AutoAttack (``None``: read from the model). ``generator``
-    drives PGD's random starts; ``seed`` AutoAttack's.
-    """
-    if isinstance(spec, str):
-        spec = parse_attack(spec)
-    if spec.name == "fgsm":
-        if spec.step_size is None:
-            return fgsm(model, x, y, spec.eps)
-        return pgd(model, x, y, spec.eps, spec.step_size, 1, "linf", random_start=False)
-    if spec.name in ("pgd", "pgd-l2"):
-        return pgd(model, x, y, spec.eps, spec.resolved_step_size, spec.steps, norm=spec.norm, random_start=True,
-                   generator=generator, restarts=spec.restarts)
-    if spec.name == "cw":
-        return cw_linf(model, x, y, spec.eps, steps=spec.steps, step_size=spec.resolved_step_size,
-                       restarts=spec.restarts, generator=generator)
-    return autoattack(model, x, y, spec.eps, norm=spec.norm, n_classes=num_classes, seed=seed)
-
-
-@dataclass
-class RobustAccuracy:
-    """Accuracy under one attack. ``float(result)`` is the accuracy."""
-
-    spec: str | None  # None: clean accuracy
-    correct: int
-    clean_correct: int
-    total: int
-    seconds: float
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.total if self.total else float("nan")
-
-    @property
-    def clean_accuracy(self) -> float:
-        return self.clean_correct / self.total if self.total else float("nan")
-
-    def __float__(self) -> float:
-        return self.accuracy
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "accuracy": self.accuracy, "clean_accuracy": self.clean_accuracy}
-
-
-Data = Union[DataLoader, Dataset, "tuple[torch.Tensor, torch.Tensor]", Iterable["tuple[torch.Tensor, torch.Tensor]"]]
-
-
-def _batches(data: Data, batch_size: int) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int | None]:
-    """(batches, total examples if known) for tensors, a Dataset, a DataLoader or any iterable of batches."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"{x.shape[0]} images but {y.shape[0]} labels")
-        return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)), x.shape[0]
-    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        return iter(DataLoader(data, batch_size=batch_size, shuffle=False)), len(data)  # type: ignore[arg-type]
-    total = None
-    if isinstance(data, DataLoader):
-        try:
-            total = len(data.dataset)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-    return iter(data), total
-
-
-def robust_accuracy(model: nn.Module, data: Data, spec: AttackSpec | str | None, num_classes: int | None = None,
-                    batch_size: int = 128, device: torch.device | str | None = None, seed: int = 0,
-                    progress: Progress | None = None) -> RobustAccuracy:
-    """Accuracy of ``model`` under ``spec`` (clean accuracy when ``spec`` is None), batch by batch.
-
-    ``data``: ``(images, labels)`` tensors (split into ``batch_size`` chunks), a Dataset, a
-    DataLoader or any iterable of ``(images, labels)`` batches; pixels in [0, 1]. An example counts
-    as robust when it is classified correctly both clean and attacked (RobustBench's rule), so
-    only clean-correct examples are attacked. Put the model in eval mode first (a model in train
-    mode triggers a warning: dropout would make the attack and the verdict random). ``seed`` fixes
-    PGD's random starts and AutoAttack's. ``progress(done, total, correct)`` is called after each
-    batch (``total`` is None when the data has no length).
-    """
-    if isinstance(spec, str):
-        spec = parse_attack(spec)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if model.training:
-        warnings.warn("robust_accuracy on a model in train mode: call model.eval() first", stacklevel=2)
-    if device is None:
-        param = next(iter(model.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    batches, total = _batches(data, batch_size)
-    correct = clean_correct = done = 0
-    started = time.perf_counter()
-    for index, (x, y) in enumerate(batches):
-        x, y = x.to(device), y.to(device)
-        with torch.no_grad():
-            ok = model(x).argmax(dim=1) == y
-        clean_correct += int(ok.sum())
-        if spec is not None and bool(ok.any()):
-            keep = ok.nonzero().squeeze(1)
-            adv = run_attack(model, spec, x[keep], y[keep], num_classes=num_classes, generator=generator,
-                             seed=seed + index)
-            with torch.no_grad():
-                ok[keep] = model(adv).argmax(dim=1) == y[keep]
-        correct += int(ok.sum())
-        done += int(y.shape[0])
-        if progress is not None:
-            progress(done, total, correct)
-    return RobustAccuracy(spec=None if spec is None else str(spec), correct=correct, clean_correct=clean_correct,
-                          total=done, seconds=time.perf_counter() - started)
