@@ -106,7 +106,7 @@ def test_older_exports_without_the_field_keep_their_behaviour(exported_pair) -> 
     runtime = SpecformerRuntime(exported_pair["msvp"]["onnx"])
     for entry in runtime.meta["attention_weights"]:
         entry.pop("applicable"), entry.pop("reason")
-    runtime._reasons = runtime._inapplicable()
+    runtime.attention.reasons = runtime.attention.inapplicable()
     pixels = np.full((1, *runtime.input_shape), 0.5, dtype=np.float32)
     layers = runtime.answer(pixels)[0]["attention_lipschitz"]["layers"]
     assert all(layer["applicable"] is True and layer["bound"] > 0 for layer in layers)

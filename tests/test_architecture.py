@@ -80,7 +80,7 @@ def test_the_checker_finds_cycles_and_relative_imports() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
     graph = _graph(top_level_only=False)
-    assert "specformer_deploy.serving.bounds" in graph["specformer_deploy.serving.runtime"]
+    assert "specformer_deploy.serving.layer_bounds" in graph["specformer_deploy.serving.runtime"]
 
 
 def test_module_import_graph_has_no_cycles() -> None:
@@ -114,6 +114,21 @@ def test_robustness_composes_and_is_never_imported_from_below() -> None:
     # the rule can say no: an upward import is found
     assert _offenders({"specformer_deploy.training.train": {"specformer_deploy.robustness.robust_accuracy"}}, below,
                       ("specformer_deploy.robustness",))
+
+
+MAX_SERVING_CLASS_LINES = 150
+
+
+def test_serving_classes_stay_small() -> None:
+    """One small object owns the ONNX Runtime session and each kind of evidence is its own unit over
+    it: no class in serving/ grows past MAX_SERVING_CLASS_LINES lines (docstrings included)."""
+    sizes = {}
+    for path in (PACKAGE / "serving").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                sizes[f"{path.name}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert "runtime.py:SpecformerRuntime" in sizes and "session.py:ModelSession" in sizes
+    assert not {name: n for name, n in sizes.items() if n > MAX_SERVING_CLASS_LINES}
 
 
 def test_serving_modules_import_without_torch() -> None:

@@ -111,9 +111,9 @@ def pixels(png) -> np.ndarray:
 
 
 def test_runtime_asked_for_a_gpu_serves_on_cpu_and_says_why(exported_pair, pixels, monkeypatch) -> None:
-    import specformer_deploy.serving.runtime as runtime_module
+    import specformer_deploy.serving.devices as devices
 
-    monkeypatch.setattr(runtime_module, "cuda_unusable_reason", lambda: "no NVIDIA device (test)")
+    monkeypatch.setattr(devices, "cuda_unusable_reason", lambda: "no NVIDIA device (test)")
     runtime = SpecformerRuntime(exported_pair["msvp"]["onnx"], device_id=1)
     assert (runtime.device, runtime.providers, runtime.cuda_fallback) == ("cpu", ["CPUExecutionProvider"],
                                                                           "no NVIDIA device (test)")
@@ -124,9 +124,9 @@ def test_runtime_asked_for_a_gpu_serves_on_cpu_and_says_why(exported_pair, pixel
 
 def test_probe_model_is_placed_only_where_it_agrees_with_onnx(exported_pair, pixels) -> None:
     runtime = SpecformerRuntime(exported_pair["msvp"]["onnx"])
-    model = runtime._logits_model()
+    model = runtime.prober.logits_model()
     assert runtime.probe_device == "cpu"  # a CPU session never tries another device
-    placed, why = runtime._probe_model_on(model, "cpu", pixels)
+    placed, why = runtime.prober.place(model, "cpu", pixels)
     assert placed is model and why is None
 
     class Shifted(torch.nn.Module):
@@ -137,9 +137,9 @@ def test_probe_model_is_placed_only_where_it_agrees_with_onnx(exported_pair, pix
         def forward(self, x):
             raise RuntimeError("Expected all tensors to be on the same device")
 
-    placed, why = runtime._probe_model_on(Shifted(), "cpu", pixels)
+    placed, why = runtime.prober.place(Shifted(), "cpu", pixels)
     assert placed is None and "differ from ONNX Runtime's by 0.5" in why
-    placed, why = runtime._probe_model_on(Broken(), "cpu", pixels)
+    placed, why = runtime.prober.place(Broken(), "cpu", pixels)
     assert placed is None and "failed: RuntimeError: Expected all tensors" in why
 
 
@@ -149,8 +149,8 @@ def test_probe_of_a_gpu_session_falls_back_to_cpu_and_logs_why(exported_pair, pi
     cpu = SpecformerRuntime(exported_pair["msvp"]["onnx"])
     labels = cpu.infer(pixels)[0].argmax(axis=1)
     runtime = SpecformerRuntime(exported_pair["msvp"]["onnx"])
-    runtime.device = "cuda:0"  # as if ONNX Runtime ran on GPU 0 while torch has no CUDA
-    with caplog.at_level(logging.WARNING, logger="specformer_deploy.serving.runtime"):
+    runtime.model.device = "cuda:0"  # as if ONNX Runtime ran on GPU 0 while torch has no CUDA
+    with caplog.at_level(logging.WARNING, logger="specformer_deploy.serving.probe"):
         result = runtime.probe(pixels, labels, request)
     assert runtime.probe_device == "cpu"
     assert "the PGD probe runs on cpu, not cuda:0: torch has no usable CUDA here" in caplog.text
@@ -172,9 +172,9 @@ def _load_handler():
 ])
 def test_handler_serves_on_cpu_with_one_warning_line(exported_pair, monkeypatch, caplog, gpu_id, device_type,
                                                      expected) -> None:
-    import specformer_deploy.serving.runtime as runtime_module
+    import specformer_deploy.serving.devices as devices
 
-    monkeypatch.setattr(runtime_module, "cuda_unusable_reason", lambda: "no NVIDIA device (test)")
+    monkeypatch.setattr(devices, "cuda_unusable_reason", lambda: "no NVIDIA device (test)")
     onnx = Path(exported_pair["msvp"]["onnx"])
     context = SimpleNamespace(system_properties={"model_dir": str(onnx.parent), "gpu_id": gpu_id},
                               manifest={"model": {"serializedFile": onnx.name}},

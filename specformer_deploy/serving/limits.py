@@ -61,7 +61,7 @@ class ServingLimits:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise LimitsError(f"handler.{name} in {_SOURCE} must be an integer >= {low}, got {value!r}")
             values[name] = value
-        from specformer_deploy.serving.runtime import LIMITS
+        from specformer_deploy.serving.options import LIMITS
 
         if values.get("max_top_k", 0) > LIMITS["max_top_k"]:
             raise LimitsError(f"handler.max_top_k in {_SOURCE} must be at most {LIMITS['max_top_k']}, "

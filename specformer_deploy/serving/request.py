@@ -45,7 +45,7 @@ from specformer_deploy.budgets import BudgetError, parse_epsilon
 from specformer_deploy.serving.decode import DecodeMap
 from specformer_deploy.serving.images import DecodedImage, ImageError, read_image, read_pixels
 from specformer_deploy.serving.limits import ServingLimits
-from specformer_deploy.serving.runtime import ProbeRequest, RequestError, check_options
+from specformer_deploy.serving.options import ProbeRequest, RequestError, check_options
 from specformer_deploy.serving.smoothing import SmoothingError, SmoothingParams
 
 __all__ = ["ClientError", "ParsedRequest", "parse_request", "split_form", "shown", "OPTIONS", "BODY_KEYS"]

@@ -91,7 +91,7 @@ def main() -> None:
                                            "ratio": mc / mp, "target": 1.05})
 
         # probe cost in units of one forward+backward of model.pt2 on the same image
-        model = runtime._logits_model()
+        model = runtime.prober.logits_model()
         x = torch.from_numpy(np.stack([test[0][0].numpy()]))
         y = torch.tensor([int(runtime.infer(x.numpy())[0].argmax())])
 
