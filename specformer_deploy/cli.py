@@ -94,6 +94,7 @@ def train(
     from specformer_deploy.training.checkpoint import CheckpointError
     from specformer_deploy.training.config import ConfigFileError, TrainConfig, read_options_file
     from specformer_deploy.training.data import DataError
+    from specformer_deploy.training.recipes import recipe_note
     from specformer_deploy.training.train import train as run_training
 
     # Under torchrun one process per node reports errors (every rank raises the same one).
@@ -104,6 +105,9 @@ def train(
     try:
         from_file = read_options_file(config) if config is not None else {}
         cfg = TrainConfig(**{**from_file, **_command_line_options(ctx, options)})
+        note = recipe_note(cfg.attention, cfg.optimizer)
+        if note and reports:
+            err_console.print(f"[yellow]note[/]: {note}")
         summary = run_training(cfg, out, resume=resume, console=err_console)
     except (ConfigFileError, CheckpointError, DataError, ModelError, UnsupportedAttentionError, ValueError) as err:
         _fail(str(err) if reports else "", quiet=not reports)

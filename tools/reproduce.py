@@ -65,17 +65,20 @@ from specformer_deploy.robustness.statistics import METHOD, Interval, mean_sd, p
 from specformer_deploy.training.checkpoint import atomic_write_text, read_metrics
 from specformer_deploy.training.data import load_dataset
 from specformer_deploy.training.msvp import exact_spectral_norms
+from specformer_deploy.training.recipes import BASELINE_RECIPES
 from specformer_deploy.training.train import TrainConfig, load_run_model, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 from common import file_sha256, machine  # tools/bench/common.py: the machine description every benchmark records
 
-# name -> TrainConfig overrides
+# name -> TrainConfig overrides. L2-MHA and LNFormer do not learn with the common recipe (SGD lr 0.1):
+# each gets its own paper's optimizer with the learning rate chosen on the validation split
+# (specformer_deploy/training/recipes.py; the report prints every row's recipe).
 MODELS: dict[str, dict[str, Any]] = {
     "Vanilla": {"msvp": False},
     "MSVP (ours)": {"msvp": True},
-    "L2-MHA": {"msvp": False, "attention": "l2"},
-    "LNFormer (LipschitzNorm)": {"msvp": False, "attention": "lipnorm"},
+    "L2-MHA": {"msvp": False, "attention": "l2", **BASELINE_RECIPES["l2"]},
+    "LNFormer (LipschitzNorm)": {"msvp": False, "attention": "lipnorm", **BASELINE_RECIPES["lipnorm"]},
     "LipsFormer (SCSA)": {"msvp": False, "attention": "scsa"},
 }
 LAMBDAS = (1e-6, 1e-5, 1e-4, 1e-3)
@@ -86,8 +89,23 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
+def _differing_options(run: Path, cfg: TrainConfig) -> list[str]:
+    """The options ``run`` was trained with that differ from ``cfg`` (device aside)."""
+    from dataclasses import asdict, fields
+
+    from specformer_deploy.training.checkpoint import RunFiles
+
+    stored = RunFiles(run).read_config()["train"]
+    known = {f.name for f in fields(TrainConfig)}
+    recorded = asdict(TrainConfig(**{k: v for k, v in stored.items() if k in known}))
+    return [f"{k}: {recorded[k]!r} there, {v!r} asked" for k, v in asdict(cfg).items()
+            if k != "device" and recorded[k] != v]
+
+
 def _run(out: Path, name: str, cfg: TrainConfig) -> Path:
     run = out / name
+    if (run / "config.json").is_file() and (differing := _differing_options(run, cfg)):
+        raise SystemExit(f"{run} was trained with other options ({'; '.join(differing)}); delete it to retrain")
     if (run / "checkpoint.pt").is_file() and len(read_metrics(run / "metrics.jsonl")) >= cfg.epochs:
         print(f"reusing {run}", file=sys.stderr)
         return run
@@ -236,7 +254,8 @@ def main() -> int:
     options = vars(args) | {"out": str(args.out), "bootstrap_resamples": BOOTSTRAP_RESAMPLES}
     options.pop("from_json")
     results: dict[str, Any] = {
-        "options": options, "standard": {}, "adversarial": {}, "step_time": {}, "sigmas": {}, "sweep": {},
+        "options": options, "recipes": MODELS, "standard": {}, "adversarial": {}, "step_time": {}, "sigmas": {},
+        "sweep": {},
         "strong": {}, "strong_attacks": [parse_attack(text).to_dict() for text in args.strong_attacks],
         "wall_time": {"runs": {}}, "machine": machine(), "input_shape": _input_shape(args)}
     for seed in args.seeds:
@@ -488,6 +507,10 @@ def render(results: dict[str, Any]) -> str:
     spread = "; cells are mean ± sample sd over the seeds" if len(seeds) > 1 else ""
     parts = [f"Dataset `{opts['dataset']}`, model `{opts['model']}`, seed(s) {', '.join(map(str, seeds))}, MSVP "
              f"lambda {opts['lambda_msvp']:g}; accuracies in %{spread}.\n"]
+    if results.get("recipes"):
+        recipes = "; ".join(f"{name}: {json.dumps(o)}" for name, o in results["recipes"].items())
+        parts.append("Recipe per row (TrainConfig overrides of the common recipe; rows without an optimizer use "
+                     f"the common SGD): {recipes}.\n")
     keys, rows = _accuracy_rows(results["standard"])
     parts.append(_table(f"Table 1 layout: standard training ({opts['epochs']} epochs), standard protocol",
                         ["Model", *keys], rows))
