@@ -177,6 +177,13 @@ def write_figure(results: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
+def write_reports(results: dict[str, Any], folder: Path) -> None:
+    """``results.md`` and ``loss_curves.png`` in ``folder`` (tools/render_results.py calls this)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_figure(results, folder / "loss_curves.png")
+    (folder / "results.md").write_text(render(results))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                "val_images": args.val_images,
                "runs": runs}
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "results.md").write_text(render(results))
-    write_figure(results, args.out / "loss_curves.png")
+    write_reports(results, args.out)
     print(render(results))
     return 0
 

@@ -69,11 +69,38 @@ def model_row(cell: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
             "train_seconds": cell.get("train_seconds"), "seconds_per_image": smoothing.get("seconds_per_image")}
 
 
+RECIPE_FIELDS = ("optimizer", "lr", "weight_decay", "translate", "rotate", "ema_decay", "mixup", "epochs",
+                 "smoothing_objective", "consistency_lambda", "noise_copies", "patch_size", "label_smoothing",
+                 "val_images", "train_images")
+
+
+def evaluate_row(path: Path) -> dict[str, Any]:
+    """A row from ``specformer-deploy evaluate --smoothing --json`` output saved as ``RUN.val.json``
+    beside the run directory ``RUN`` (whose config.json gives the recipe, against the defaults)."""
+    from dataclasses import fields
+
+    from specformer_deploy.training.train import TrainConfig
+
+    summary = json.loads(path.read_text())
+    run = path.with_name(path.name.removesuffix(".val.json"))
+    train = json.loads((run / "config.json").read_text())["train"]
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    overrides = {k: train[k] for k in RECIPE_FIELDS if k in train and train[k] != defaults.get(k)}
+    cell = {"run": run.name, "objective": train.get("smoothing_objective", "gaussian"), "sigma": summary["sigma"],
+            "msvp": bool(train.get("msvp")), "seed": train.get("seed", 0), "epochs": train.get("epochs"),
+            "train_overrides": overrides, "input_shape": summary["input_shape"],
+            "source_shape": summary["source"]["shape"], "smoothing": summary}
+    return model_row(cell, {"options": {"model": train.get("model")}})
+
+
 def collect(validation: list[Path], final: list[Path], data_size: list[Path], published: Path,
             chosen: str | None, commands: list[str]) -> dict[str, Any]:
     def rows(paths: list[Path]) -> list[dict[str, Any]]:
         out = []
         for path in paths:
+            if path.name.endswith(".val.json"):
+                out.append(evaluate_row(path))
+                continue
             study = json.loads(path.read_text())
             out += [model_row(cell, study) for cell in study["cells"]]
         return out
@@ -149,23 +176,21 @@ def validation_section(results: dict[str, Any]) -> str | None:
     if not val["rows"]:
         return None
     radii = [r for r in RADII if r <= max(_reach(row) for row in val["rows"])]
-    rows = []
-    for row in val["rows"]:
-        changes = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()
-                            if k in ("smoothing_objective", "consistency_lambda", "noise_copies", "epochs",
-                                     "patch_size", "smoothadv_steps")) or "gaussian"
-        rows.append([row["name"] + (" (chosen)" if row["name"] == val["chosen"] else ""), changes,
-                     *[f"{certified_at(row['radii_per_image'], r):.1f}" for r in radii],
-                     f"{acr(row['radii_per_image']):.3f}"])
     first = val["rows"][0]
     common = {k: v for k, v in first["overrides"].items()
               if all(row["overrides"].get(k) == v for row in val["rows"])}
+    rows = []
+    for row in val["rows"]:
+        changes = ", ".join(f"{k}={v}" for k, v in row["overrides"].items() if k not in common) or "(shared only)"
+        rows.append([row["name"] + (" (chosen)" if row["name"] == val["chosen"] else ""), changes,
+                     *[f"{certified_at(row['radii_per_image'], r):.1f}" for r in radii],
+                     f"{acr(row['radii_per_image']):.3f}"])
     return ("### How the recipe was chosen: validation images only\n\n"
             f"Certified accuracy (%) and ACR on the {first['images']} validation images (held out of the training "
             f"images, stratified, the same for every run; never the test images), sigma {first['sigma']:g}, "
             f"n = {first['n']:,}, alpha = {first['alpha']:g}. Settings shared by every row: "
-            + ", ".join(f"{k}={v}" for k, v in common.items()) + f". Rule: {val['rule']}.\n\n"
-            + _table(["run", "objective", *[f"r = {r:g}" for r in radii], "ACR"], rows))
+            + (", ".join(f"{k}={v}" for k, v in common.items()) or "none") + f". Rule: {val['rule']}.\n\n"
+            + _table(["run", "recipe (beyond the shared settings)", *[f"r = {r:g}" for r in radii], "ACR"], rows))
 
 
 def sigma_section(results: dict[str, Any], sigma: float) -> str:
@@ -332,7 +357,8 @@ def write_reports(results: dict[str, Any], folder: Path) -> None:
     ax.set_ylabel("certified accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, ncol=2)
     save_figure(fig, folder / FIGURE)
     (folder / "results.md").write_text(render(results) + "\n")
 

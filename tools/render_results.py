@@ -54,6 +54,12 @@ SECTIONS: dict[str, Section] = {
     "sampler-mnist": Section("sampler_comparison.py", "sampler-mnist.json", "certified_accuracy_samplers.png",
                              "certified-accuracy-samplers-mnist.png",
                              "certified accuracy against radius, fp32 and int8 smoothing samplers, MNIST"),
+    "baselines-mnist": Section("diagnose_baselines.py", "diagnose-baselines.json", "loss_curves.png",
+                               "baselines-loss-curves-mnist.png",
+                               "training loss per attention kind and learning rate, MNIST"),
+    "mnist-certified": Section("mnist_certified.py", "mnist-certified.json", "certified_accuracy_vs_published.png",
+                               "certified-accuracy-vs-published-mnist.png",
+                               "certified accuracy against radius, ours and published, MNIST 1x28x28"),
     "reproduce-digits": Section("reproduce.py", "results-digits.json", "fig2a.png", "fig2a-digits.png",
                                 "max singular value per layer, digits"),
 }
