@@ -104,7 +104,7 @@ def _differing_options(run: Path, cfg: TrainConfig) -> list[str]:
 
 def _run(out: Path, name: str, cfg: TrainConfig) -> Path:
     run = out / name
-    if (run / "config.json").is_file() and (differing := _differing_options(run, cfg)):
+    if (run / "checkpoint.pt").is_file() and (differing := _differing_options(run, cfg)):
         raise SystemExit(f"{run} was trained with other options ({'; '.join(differing)}); delete it to retrain")
     if (run / "checkpoint.pt").is_file() and len(read_metrics(run / "metrics.jsonl")) >= cfg.epochs:
         print(f"reusing {run}", file=sys.stderr)
@@ -231,7 +231,8 @@ def main() -> int:
     parser.add_argument("--adv-steps", type=int, default=5, help="PGD steps of adversarial training")
     parser.add_argument("--adv-from-scratch", action="store_true",
                         help="adversarial training from random init (default: fine-tune the standard-trained model)")
-    parser.add_argument("--adv-lr", type=float, default=0.01, help="learning rate of adversarial fine-tuning")
+    parser.add_argument("--adv-lr", type=float, default=0.01, help="learning rate of adversarial fine-tuning (rows "
+                        "with their own recipe lr scale it by recipe lr / 0.1)")
     parser.add_argument("--lambda-msvp", type=float, default=1e-3, help="lambda_q = lambda_k = lambda_v for MSVP")
     parser.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated training seeds, e.g. 0,1,2")
     parser.add_argument("--limit", type=int, default=None, help="test images per evaluation (default: all)")
@@ -297,8 +298,10 @@ def _reproduce_seed(args: argparse.Namespace, seed: int, results: dict[str, Any]
             start = {}
             if not args.adv_from_scratch:
                 std_run = args.out / _run_name(f"std-{_slug(name)}", seed)
-                start = {"pretrained": str(std_run / "model.safetensors"), "lr": args.adv_lr, "warmup_epochs": 0}
-            cfg = TrainConfig(**{**base, **start}, **overrides, epochs=args.adv_epochs, adversarial=True,
+                # --adv-lr is for the common recipe's lr; a row with its own lr keeps the same ratio
+                lr = args.adv_lr * overrides.get("lr", TrainConfig.lr) / TrainConfig.lr
+                start = {"pretrained": str(std_run / "model.safetensors"), "lr": lr, "warmup_epochs": 0}
+            cfg = TrainConfig(**{**base, **overrides, **start}, epochs=args.adv_epochs, adversarial=True,
                               adv_steps=args.adv_steps)
             run = _run(args.out, _run_name(f"adv-{_slug(name)}", seed), cfg)
             results["adversarial"].setdefault(name, {})[key] = _evaluate(run, PROTOCOLS["adversarial"], args.adv_limit)
