@@ -123,8 +123,29 @@ def train(
 
 @app.command()
 def export(
-    run_dir: Path = typer.Argument(..., help="A run directory written by `train`."),
+    run_dir: Path | None = typer.Argument(None, help="A run directory written by `train` (or give --checkpoint)."),
     out: Path = typer.Option(..., "--out", help="The .onnx file to write; model.pt2 is written beside it."),
+    checkpoint: Path | None = typer.Option(None, metavar="FILE", help="Instead of a run: weights trained "
+                                           "elsewhere, a timm checkpoint (model_best.pth.tar, checkpoint-N.pth.tar "
+                                           "from timm's train.py), a .safetensors file or a torch.save'd state "
+                                           "dict. Needs --model, --num-classes and --img-size."),
+    model: str | None = typer.Option(None, metavar="NAME", help="--checkpoint: the timm model name it was "
+                                     "trained as (vit_small_patch16_224, deit_tiny_patch16_224, convit_tiny, ...)."),
+    num_classes: int | None = typer.Option(None, help="--checkpoint: the classifier's number of classes."),
+    img_size: int | None = typer.Option(None, help="--checkpoint: the square image size it was trained at."),
+    in_chans: int = typer.Option(3, help="--checkpoint: input channels, 3 (colour) or 1 (grey)."),
+    mean: str | None = typer.Option(None, metavar="M1,M2,M3", help="--checkpoint: normalization mean per channel, "
+                                    "comma-separated (default: timm's pretrained_cfg for --model). Folded into the "
+                                    "graph: the export takes pixels in [0, 1]."),
+    std: str | None = typer.Option(None, metavar="S1,S2,S3", help="--checkpoint: normalization std per channel "
+                                   "(default: timm's pretrained_cfg for --model)."),
+    ema: bool = typer.Option(False, "--ema", help="--checkpoint: export the EMA weights (state_dict_ema) instead "
+                             "of the trained ones; an error when the checkpoint has none."),
+    class_names: Path | None = typer.Option(None, metavar="FILE", help="--checkpoint: class names, one per line "
+                                            "(or a JSON list); default 0..K-1."),
+    parity_images: Path | None = typer.Option(None, metavar="DIR", help="--checkpoint: check ONNX Runtime parity on "
+                                              "up to 64 of these images (decoded as the server decodes them); "
+                                              "default: 64 seeded random images. The metadata says which."),
     opset: int | None = typer.Option(None, help="ONNX opset (default: the exporter's)."),
     sign_key: Path | None = typer.Option(None, help="Ed25519 private key (PEM, see `keygen`): also write model.sig, "
                                          "a signature of model.onnx and model.pt2 that workers packaged with "
@@ -135,26 +156,53 @@ def export(
                                           "metadata and checked at load; see docs/RESULTS.md), fp32 (the export "
                                           "itself), or auto: int8 for a run trained with noise when its labels "
                                           "under that noise agree with fp32's on >= 95% of the parity images, "
-                                          "else fp32."),
+                                          "else fp32 (always fp32 for --checkpoint)."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
-    """Export a run to ONNX (pixels -> logits, attn_input_norms) with spectral metadata, plus model.pt2.
+    """Export a run, or a checkpoint trained elsewhere, to ONNX (pixels -> logits, attn_input_norms) with
+    spectral metadata, plus model.pt2.
 
-    Parity with PyTorch is checked on the run's own test images (max |logit diff| <= 1e-4 and
-    equal predictions) or the export fails. With --smoothing-sampler int8, the quantized sampler's
-    label agreement with the float32 graph under noise is recorded (not enforced).
+    Parity with PyTorch is checked (max |logit diff| <= 1e-4 and equal predictions) or the export
+    fails: on the run's own test images, or for --checkpoint on --parity-images or seeded random
+    pixels. With --smoothing-sampler int8, the quantized sampler's label agreement with the float32
+    graph under noise is recorded (not enforced).
+
+    Bring your own model: specformer-deploy export --checkpoint model_best.pth.tar --model
+    deit_tiny_patch16_224 --num-classes 10 --img-size 224 --out export/model.onnx
     """
     import contextlib
     import io
 
-    from specformer_deploy.artifact.export import ExportError, export_run
+    from specformer_deploy.artifact.export import ExportError, export_model, export_run
     from specformer_deploy.training.checkpoint import CheckpointError
 
+    checkpoint_options = {"--model": model, "--num-classes": num_classes, "--img-size": img_size, "--mean": mean,
+                          "--std": std, "--class-names": class_names, "--parity-images": parity_images,
+                          "--ema": ema or None, "--in-chans": None if in_chans == 3 else in_chans}
+    if (run_dir is None) == (checkpoint is None):
+        _fail("give a run directory or --checkpoint FILE (one of them)")
+    if checkpoint is None and any(v is not None for v in checkpoint_options.values()):
+        given = ", ".join(k for k, v in checkpoint_options.items() if v is not None)
+        _fail(f"{given} describe a --checkpoint; a run directory records them itself")
+    if checkpoint is not None:
+        lacking = [k for k in ("--model", "--num-classes", "--img-size") if checkpoint_options[k] is None]
+        if lacking:
+            _fail(f"--checkpoint needs {', '.join(lacking)}: the checkpoint's tensors do not say them")
     exporter_chatter = io.StringIO()
     try:
         with err_console.status("exporting") as status, contextlib.redirect_stdout(exporter_chatter):
-            summary = export_run(run_dir, out, opset=opset, step=lambda m: status.update(m),
-                                 smoothing_sampler=smoothing_sampler)
+            if checkpoint is None:
+                summary = export_run(run_dir, out, opset=opset, step=lambda m: status.update(m),
+                                     smoothing_sampler=smoothing_sampler)
+            else:
+                from specformer_deploy.artifact.checkpoint_source import checkpoint_source
+
+                status.update(f"loading {checkpoint.name}")
+                source = checkpoint_source(checkpoint, model, num_classes, img_size, in_chans=in_chans,
+                                           mean=_floats(mean, "--mean"), std=_floats(std, "--std"), ema=ema,
+                                           class_names=class_names, parity_images=parity_images)
+                summary = export_model(source, out, opset=opset, step=lambda m: status.update(m),
+                                       smoothing_sampler=smoothing_sampler)
     except (CheckpointError, ExportError, ValueError) as err:
         _fail(str(err))
     if sign_key is not None:
@@ -168,9 +216,9 @@ def export(
         typer.echo(_strict_json(summary, indent=2))
     else:
         parity = summary["parity"]
-        err_console.print(f"[green]exported[/] {summary['onnx']} and {summary['pt2']}: parity on {parity['images']} "
-                          f"test images, max |logit diff| {parity['max_abs_logit_diff']:.2e}, predictions equal; "
-                          f"sha256 {summary['weights_sha256'][:16]}...")
+        err_console.print(f"[green]exported[/] {summary['onnx']} and {summary['pt2']}: parity on {parity['source']} "
+                          f"({parity['images']} images), max |logit diff| {parity['max_abs_logit_diff']:.2e}, predictions "
+                          f"equal; sha256 {summary['weights_sha256'][:16]}...")
         sampler = summary.get("smoothing_sampler")
         if summary.get("smoothing_sampler_note"):
             err_console.print(f"[yellow]note:[/] {summary['smoothing_sampler_note']}")
@@ -179,6 +227,17 @@ def export(
             err_console.print(f"smoothing sampler: {sampler['file']} ({sampler['precision']}), labels equal to the "
                               f"float32 graph's on {agreement['fraction']:.1%} of {agreement['images']} test images "
                               f"under noise {agreement['noise_sd']:g}")
+
+
+def _floats(text: str | None, option: str) -> list[float] | None:
+    """``"0.485,0.456,0.406"`` -> floats; a clear error for anything else."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        _fail(f"{option} takes comma-separated numbers, one per channel, e.g. 0.485,0.456,0.406; got {text!r}")
+    return None
 
 
 def _print_audit(report, console: Console) -> None:
@@ -596,7 +655,9 @@ def certify(
     if smoothing:
         sigma = sigma if sigma is not None else runtime.smoothing_sigma
         if sigma is None:
-            _fail(f"{model} was not trained with noise (its export has no specformer.smoothing.sigma): give --sigma")
+            _fail(f"{model} was not trained with noise here (its export records no specformer.smoothing.sigma): "
+                  "give --sigma, the noise it was trained under. A model trained without Gaussian noise certifies "
+                  "little: fine-tune it for smoothing with `train --pretrained FILE --noise-sd SIGMA`")
         try:
             params = SmoothingParams(sigma=sigma, n0=n0, n=n, alpha=alpha, radius=radius, seed=seed).validate()
         except SmoothingError as err:

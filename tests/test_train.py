@@ -124,7 +124,7 @@ def test_pretrained_weights_load_and_mismatch_is_clear(tmp_path: Path) -> None:
     train(TrainConfig(epochs=1, batch_size=32, warmup_epochs=0), run, show_progress=False)
     with pytest.raises(ModelError, match="not found"):
         train(TrainConfig(epochs=1, pretrained=str(tmp_path / "missing.pt")), tmp_path / "a", show_progress=False)
-    with pytest.raises(ModelError, match="do not match the model"):
+    with pytest.raises(ModelError, match="does not fit the model"):
         train(TrainConfig(epochs=1, img_size=32, pretrained=str(run / "model.safetensors")), tmp_path / "b",
               show_progress=False)
     start = train(TrainConfig(epochs=1, batch_size=32, warmup_epochs=0, lr=1e-9,

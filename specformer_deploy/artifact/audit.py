@@ -156,11 +156,12 @@ def _audit_export(path: Path, proto: Any, arrays: dict[str, np.ndarray], meta: d
     """Every check of a file written by `export`; any problem makes the verdict inconsistent."""
     report = AuditReport(str(path), EXIT_CONSISTENT, "consistent")
     report.model = {k: meta.get(k) for k in ("model", "layers", "heads", "head_dim", "tokens", "msvp", "training",
-                                             "smoothing")}
+                                             "smoothing", "source")}
     report.model["input_shape"] = list(input_shape(meta))
     if "input_shape" not in meta:
         report.notes.append("input shape not recorded (an export made before channels were): read as 3 channels")
-    _note_smoothing(report, meta.get("smoothing"))
+    _note_source(report, meta.get("source"))
+    _note_smoothing(report, meta.get("smoothing"), meta.get("source"))
     layers = meta["attention_weights"]
     try:
         sigmas = _recompute(arrays, layers, int(meta["heads"]), int(meta["head_dim"]))
@@ -178,10 +179,22 @@ def _audit_export(path: Path, proto: Any, arrays: dict[str, np.ndarray], meta: d
     return report
 
 
-def _note_smoothing(report: AuditReport, block: Any) -> None:
+def _note_source(report: AuditReport, source: Any) -> None:
+    """Where the weights came from, for an export of a checkpoint trained elsewhere."""
+    if isinstance(source, dict) and source.get("kind") == "checkpoint":
+        entry = f", entry {source['entry']}" if source.get("entry") else ""
+        report.notes.append(f"weights from checkpoint {source.get('file')} (sha256 {str(source.get('sha256'))[:16]}..."
+                            f"{entry}) as timm model {source.get('model')}; its training is not recorded")
+
+
+def _note_smoothing(report: AuditReport, block: Any, source: Any = None) -> None:
     """The noise sigma the model was trained with: the one randomized smoothing should certify at."""
     sigma = block.get("sigma") if isinstance(block, dict) else None
-    if sigma is None:
+    if sigma is None and isinstance(source, dict) and source.get("kind") == "checkpoint":
+        report.notes.append("randomized smoothing: no training noise is recorded for a checkpoint trained elsewhere; "
+                            "certify at the sigma it was trained under (--sigma), and expect little from one trained "
+                            "without noise (fine-tune: train --pretrained FILE --noise-sd SIGMA)")
+    elif sigma is None:
         report.notes.append("randomized smoothing: trained without Gaussian noise (no specformer.smoothing); its "
                             "smoothed classifier is not the one it learned")
     else:

@@ -36,13 +36,15 @@ from specformer_deploy.artifact.onnx_meta import (
 from specformer_deploy.artifact.pt2 import ExportedLogits, load_exported_logits  # noqa: F401 - re-exported
 from specformer_deploy.artifact.sampler import CALIBRATION_IMAGES, SAMPLER_KEY, build_sampler, sampler_path
 from specformer_deploy.artifact.sampler import PRECISIONS as SAMPLER_PRECISIONS
+from specformer_deploy.artifact.source import ExportSource
 from specformer_deploy.model.heads import attention_applicability, attention_layers, layer_heads, query_bias
 from specformer_deploy.training.checkpoint import CheckpointError, RunFiles
 from specformer_deploy.training.data import load_dataset
 from specformer_deploy.training.msvp import MSVP, MSVPConfig, exact_spectral_norms
 from specformer_deploy.training.train import load_run_model
 
-__all__ = ["CertifiableModel", "ExportError", "export_run", "export_metadata", "write_graph_files",
+__all__ = ["CertifiableModel", "ExportError", "ExportSource", "export_run", "export_model", "run_source",
+           "export_metadata", "write_graph_files",
            "load_exported_logits", "PARITY_TOLERANCE"]
 
 PARITY_TOLERANCE = 1e-4
@@ -215,18 +217,7 @@ def _power_estimates(model: nn.Module, files: RunFiles, config: dict[str, Any]) 
     return _sigma_table(msvp.sigmas(update=False).detach(), "qkv")
 
 
-def _parity_inputs(config: dict[str, Any]) -> torch.Tensor:
-    train_cfg, model_cfg = config["train"], config["model"]
-    try:
-        bundle = load_dataset(train_cfg["dataset"], model_cfg["img_size"], train_cfg.get("data_dir"),
-                              model_cfg.get("in_chans", 3))
-    except Exception as err:  # any failure to load the data is the same user problem
-        raise ExportError(f"parity is checked on the run's own test data, which could not be loaded: {err}") from err
-    count = min(PARITY_IMAGES, len(bundle.test))
-    return torch.stack([bundle.test[i][0] for i in range(count)])
-
-
-def _check_parity(onnx_path: Path, wrapper: CertifiableModel, pixels: torch.Tensor) -> dict[str, Any]:
+def _check_parity(onnx_path: Path, wrapper: CertifiableModel, pixels: torch.Tensor, source: str) -> dict[str, Any]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -235,7 +226,7 @@ def _check_parity(onnx_path: Path, wrapper: CertifiableModel, pixels: torch.Tens
     logits_ort, norms_ort = session.run(["logits", "attn_input_norms"], {"pixels": pixels.numpy()})[:2]
     with torch.no_grad():
         logits, norms = (t.numpy() for t in wrapper(pixels)[:2])
-    report = {"images": int(pixels.shape[0]), "source": "run test set",
+    report = {"images": int(pixels.shape[0]), "source": source,
               "max_abs_logit_diff": float(np.abs(logits_ort - logits).max()),
               "max_abs_norm_diff": float(np.abs(norms_ort - norms).max()),
               "predictions_equal": bool((logits_ort.argmax(1) == logits.argmax(1)).all()),
@@ -269,37 +260,48 @@ def write_graph_files(wrapper: nn.Module, example: torch.Tensor, onnx_out: Path,
 
 def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
                step: Step | None = None, smoothing_sampler: str = "auto") -> dict[str, Any]:
-    """Export ``run_dir`` to ``out`` (.onnx) and ``out.with_suffix('.pt2')``; returns a summary.
+    """Export ``run_dir`` (a run written by `train`) to ``out`` (.onnx) and ``out.with_suffix('.pt2')``.
+
+    Parity is checked on the run's own test images; ``smoothing_sampler`` as in :func:`export_model`.
+    """
+    step = step or (lambda message: None)
+    if Path(out).suffix != ".onnx":
+        raise ExportError(f"--out must name a .onnx file, got {out}")
+    step("loading the run")
+    return export_model(run_source(run_dir), out, opset=opset, step=step, smoothing_sampler=smoothing_sampler)
+
+
+def export_model(source: ExportSource, out: str | Path, opset: int | None = None,
+                 step: Step | None = None, smoothing_sampler: str = "auto") -> dict[str, Any]:
+    """Export ``source.model`` to ``out`` (.onnx) and ``out.with_suffix('.pt2')``; returns a summary.
 
     Both files are written in a temporary directory beside ``out`` and renamed into place only
     after parity and the ONNX checker pass, so a failed export leaves no half-written file.
     ``smoothing_sampler="int8"`` also writes the reduced-precision graph smoothing samples with
-    (:mod:`specformer_deploy.artifact.sampler`), calibrated under the run's training noise;
-    ``"auto"`` (the default) does so for a run trained with noise, unless the int8 graph's labels
+    (:mod:`specformer_deploy.artifact.sampler`), calibrated under the training noise;
+    ``"auto"`` (the default) does so for a model trained with noise, unless the int8 graph's labels
     under that noise agree with the float32 graph's on fewer than ``AUTO_MIN_AGREEMENT`` of the
-    parity images (then, and for runs trained without noise, the export samples itself).
+    parity images (then, and for models trained without noise, the export samples itself).
     """
     if smoothing_sampler not in ("auto", *SAMPLER_PRECISIONS):
         raise ExportError(f"--smoothing-sampler must be one of auto, {', '.join(SAMPLER_PRECISIONS)}, "
                           f"got {smoothing_sampler!r}")
     step = step or (lambda message: None)
-    files = RunFiles(run_dir)
     out = Path(out)
     if out.suffix != ".onnx":
         raise ExportError(f"--out must name a .onnx file, got {out}")
-    step("loading the run")
-    model, config = _load_exportable_run(files)
-    pixels = _parity_inputs(config)
-    noise = float(config["train"].get("noise_sd") or 0.0)
+    model, pixels, noise = source.model, source.parity_pixels, source.noise_sd
+    if sum(p.numel() * p.element_size() for p in model.parameters()) > _MAX_SINGLE_FILE_BYTES:
+        raise ExportError("the model's weights exceed 1.9 GB: a single-file ONNX export is not possible")
     automatic, note = smoothing_sampler == "auto", None
     if automatic:
-        smoothing_sampler = "int8" if noise > 0 else "fp32"
-    if smoothing_sampler != "fp32" and noise <= 0:
-        raise ExportError(f"--smoothing-sampler {smoothing_sampler} calibrates the sampler under the run's training "
-                          "noise, and this run was trained without noise (train --noise-sd): smoothing it "
-                          "certifies little; export it with the default fp32 sampler")
+        smoothing_sampler = "int8" if noise > 0 and source.calibration is not None else "fp32"
+    if smoothing_sampler != "fp32" and (noise <= 0 or source.calibration is None):
+        raise ExportError(f"--smoothing-sampler {smoothing_sampler} calibrates the sampler on training images under "
+                          "the training noise, and this model was not trained with noise here (train --noise-sd): "
+                          "smoothing it certifies little; export it with the default fp32 sampler")
     tokens = tokens_per_layer(model, pixels)
-    wrapper = _certifiable_wrapper(model, config, tokens)
+    wrapper = _certifiable_wrapper(model, source.model_config, tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
     pt2 = out.with_suffix(".pt2")
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp_dir:
@@ -307,15 +309,15 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
         step("tracing with torch.export and translating to ONNX")
         write_graph_files(wrapper, pixels, tmp_onnx, tmp_pt2, _output_names(wrapper), opset)
         step("checking ONNX Runtime parity")
-        parity = _check_parity(tmp_onnx, wrapper, pixels)
+        parity = _check_parity(tmp_onnx, wrapper, pixels, source.parity_source)
         step("writing spectral metadata")
         proto = onnx.load(str(tmp_onnx))
         sampler = None
         if smoothing_sampler != "fp32":
             step(f"quantizing the smoothing sampler ({smoothing_sampler}, calibrated on training images)")
-            images, dataset = _calibration_images(config)
+            images, dataset = source.calibration()
             sampler = build_sampler(proto, Path(tmp_dir) / out.name, smoothing_sampler, images, noise, dataset,
-                                    pixels.numpy(), seed=int(config["train"].get("seed") or 0))
+                                    pixels.numpy(), seed=source.seed)
             agreement = sampler["label_agreement_with_fp32"]["fraction"]
             if automatic and agreement < AUTO_MIN_AGREEMENT:
                 note = (f"no int8 smoothing sampler: its labels under noise {noise:g} agreed with the float32 "
@@ -323,7 +325,7 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
                         f">= {AUTO_MIN_AGREEMENT:.0%}); smoothing samples with the export itself")
                 (Path(tmp_dir) / sampler["file"]).unlink()
                 sampler = None
-        metadata = export_metadata(model, config, files, proto, tokens, parity, wrapper.mlp_inputs, sampler)
+        metadata = export_metadata(source, proto, tokens, parity, wrapper.mlp_inputs, sampler)
         _save_checked(proto, metadata, tmp_onnx)
         os.replace(tmp_pt2, pt2)
         stale = [sampler_path(out, p) for p in SAMPLER_PRECISIONS[1:]]
@@ -336,6 +338,30 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int | None = None,
     return {**_summary(out, pt2, metadata), **({"smoothing_sampler_note": note} if note else {})}
 
 
+def run_source(run_dir: str | Path) -> ExportSource:
+    """A run written by `train`: its model, its own test images for parity, its training noise and
+    calibration images for the sampler, and what it records about its training."""
+    files = RunFiles(run_dir)
+    model, config = load_run_model(files.root)
+    if "data" not in config:
+        raise CheckpointError(f"{files.config} lacks the 'data' section of a specformer-deploy run")
+    train_cfg, model_cfg = config["train"], config["model"]
+    try:
+        bundle = load_dataset(train_cfg["dataset"], model_cfg["img_size"], train_cfg.get("data_dir"),
+                              model_cfg.get("in_chans", 3))
+    except Exception as err:  # any failure to load the data is the same user problem
+        raise ExportError(f"parity is checked on the run's own test data, which could not be loaded: {err}") from err
+    count = min(PARITY_IMAGES, len(bundle.test))
+    pixels = torch.stack([bundle.test[i][0] for i in range(count)])
+    sections = {"source": {"kind": "run"}, **_training_section(config, files),
+                "spectral_power_iteration": _power_estimates(model, files, config),
+                **_smoothing_section(config)}
+    return ExportSource(model=model, model_config=model_cfg, class_names=list(config["data"]["class_names"]),
+                        parity_pixels=pixels, parity_source="run test set", sections=sections,
+                        noise_sd=float(train_cfg.get("noise_sd") or 0.0),
+                        calibration=lambda: _calibration_images(config), seed=int(train_cfg.get("seed") or 0))
+
+
 def _calibration_images(config: dict[str, Any]) -> tuple[np.ndarray, str | None]:
     """The first ``CALIBRATION_IMAGES`` training images of the run's data set (never test images)."""
     train_cfg, model_cfg = config["train"], config["model"]
@@ -345,20 +371,10 @@ def _calibration_images(config: dict[str, Any]) -> tuple[np.ndarray, str | None]
     return np.stack([bundle.train[i][0].numpy() for i in range(count)]).astype(np.float32), train_cfg["dataset"]
 
 
-def _load_exportable_run(files: RunFiles) -> tuple[nn.Module, dict[str, Any]]:
-    """The run's model and config, refused when it cannot become one single-file ONNX export."""
-    model, config = load_run_model(files.root)
-    if "data" not in config:
-        raise CheckpointError(f"{files.config} lacks the 'data' section of a specformer-deploy run")
-    if sum(p.numel() * p.element_size() for p in model.parameters()) > _MAX_SINGLE_FILE_BYTES:
-        raise ExportError("the model's weights exceed 1.9 GB: a single-file ONNX export is not possible")
-    return model, config
-
-
-def _certifiable_wrapper(model: nn.Module, config: dict[str, Any], tokens: list[int]) -> CertifiableModel:
+def _certifiable_wrapper(model: nn.Module, model_cfg: dict[str, Any], tokens: list[int]) -> CertifiableModel:
     """MLP inputs are exported only for ReLU-family MLPs (local bounds) and one token count for all layers
     (the output is one stacked tensor)."""
-    mlp_act = config["model"].get("mlp_act", "gelu")
+    mlp_act = model_cfg.get("mlp_act", "gelu")
     return CertifiableModel(model, mlp_inputs=mlp_act != "gelu" and len(set(tokens)) == 1).eval()
 
 
@@ -366,21 +382,21 @@ def _output_names(wrapper: CertifiableModel) -> list[str]:
     return ["logits", "attn_input_norms"] + (["mlp_inputs"] if wrapper.mlp_inputs else [])
 
 
-def export_metadata(model: nn.Module, config: dict[str, Any], files: RunFiles, proto: onnx.ModelProto,
-                    tokens: list[int], parity: dict[str, Any], mlp_inputs: bool,
-                    sampler: dict[str, Any] | None = None) -> dict[str, Any]:
+def export_metadata(source: ExportSource, proto: onnx.ModelProto, tokens: list[int], parity: dict[str, Any],
+                    mlp_inputs: bool, sampler: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every ``specformer.*`` entry of the export (prefix stripped), the integrity digests last
-    because they cover the weights, the graph and every other entry."""
+    because they cover the weights, the graph and every other entry. What only the weights' origin
+    knows (a run's training, or a checkpoint's file and digest) comes from ``source.sections``."""
+    model, model_cfg = source.model, source.model_config
     arrays = initializer_arrays(proto)
     exact = exact_spectral_norms(model)
     metadata: dict[str, Any] = {
         **_format_section(proto),
-        **_model_section(model, config, exact, tokens),
-        **_training_section(config, files),
-        **_spectral_section(model, config, files, exact),
-        **_smoothing_section(config),
+        **_model_section(model, source, exact, tokens),
+        **source.sections,
+        **_spectral_section(model, exact),
         "attention_weights": _weight_references(model, arrays),
-        "mlp": _mlp_references(model, arrays, config["model"].get("mlp_act", "gelu"), mlp_inputs),
+        "mlp": _mlp_references(model, arrays, model_cfg.get("mlp_act", "gelu"), mlp_inputs),
         "parity": parity,
         **({SAMPLER_KEY: sampler} if sampler else {}),
     }
@@ -395,11 +411,11 @@ def _format_section(proto: onnx.ModelProto) -> dict[str, Any]:
                          "torch": torch.__version__, "onnx_opset": int(proto.opset_import[0].version)}}
 
 
-def _model_section(model: nn.Module, config: dict[str, Any], exact: torch.Tensor,
+def _model_section(model: nn.Module, source: ExportSource, exact: torch.Tensor,
                    tokens: list[int]) -> dict[str, Any]:
     """What a client and the certificates need to know about the network: its config, inputs,
     classes, and the shapes (layers, heads, head dim, tokens) the bounds are computed for."""
-    model_cfg = config["model"]
+    model_cfg = source.model_config
     channels = int(model_cfg.get("in_chans", 3))
     heads = layer_heads(next(iter(attention_layers(model))))
     return {
@@ -407,8 +423,9 @@ def _model_section(model: nn.Module, config: dict[str, Any], exact: torch.Tensor
         "image_size": model_cfg["img_size"],
         "input_shape": [channels, model_cfg["img_size"], model_cfg["img_size"]],
         "num_classes": model_cfg["num_classes"],
-        "class_names": config["data"]["class_names"],
-        "normalization": {"mean": model_cfg["mean"], "std": model_cfg["std"], "inside_graph": True},
+        "class_names": list(source.class_names),
+        "normalization": {"mean": model_cfg["mean"], "std": model_cfg["std"], "inside_graph": True,
+                          **({"from": source.normalization_from} if source.normalization_from else {})},
         "io": {"pixels": f"[batch, {channels}, H, W] float32 in [0, 1]", "logits": "[batch, classes]",
                "attn_input_norms": "[batch, layers] Frobenius norm of each attention layer's input"},
         "layers": int(exact.shape[0]),
@@ -439,15 +456,12 @@ def _training_section(config: dict[str, Any], files: RunFiles) -> dict[str, Any]
     }
 
 
-def _spectral_section(model: nn.Module, config: dict[str, Any], files: RunFiles,
-                      exact: torch.Tensor) -> dict[str, Any]:
-    """The certificates' weight factors: exact per-head sigmas, whole ``||W_O||``, ``||b_q||``, and
-    the training's power-iteration estimates beside them for comparison."""
+def _spectral_section(model: nn.Module, exact: torch.Tensor) -> dict[str, Any]:
+    """The certificates' weight factors: exact per-head sigmas, whole ``||W_O||`` and ``||b_q||``."""
     return {
         "spectral": {"method": "exact SVD (float64) at export", **_sigma_table(exact, "qkvo"),
                      "sigma_o_full": _full_output_norms(model)},
         "bias_q_norm": _query_bias_norms(model),
-        "spectral_power_iteration": _power_estimates(model, files, config),
     }
 
 

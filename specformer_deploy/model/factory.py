@@ -17,6 +17,7 @@ from torch import nn
 from specformer_deploy.model.attention_variants import apply_attention_variant
 from specformer_deploy.model.heads import attention_layers
 from specformer_deploy.model.mlp import apply_mlp_activation
+from specformer_deploy.model.weights_file import WeightsFileError, load_strict, read_weights
 
 __all__ = ["ModelConfig", "NormalizedClassifier", "PRESETS", "DEFAULT_MODEL", "resolve_model_config", "build_model",
            "load_pretrained", "ModelError"]
@@ -144,40 +145,12 @@ def build_model(config: ModelConfig) -> NormalizedClassifier:
 
 
 def load_pretrained(model: NormalizedClassifier, path: str | Path) -> None:
-    """Load local weights into ``model.net`` (timm state dict, or a run's model weights).
-
-    Accepts ``.safetensors`` or a torch file readable with ``weights_only=True``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"pretrained weights not found: {path}")
+    """Load local weights into ``model.net``: a timm checkpoint (``CheckpointSaver``), a safetensors
+    file or a plain state dict (see :mod:`~specformer_deploy.model.weights_file`), or a run's own
+    model weights (``net.``-prefixed, with the normalization buffers, which the model already has)."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any reader failure is the same user problem
-        raise ModelError(f"cannot read pretrained weights {path}: {err}") from err
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ModelError(f"{path} does not hold a state dict")
-    state = {k.removeprefix("net."): v for k, v in state.items() if k not in ("mean", "std")}
-    own = model.net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
-        if mismatched:
-            k = mismatched[0]
-            parts.append(f"shape mismatch in {len(mismatched)} (e.g. {k}: file {tuple(state[k].shape)} vs model "
-                         f"{tuple(own[k].shape)})")
-        raise ModelError(f"pretrained weights {path} do not match the model: {'; '.join(parts)}")
-    model.net.load_state_dict(state)
+        weights = read_weights(path)
+        state = {k.removeprefix("net."): v for k, v in weights.state.items() if k not in ("mean", "std")}
+        load_strict(model.net, state, f"pretrained weights {path}")
+    except WeightsFileError as err:
+        raise ModelError(str(err)) from err
