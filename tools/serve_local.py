@@ -45,8 +45,11 @@ class LocalTorchServe:
 
     def __init__(self, root: Path, onnx_path: str, name: str = "digits", free_ports: bool = True,
                  model_config: dict | None = None, device_ids: list[int] | None = None, probe_workers: int = 0,
-                 probe_model_config: dict | None = None) -> None:
+                 probe_model_config: dict | None = None, others: dict[str, str] | None = None) -> None:
+        """``others``: more models (name -> exported .onnx) packaged into the same store and served beside
+        NAME by the same TorchServe, each the way NAME is."""
         self.root = Path(root).resolve()
+        self.others = {name: str(Path(path).resolve()) for name, path in (others or {}).items()}
         self.onnx = str(Path(onnx_path).resolve())
         self.name = name
         self.model_config = model_config or {}
@@ -71,7 +74,13 @@ class LocalTorchServe:
         deployment = package_deployment(self.onnx, self.name, self.root / "store", model_config=self.model_config,
                                         probe_model_config=self.probe_model_config, device_ids=self.device_ids,
                                         probe_workers=self.probe_workers)
-        self.models = list(deployment.archives)
+        models_argument = list(deployment.models_argument)
+        for name, onnx_path in self.others.items():
+            other = package_deployment(onnx_path, name, self.root / "store", model_config=self.model_config,
+                                       probe_model_config=self.probe_model_config, device_ids=self.device_ids,
+                                       probe_workers=self.probe_workers)
+            models_argument += [m for m in other.models_argument if m not in models_argument]
+        self.models = [m.split("=")[0] for m in models_argument]
         config = deployment.config_properties.read_text()
         for kind, port in self.ports.items():
             default = {"inference": 8080, "management": 8081, "metrics": 8082}[kind]
@@ -84,7 +93,7 @@ class LocalTorchServe:
         with open(self.root / "logs" / "start.log", "wb") as log:
             subprocess.run([str(BIN / "torchserve"), "--start", "--ncs", "--model-store", str(deployment.store),
                             "--ts-config", str(self.root / "config.properties"),
-                            "--models", *deployment.models_argument],
+                            "--models", *models_argument],
                            cwd=self.root, env=self.environment(), check=True, stdout=log, stderr=subprocess.STDOUT,
                            timeout=120)
         if not wait:
