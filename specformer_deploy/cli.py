@@ -217,8 +217,8 @@ def export(
     else:
         parity = summary["parity"]
         err_console.print(f"[green]exported[/] {summary['onnx']} and {summary['pt2']}: parity on {parity['source']} "
-                          f"({parity['images']} images), max |logit diff| {parity['max_abs_logit_diff']:.2e}, predictions "
-                          f"equal; sha256 {summary['weights_sha256'][:16]}...")
+                          f"({parity['images']} images), max |logit diff| {parity['max_abs_logit_diff']:.2e}, "
+                          f"predictions equal; sha256 {summary['weights_sha256'][:16]}...")
         sampler = summary.get("smoothing_sampler")
         if summary.get("smoothing_sampler_note"):
             err_console.print(f"[yellow]note:[/] {summary['smoothing_sampler_note']}")

@@ -214,6 +214,8 @@ def test_checkpoints_that_do_not_fit_get_errors_that_name_the_problem(checkpoint
     fails(_export_args(_plain_copy(ckpt, tmp_path), name, tmp_path) + ["--ema"], "plain state dict without EMA")
     fails(_export_args(ckpt["path"], name, tmp_path) + ["--mean", "0.5,0.5"], "--mean needs 3 value(s)")
     fails(_export_args(ckpt["path"], name, tmp_path) + ["--std", "0.5,0,0.5"], "--std values must be positive")
+    fails(_export_args(ckpt["path"], name, tmp_path) + ["--smoothing-sampler", "int8"],
+          "neither is known for a checkpoint")
     fails(["export", "--checkpoint", str(ckpt["path"]), "--out", str(tmp_path / "x" / "model.onnx")],
           "--checkpoint needs --model, --num-classes, --img-size")
     fails(["export", str(tmp_path), "--num-classes", "3", "--out", str(tmp_path / "x" / "model.onnx")],
@@ -263,3 +265,14 @@ def test_parity_images_and_class_names_are_recorded(checkpoints, tmp_path) -> No
     (images / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(CheckpointExportError, match="broken.png is not a usable image"):
         checkpoint_source(ckpt["path"], ckpt["name"], CLASSES, SIZE, parity_images=images)
+
+
+def test_train_pretrained_starts_from_a_timm_checkpoint(checkpoints) -> None:
+    """`train --pretrained` (fine-tuning for smoothing, as README says) reads the same checkpoints."""
+    from specformer_deploy.model.factory import build_model, load_pretrained, resolve_model_config
+
+    ckpt = checkpoints["vit_tiny_patch16_224"]
+    model = build_model(resolve_model_config(ckpt["name"], CLASSES, img_size=SIZE))
+    load_pretrained(model, ckpt["path"])
+    trained = ckpt["model"].state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in model.net.state_dict().items())

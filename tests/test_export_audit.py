@@ -34,7 +34,7 @@ from specformer_deploy.training.train import load_run_model
 # A run trained with Gaussian noise (`train --noise-sd`) adds one more, "smoothing" (tested below).
 METADATA_KEYS = {"attention_weights", "bias_q_norm", "class_names", "embed_dim", "exporter", "format_version",
                  "head_dim", "heads", "image_size", "input_shape", "integrity", "io", "layers", "mlp", "model", "msvp",
-                 "normalization", "num_classes", "package_version", "parity", "spectral",
+                 "normalization", "num_classes", "package_version", "parity", "source", "spectral",
                  "spectral_power_iteration", "tokens", "training"}
 
 

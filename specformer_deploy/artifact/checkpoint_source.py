@@ -62,7 +62,8 @@ def checkpoint_source(checkpoint: str | Path, model_name: str, num_classes: int,
                 if isinstance(recorded, str) and recorded != config.arch and recorded in _timm_names() else "")
         raise CheckpointExportError(f"{err}{hint}") from err
     model.eval()
-    names = read_class_names(class_names, num_classes) if class_names is not None else [str(i) for i in range(num_classes)]
+    names = ([str(i) for i in range(num_classes)] if class_names is None
+             else read_class_names(class_names, num_classes))
     if parity_images is not None:
         pixels = parity_images_from_dir(parity_images, img_size, in_chans, parity_count)
         parity_from = f"{pixels.shape[0]} images from {Path(parity_images).name} (decoded as the server decodes them)"

@@ -296,10 +296,14 @@ def export_model(source: ExportSource, out: str | Path, opset: int | None = None
     automatic, note = smoothing_sampler == "auto", None
     if automatic:
         smoothing_sampler = "int8" if noise > 0 and source.calibration is not None else "fp32"
-    if smoothing_sampler != "fp32" and (noise <= 0 or source.calibration is None):
+    if smoothing_sampler != "fp32" and source.calibration is None:
         raise ExportError(f"--smoothing-sampler {smoothing_sampler} calibrates the sampler on training images under "
-                          "the training noise, and this model was not trained with noise here (train --noise-sd): "
-                          "smoothing it certifies little; export it with the default fp32 sampler")
+                          "the training noise, and neither is known for a checkpoint trained elsewhere: export it "
+                          "with the default fp32 sampler")
+    if smoothing_sampler != "fp32" and noise <= 0:
+        raise ExportError(f"--smoothing-sampler {smoothing_sampler} calibrates the sampler under the run's training "
+                          "noise, and this run was trained without noise (train --noise-sd): smoothing it "
+                          "certifies little; export it with the default fp32 sampler")
     tokens = tokens_per_layer(model, pixels)
     wrapper = _certifiable_wrapper(model, source.model_config, tokens)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise WeightsFileError(f"cannot read {path} as safetensors (truncated or not a safetensors file): {err}") from err
+        raise WeightsFileError(f"cannot read {path} as safetensors (truncated or not a safetensors file): "
+                               f"{err}") from err
 
 
 def _read_torch_file(path: Path) -> Any:
@@ -166,14 +167,18 @@ def _shape_hint(net: nn.Module, key: str, file_shape: tuple[int, ...], model_sha
     base = f"{key} is {list(file_shape)} in the file but {list(model_shape)} in the model"
     classifier = _classifier_prefix(net)
     if classifier and key.startswith(classifier + ".") and file_shape and model_shape:
-        return f"{base}: the checkpoint's classifier has {file_shape[0]} classes, the model {model_shape[0]} (--num-classes)"
+        return (f"{base}: the checkpoint's classifier has {file_shape[0]} classes, the model {model_shape[0]} "
+                "(--num-classes)")
     if key.endswith("pos_embed") and len(file_shape) == 3:
-        return base + ": the checkpoint was trained at another image size (--img-size)" + _size_hint(net, file_shape, model_shape)
+        hint = _size_hint(net, file_shape, model_shape)
+        return f"{base}: the checkpoint was trained at another image size (--img-size){hint}"
     if key.endswith("patch_embed.proj.weight") and len(file_shape) == 4:
         if file_shape[1] != model_shape[1]:
-            return f"{base}: the checkpoint takes {file_shape[1]}-channel images, the model {model_shape[1]} (--in-chans)"
+            return (f"{base}: the checkpoint takes {file_shape[1]}-channel images, the model {model_shape[1]} "
+                    "(--in-chans)")
         if file_shape[2:] != model_shape[2:]:
-            return f"{base}: the checkpoint's patches are {file_shape[2]}x{file_shape[3]} (another model name or patch size)"
+            return (f"{base}: the checkpoint's patches are {file_shape[2]}x{file_shape[3]} (another model name or "
+                    "patch size)")
     return base
 
 

@@ -124,7 +124,8 @@ class TrainConfig:
                                           metavar="N", min=0)
     seed: int = option(0, "Seed for initialization, data order and augmentation.")
     device: str = option("auto", "auto, cpu or cuda (under torchrun each process takes GPU LOCAL_RANK).")
-    pretrained: str | None = option(None, "Local weights (.safetensors or torch file) to start from.", metavar="FILE")
+    pretrained: str | None = option(None, "Local weights to start from: a timm checkpoint (timm train.py's "
+                                    ".pth.tar), .safetensors or a state dict.", metavar="FILE")
     mlp_act: str = option("gelu", "MLP activation: gelu (timm's), relu or clipped-relu (learned threshold per unit); "
                           "ReLU-family MLPs get local MLP bounds in certificates.")
     sparsity_weight: float = option(0.0, "Weight of the activation sparsity loss (relu/clipped-relu).")
