@@ -90,16 +90,10 @@ def _slug(name: str) -> str:
 
 
 def _differing_options(run: Path, cfg: TrainConfig) -> list[str]:
-    """The options ``run`` was trained with that differ from ``cfg`` (device aside)."""
-    from dataclasses import asdict, fields
-
     from specformer_deploy.training.checkpoint import RunFiles
+    from specformer_deploy.training.config import differing_options
 
-    stored = RunFiles(run).read_config()["train"]
-    known = {f.name for f in fields(TrainConfig)}
-    recorded = asdict(TrainConfig(**{k: v for k, v in stored.items() if k in known}))
-    return [f"{k}: {recorded[k]!r} there, {v!r} asked" for k, v in asdict(cfg).items()
-            if k != "device" and recorded[k] != v]
+    return differing_options(RunFiles(run).read_config()["train"], cfg)
 
 
 def _run(out: Path, name: str, cfg: TrainConfig) -> Path:

@@ -229,16 +229,10 @@ def train_config(args: argparse.Namespace, cell: Cell, overrides: dict[str, Any]
 
 
 def _differing_options(run: Path, cfg) -> list[str]:
-    """The options a run directory was trained with that differ from ``cfg`` (device aside)."""
     from specformer_deploy.training.checkpoint import RunFiles
-    from specformer_deploy.training.train import TrainConfig
+    from specformer_deploy.training.config import differing_options
 
-    stored = RunFiles(run).read_config()["train"]
-    known = {f.name for f in fields(TrainConfig)}
-    recorded = asdict(TrainConfig(**{k: v for k, v in stored.items() if k in known}))
-    wanted = asdict(cfg)
-    return [f"{k}: {recorded[k]!r} there, {wanted[k]!r} asked" for k in wanted
-            if k != "device" and recorded[k] != wanted[k]]
+    return differing_options(RunFiles(run).read_config()["train"], cfg)
 
 
 def ensure_run(out: Path, name: str, cfg) -> tuple[Path, bool]:

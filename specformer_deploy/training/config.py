@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TrainConfig", "ConfigFileError", "FORMAT_VERSION", "RUN_CONFIG_SECTIONS", "SMOOTHING_OBJECTIVES",
-           "DEFAULT_NOISE_COPIES", "option", "command_line_fields", "read_options_file"]
+           "DEFAULT_NOISE_COPIES", "option", "command_line_fields", "read_options_file", "differing_options"]
 
 FORMAT_VERSION = 1
 
@@ -263,6 +263,17 @@ def _yaml_loader() -> type:
     exponent_float = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent_float, list("-+0123456789"))
     return Loader
+
+
+def differing_options(recorded: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The options a run was trained with (its config.json's ``train`` section) that differ from
+    ``cfg``, device aside: what a tool must not reuse a finished run for. Fields the run predates
+    take their defaults, which is what that run was trained with."""
+    known = {f.name for f in fields(TrainConfig)}
+    stored = asdict(TrainConfig(**{k: v for k, v in recorded.items() if k in known}))
+    wanted = asdict(cfg)
+    return [f"{k}: {stored[k]!r} there, {wanted[k]!r} asked" for k in wanted
+            if k != "device" and stored[k] != wanted[k]]
 
 
 def read_options_file(path: str | Path) -> dict[str, Any]:
