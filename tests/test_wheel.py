@@ -47,10 +47,16 @@ def _repository_copy(target: Path) -> Path:
     return target
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports: all stay bound until chosen, so none is handed out twice."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _environment(process: psutil.Process) -> dict[str, str]:
@@ -107,7 +113,7 @@ def test_wheel_installed_elsewhere_packages_and_serves(exported_pair, tmp_path) 
     assert command[0] == "torchserve" and "store/config.properties" in command
     # The deployer's one edit: free ports instead of 8080-8082 on this shared machine.
     config = work / "store" / "config.properties"
-    ports = {kind: _free_port() for kind in ("inference", "management", "metrics")}
+    ports = dict(zip(("inference", "management", "metrics"), _free_ports(3)))
     text = config.read_text()
     for kind, default in (("inference", 8080), ("management", 8081), ("metrics", 8082)):
         text = text.replace(f"127.0.0.1:{default}", f"127.0.0.1:{ports[kind]}")

@@ -30,10 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: every socket stays bound until all are chosen, so the OS cannot
+    hand the same port out twice (one at a time, a closed port came back for gRPC and TorchServe
+    stopped on "Address already in use")."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class LocalTorchServe:
@@ -58,8 +66,10 @@ class LocalTorchServe:
         self.probe_workers = probe_workers
         self.models: list[str] = [name]
         self.free_ports = free_ports
-        self.ports = ({"inference": _free_port(), "management": _free_port(), "metrics": _free_port()} if free_ports
-                      else {"inference": 8080, "management": 8081, "metrics": 8082})
+        # gRPC listens too (7070/7071 by default): a second server must not collide there either
+        free = _free_ports(5) if free_ports else [8080, 8081, 8082, 7070, 7071]
+        self.ports = dict(zip(("inference", "management", "metrics"), free[:3]))
+        self.grpc_ports = free[3:]
         self.url = f"http://127.0.0.1:{self.ports['inference']}"
         self.mgmt = f"http://127.0.0.1:{self.ports['management']}"
 
@@ -85,8 +95,8 @@ class LocalTorchServe:
         for kind, port in self.ports.items():
             default = {"inference": 8080, "management": 8081, "metrics": 8082}[kind]
             config = config.replace(f"127.0.0.1:{default}", f"127.0.0.1:{port}")
-        if self.free_ports:  # gRPC listens too (7070/7071 by default): a second server must not collide there
-            config += (f"\ngrpc_inference_port={_free_port()}\ngrpc_management_port={_free_port()}\n")
+        if self.free_ports:
+            config += f"\ngrpc_inference_port={self.grpc_ports[0]}\ngrpc_management_port={self.grpc_ports[1]}\n"
         (self.root / "config.properties").write_text(config)
         # torchserve --start daemonizes Java, which inherits stdout/stderr: give it a file, not a pipe.
         (self.root / "logs").mkdir(exist_ok=True)
