@@ -1,4 +1,4 @@
-"""Export a trained run to one self-contained ONNX file with spectral metadata, plus ``model.pt2``.
+"""Export a model to one self-contained ONNX file with spectral metadata, plus ``model.pt2``.
 
 Exporter choice: the graph is captured once with ``torch.export`` and that same
 ``ExportedProgram`` is (a) saved as ``model.pt2`` (the gradient path for probes, since ONNX
@@ -7,6 +7,10 @@ both files means the ONNX model and the ``.pt2`` cannot drift apart. ONNX-level 
 is turned off (``optimize=False``) so every weight keeps its PyTorch name and ``[out, in]``
 layout (``net.blocks.3.attn.qkv.weight``): `audit` and a person reading the file find the
 attention weights by name. ONNX Runtime folds the remaining transposes when it loads the file.
+
+The model comes from an :class:`~specformer_deploy.artifact.source.ExportSource`: a run of ours
+(:func:`run_source`) or a checkpoint trained elsewhere
+(:func:`~specformer_deploy.artifact.checkpoint_source.checkpoint_source`); the export is the same.
 """
 
 from __future__ import annotations
