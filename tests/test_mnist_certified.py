@@ -94,6 +94,22 @@ def test_tables_acr_and_targets_from_per_image_records(tmp_path: Path) -> None:
     assert (tmp_path / "out" / tool.FIGURE).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_targets_are_judged_on_the_validated_recipe_not_its_better_twin(tmp_path: Path) -> None:
+    """Validation chose an MSVP run: the targets use the MSVP final model even where its vanilla twin
+    certifies more on the test images (picking the twin would be a choice made on them), and a radius
+    near what n can reach says that n caps it."""
+    tool = _tool("mnist_certified")
+    on, off = [1.59, 0.6, 0.2, None], [1.59, 0.9, 0.8, 0.7]
+    final = _write(tmp_path, "final.json", _study([_cell("cons", 0.5, True, 0, on), _cell("cons", 0.5, False, 0, off)]))
+    val = _write(tmp_path, "val.json", _study([_cell("cons", 0.5, True, 0, [0.9, 0.8], n=1000)],
+                                              split="validation images (held-out training images)"))
+    report = tool.render(tool.collect([val], [final], [], _published(tmp_path), None, []))
+    assert "- At r = 0.5: 50.0% (cons, MSVP, sigma 0.5, n = 10,000); target 96%" in report  # not the twin's 100.0%
+    line = next(x for x in report.splitlines() if x.startswith("- Certified accuracy at L2 1.58"))
+    assert line.startswith("- Certified accuracy at L2 1.58 about MNIST's own 1x28x28 images, pixels in [0, 1], L2: "
+                           "25.0% (cons, MSVP, sigma 0.5, n = 10,000; near the largest radius n = 10,000 can certify")
+
+
 def test_radii_are_about_the_grey_image_and_n_caps_are_marked(tmp_path: Path) -> None:
     """A 3x28x28 model of grey images: its radii are divided by sqrt(3) (decode_norm); n = 10,000
     at sigma 0.5 cannot reach 1.58, so that column is daggered and the 1.58 target is not measured."""
