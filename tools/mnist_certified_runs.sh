@@ -47,9 +47,25 @@ for k in 1000 2000; do
   $FINAL --out runs/mnist-final/size$k --sigmas 0.5 --msvp on --n 10000 --limit 500 --override all:train_images=$k
 done
 
+# 5. Levers on the ViT's shape (issue 22), validation images as in step 1, recipe b's settings (Gaussian noise):
+#    patch 4 (49 tokens against 16) and a convolutional stem (specformer-mnist-convstem: two 3x3 stride-2
+#    convolutions, then timm's blocks). Each row's s / image is its certification cost per image.
+declare -A levers=(
+  [d-patch4]="--model specformer-mnist --patch-size 4"
+  [e-convstem]="--model specformer-mnist-convstem")
+lever_common="--dataset mnist --noise-sd 0.5 --val-images 500 --seed 0 ${recipes[b-adamw-shift-ema60]}"
+for name in d-patch4 e-convstem; do
+  out=runs/val-sweep/$name
+  [ -f $out/done ] || { rm -rf $out; $SD train $lever_common ${levers[$name]} --out $out; touch $out/done; }
+  [ -f $out/export/model.onnx ] || $SD export $out --out $out/export/model.onnx
+  [ -f $out.val.json ] || $SD evaluate $out/export/model.onnx --smoothing 0.5 --split val --n 1000 \
+      --radii 0,0.25,0.5,0.75,1.0 --json > $out.val.json
+done
+
 # 6. One JSON for the report, then docs/RESULTS.md.
 $PY tools/mnist_certified.py --collect \
-  --validation runs/val-sweep/{a-sgd50,b-adamw-shift-ema60,c-adamw-shift-rot-ema60}.val.json runs/val-sweep2/results.json \
+  --validation runs/val-sweep/{a-sgd50,b-adamw-shift-ema60,c-adamw-shift-rot-ema60,d-patch4,e-convstem}.val.json \
+               runs/val-sweep2/results.json \
   --final runs/mnist-final/s05/results-n10k.json runs/mnist-final/s05/results-n100k.json \
           runs/mnist-final/s1/results.json runs/mnist-final/s025/results.json \
   --data-size runs/mnist-final/size1000/results.json runs/mnist-final/size2000/results.json \

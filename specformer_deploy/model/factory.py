@@ -37,6 +37,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # Sized for real MNIST (28x28, patch 7: 16 tokens) on 2 CPU cores; head dim 32.
     "specformer-mnist": ("vit_tiny_patch16_224", dict(img_size=28, patch_size=7, embed_dim=128, depth=6,
                                                        num_heads=4, mlp_ratio=2.0)),
+    # The same blocks behind a convolutional stem (two 3x3 stride-2 convolutions: 49 tokens), the
+    # small-data lever of Xiao et al. 2021; see specformer_deploy.model.stems.
+    "specformer-mnist-convstem": ("vit_tiny_patch16_224", dict(img_size=28, patch_size=4, embed_dim=128, depth=6,
+                                                                num_heads=4, mlp_ratio=2.0, embed_layer="conv-stem")),
     # The paper's ViT-S: depth 8, 8 heads, dim 768, mlp_ratio 3.
     "paper-vit-s": ("vit_small_patch16_224", dict(depth=8, num_heads=8, embed_dim=768, mlp_ratio=3.0)),
     "deit_tiny_patch16_224": ("deit_tiny_patch16_224", {}),
@@ -129,9 +133,16 @@ def resolve_model_config(name: str, num_classes: int, img_size: int | None = Non
 
 def build_model(config: ModelConfig) -> NormalizedClassifier:
     """Build the (randomly initialised) model; fails clearly if MSVP cannot handle it."""
+    kwargs = dict(config.kwargs)
+    if "embed_layer" in kwargs:  # stored by name, so config.json stays JSON
+        from specformer_deploy.model.stems import STEMS
+
+        if kwargs["embed_layer"] not in STEMS:
+            raise ModelError(f"unknown stem {kwargs['embed_layer']!r}: one of {', '.join(STEMS)}")
+        kwargs["embed_layer"] = STEMS[kwargs["embed_layer"]]
     try:
         net = timm.create_model(config.arch, pretrained=False, num_classes=config.num_classes,
-                                in_chans=config.in_chans, **config.kwargs)
+                                in_chans=config.in_chans, **kwargs)
     except TypeError as err:
         raise ModelError(f"timm model {config.arch!r} does not accept these options {config.kwargs}: {err}") from err
     try:

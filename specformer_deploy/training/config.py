@@ -48,8 +48,8 @@ def option(default: Any, help: str, *flags: str, **click: Any) -> Any:
 class TrainConfig:
     """All options of a training run; stored in config.json so the run can be repeated."""
 
-    model: str = option("specformer-tiny", "Preset (specformer-tiny, paper-vit-s, deit_tiny_patch16_224, convit_tiny) "
-                        "or any timm ViT-family model name.")
+    model: str = option("specformer-tiny", "Preset (specformer-tiny, specformer-mnist, specformer-mnist-convstem, "
+                        "paper-vit-s, deit_tiny_patch16_224, convit_tiny) or any timm ViT-family model name.")
     dataset: str = option("digits", "digits or mnist (built in), cifar10, cifar100 or imagefolder.")
     data_dir: str | None = option(None, "The directory that holds cifar-10-batches-py / cifar-100-python (or that "
                                   "directory itself), or that holds train/ and val/ for imagefolder.", metavar="DIR")
