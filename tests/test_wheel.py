@@ -13,7 +13,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -47,16 +46,6 @@ def _repository_copy(target: Path) -> Path:
     return target
 
 
-def _free_ports(count: int) -> list[int]:
-    """Distinct free ports: all stay bound until chosen, so none is handed out twice."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _environment(process: psutil.Process) -> dict[str, str]:
@@ -113,6 +102,9 @@ def test_wheel_installed_elsewhere_packages_and_serves(exported_pair, tmp_path) 
     assert command[0] == "torchserve" and "store/config.properties" in command
     # The deployer's one edit: free ports instead of 8080-8082 on this shared machine.
     config = work / "store" / "config.properties"
+    sys.path.insert(0, str(ROOT / "tools"))
+    from serve_local import _free_ports
+
     ports = dict(zip(("inference", "management", "metrics"), _free_ports(3)))
     text = config.read_text()
     for kind, default in (("inference", 8080), ("management", 8081), ("metrics", 8082)):

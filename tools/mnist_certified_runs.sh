@@ -17,12 +17,16 @@ declare -A recipes=(
   [a-sgd50]="--epochs 50"
   [b-adamw-shift-ema60]="--epochs 60 --optimizer adamw --lr 1e-3 --weight-decay 0.05 --translate 2 --ema-decay 0.999 --no-mixup"
   [c-adamw-shift-rot-ema60]="--epochs 60 --optimizer adamw --lr 1e-3 --weight-decay 0.05 --translate 2 --rotate 10 --ema-decay 0.999 --no-mixup")
-for name in a-sgd50 b-adamw-shift-ema60 c-adamw-shift-rot-ema60; do
-  out=runs/val-sweep/$name
-  [ -f $out/done ] || { rm -rf $out; $SD train $common ${recipes[$name]} --out $out; touch $out/done; }
+# validation_run NAME TRAIN-OPTIONS...: train (once), export (once), certify on the validation images (once).
+validation_run() {
+  local out=runs/val-sweep/$1; shift
+  [ -f $out/done ] || { rm -rf $out; $SD train "$@" --out $out; touch $out/done; }
   [ -f $out/export/model.onnx ] || $SD export $out --out $out/export/model.onnx
   [ -f $out.val.json ] || $SD evaluate $out/export/model.onnx --smoothing 0.5 --split val --n 1000 \
       --radii 0,0.25,0.5,0.75,1.0 --json > $out.val.json
+}
+for name in a-sgd50 b-adamw-shift-ema60 c-adamw-shift-rot-ema60; do
+  validation_run $name $common ${recipes[$name]}
 done
 
 # 2. Objectives on recipe b, sigma 0.5, validation images: Gaussian, consistency lambda 5 and 10.
@@ -55,11 +59,7 @@ declare -A levers=(
   [e-convstem]="--model specformer-mnist-convstem")
 lever_common="--dataset mnist --noise-sd 0.5 --val-images 500 --seed 0 ${recipes[b-adamw-shift-ema60]}"
 for name in d-patch4 e-convstem; do
-  out=runs/val-sweep/$name
-  [ -f $out/done ] || { rm -rf $out; $SD train $lever_common ${levers[$name]} --out $out; touch $out/done; }
-  [ -f $out/export/model.onnx ] || $SD export $out --out $out/export/model.onnx
-  [ -f $out.val.json ] || $SD evaluate $out/export/model.onnx --smoothing 0.5 --split val --n 1000 \
-      --radii 0,0.25,0.5,0.75,1.0 --json > $out.val.json
+  validation_run $name $lever_common ${levers[$name]}
 done
 
 # 6. One JSON for the report, then docs/RESULTS.md.
