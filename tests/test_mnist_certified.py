@@ -125,6 +125,21 @@ def test_radii_are_about_the_grey_image_and_n_caps_are_marked(tmp_path: Path) ->
     assert ours.count("†") >= 2  # 1.58 and beyond cannot be reached by n = 10,000 at sigma 0.5 / sqrt(3)
 
 
+def test_data_size_rows_compare_the_same_test_images(tmp_path: Path) -> None:
+    """The full-data model was certified on 4 images, the 1,000-image one on the first 2: the trend
+    table scores both on those 2 (the full model's later images do not count for it)."""
+    tool = _tool("mnist_certified")
+    final = _write(tmp_path, "final.json", _study([_cell("cons", 0.5, True, 0, [1.2, 0.6, None, None])]))
+    small = _write(tmp_path, "small.json", _study([_cell("cons", 0.5, True, 0, [0.3, None],
+                                                         overrides={"train_images": 1000})]))
+    report = tool.render(tool.collect([], [final], [small], _published(tmp_path), None, []))
+    assert "certified on the same first 2 test images" in report
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in report.splitlines() if line.startswith(("| 1,000 |", "| 4,000 |"))}
+    assert rows["4,000"][4:] == ["100.0", "100.0", "50.0", "0.0", f"{(1.2 + 0.6) / 2:.3f}"]  # r = 0, 0.5, 1, 1.5
+    assert rows["1,000"][4:] == ["50.0", "0.0", "0.0", "0.0", f"{0.3 / 2:.3f}"]
+
+
 def test_validation_and_test_studies_cannot_be_swapped(tmp_path: Path) -> None:
     tool = _tool("mnist_certified")
     test_study = _write(tmp_path, "t.json", _study([_cell("gaussian", 0.5, True, 0, [1.0])]))

@@ -243,15 +243,17 @@ def data_size_section(results: dict[str, Any]) -> str | None:
                                       if any(_same_recipe(r, d) for d in results["data_size"])]
     if not results["data_size"]:
         return None
+    common = min(len(r["radii_per_image"]) for r in rows_in)  # the first `common` test images, certified by all
     rows = []
     for key, group in sorted(_groups(rows_in).items(), key=lambda kv: (kv[0][1], kv[0][4] or 4000)):
         objective, sigma, msvp, n, images = key
+        radii = [x["radii_per_image"][:common] for x in group]
         rows.append([f"{images or 4000:,}", objective + (", MSVP" if msvp else ""), f"{sigma:g}", f"{n:,}",
-                     *[f"{np.mean([certified_at(x['radii_per_image'], r) for x in group]):.1f}"
-                       for r in (0.0, 0.5, 1.0, 1.5)],
-                     f"{np.mean([acr(x['radii_per_image']) for x in group]):.3f}"])
+                     *[f"{np.mean([certified_at(x, r) for x in radii]):.1f}" for r in (0.0, 0.5, 1.0, 1.5)],
+                     f"{np.mean([acr(x) for x in radii]):.3f}"])
     return ("### How much does the data explain?\n\nThe same recipe trained on fewer of the training images "
-            "(a fixed stratified subset, `train --train-images N`), certified on the same test images. The published "
+            f"(a fixed stratified subset, `train --train-images N`), every row certified on the same first {common} "
+            "test images (so the 4,000 row can differ from the per-sigma table, which uses more). The published "
             "rows use 60,000.\n\n"
             + _table(["train images", "objective", "sigma", "n", "r = 0", "r = 0.5", "r = 1", "r = 1.5", "ACR"], rows))
 
