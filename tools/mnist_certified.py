@@ -344,8 +344,8 @@ def render(results: dict[str, Any]) -> str:
             parts.append(section)
     if results.get("commands"):
         parts.append("### Commands\n\n```\n" + "\n".join(results["commands"]) + "\n```\n")
-    parts.append(f"Figure: `{FIGURE}`, our final models (solid) and the published rows of the same sigma (dashed), "
-                 f"certified accuracy against radius about {SPACE}.\n")
+    parts.append(f"Figure: `{FIGURE}`, one panel per sigma: our final models (solid, colour) and the published rows "
+                 f"of that sigma (grey, dashed and dotted), certified accuracy against radius about {SPACE}.\n")
     return "\n".join(parts)
 
 
@@ -358,28 +358,30 @@ def write_reports(results: dict[str, Any], folder: Path) -> None:
     from specformer_deploy.artifact.plots import save_figure
 
     folder.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    sigmas = sorted({r["sigma"] for r in results["final"]})
-    colours = {s: f"C{i}" for i, s in enumerate(sigmas)}
-    grid = np.linspace(0.0, 2.5, 251)
-    for (objective, sigma, msvp, n, images), group in _groups(results["final"]).items():
-        if images:
-            continue
-        curve = [np.mean([certified_at(x["radii_per_image"], r) for x in group]) for r in grid]
-        ax.plot(grid, curve, color=colours[sigma], label=f"ours: {objective}{', MSVP' if msvp else ''}, "
-                                                         f"sigma {sigma:g}, n {n:,}")
+    sigmas = sorted({r["sigma"] for r in results["final"] if not r["train_images"]}) or [0.5]
+    fig, axes = plt.subplots(1, len(sigmas), figsize=(4.2 * len(sigmas) + 1, 4.2), sharey=True, squeeze=False)
     styles = {"gaussian": "--", "consistency": "-.", "smoothadv": ":", "smoothadv + consistency": (0, (5, 1, 1, 1))}
-    for row in results["published"]["rows"]:
-        if row["sigma"] in colours:
-            ax.plot(row["curve"]["radii"], row["curve"]["certified_accuracy"], color=colours[row["sigma"]],
-                    linestyle=styles.get(row["method"], "--"), alpha=0.6, linewidth=1,
-                    label=f"theirs: {row['method']}, sigma {row['sigma']:g}")
-    ax.set_xlabel("L2 radius about the 1x28x28 image (pixels in [0, 1])")
-    ax.set_ylabel("certified accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6, ncol=2)
+    for ax, sigma in zip(axes[0], sigmas):
+        published = [row for row in results["published"]["rows"] if row["sigma"] == sigma]
+        ours = {k: g for k, g in _groups(results["final"]).items() if k[1] == sigma and not k[4]}
+        right = max([max(row["curve"]["radii"]) for row in published]
+                    + [max(_reach(x) for x in g) for g in ours.values()])
+        grid = np.linspace(0.0, 1.05 * right, 301)
+        for i, ((objective, _, msvp, n, _), group) in enumerate(ours.items()):
+            curve = [np.mean([certified_at(x["radii_per_image"], r) for x in group]) for r in grid]
+            ax.plot(grid, curve, color=f"C{i}", linewidth=1.6,
+                    label=f"ours: {objective}{', MSVP' if msvp else ''}, n {n:,}")
+        for row in published:
+            ax.plot(row["curve"]["radii"], row["curve"]["certified_accuracy"], color="0.35",
+                    linestyle=styles.get(row["method"], "--"), linewidth=1, label=f"theirs: {row['method']}")
+        ax.set_title(f"sigma = {sigma:g}", fontsize=10)
+        ax.set_xlabel("L2 radius about the 1x28x28 image")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="lower left")
+    axes[0][0].set_ylabel("certified accuracy (%), pixels in [0, 1]")
+    fig.tight_layout()
     save_figure(fig, folder / FIGURE)
     (folder / "results.md").write_text(render(results) + "\n")
 
