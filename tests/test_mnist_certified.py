@@ -85,7 +85,8 @@ def test_tables_acr_and_targets_from_per_image_records(tmp_path: Path) -> None:
     assert cells[3].startswith("62.5 [") and cells[9].startswith("25.0 [")  # r = 0.25 (5 of 8); r = 1.58 (2 of 8)
     assert cells[-1] == f"{sum([1.7, 1.6, 1.2, 0.6, 0.3]) / 8:.3f}"
     assert "| published (theirs) | gaussian |" in report and "61.8" in report
-    assert "25.0% (consistency, MSVP, sigma 0.5, n = 100,000); target 61.8%" in report
+    assert "25.0% (consistency, MSVP, sigma 0.5, n = 100,000; 95% interval [3.2, 65.1]); target 61.8% (the published" \
+        in report  # Clopper–Pearson for 2 of 8
     assert "**not met** (-36.8 points)" in report
     assert "Smoothed clean accuracy of the sigma 0.25 model: not measured" in report
     assert "### Does MSVP change certified accuracy?" in report
@@ -104,10 +105,27 @@ def test_targets_are_judged_on_the_validated_recipe_not_its_better_twin(tmp_path
     val = _write(tmp_path, "val.json", _study([_cell("cons", 0.5, True, 0, [0.9, 0.8], n=1000)],
                                               split="validation images (held-out training images)"))
     report = tool.render(tool.collect([val], [final], [], _published(tmp_path), None, []))
-    assert "- At r = 0.5: 50.0% (cons, MSVP, sigma 0.5, n = 10,000); target 96%" in report  # not the twin's 100.0%
+    assert "- At r = 0.5: 50.0% (cons, MSVP, sigma 0.5, n = 10,000; 95% interval [6.8, 93.2]); target 96%" \
+        in report  # not the twin's 100.0%
     line = next(x for x in report.splitlines() if x.startswith("- Certified accuracy at L2 1.58"))
     assert line.startswith("- Certified accuracy at L2 1.58 about MNIST's own 1x28x28 images, pixels in [0, 1], L2: "
-                           "25.0% (cons, MSVP, sigma 0.5, n = 10,000; near the largest radius n = 10,000 can certify")
+                           "25.0% (cons, MSVP, sigma 0.5, n = 10,000; 95% interval [0.6, 80.6]; near the largest "
+                           "radius n = 10,000 can certify")
+
+
+def test_a_target_met_by_one_sigma_only_says_so_and_a_clean_target_names_its_interval(tmp_path: Path) -> None:
+    """Sigma is not chosen on validation: r = 0.5 met by sigma 0.25 (49 of 50) but not by sigma 0.5
+    (half) is 'met by the best sigma only'; 98% clean on 50 images meets 98% at the point estimate
+    while its Clopper–Pearson interval reaches 89.4%, which the verdict says."""
+    tool = _tool("mnist_certified")
+    final = _write(tmp_path, "final.json", _study([_cell("cons", 0.25, True, 0, [0.7] * 49, wrong=1),
+                                                   _cell("cons", 0.5, True, 0, [0.6] * 25 + [0.1] * 25)]))
+    report = tool.render(tool.collect([], [final], [], _published(tmp_path), None, []))
+    line = next(x for x in report.splitlines() if x.startswith("- At r = 0.5:"))
+    assert "each sigma: 0.25 → 98.0%, 0.5 → 50.0%" in line
+    assert line.endswith("**met** (+2.0 points) by the best sigma only, a choice made on the test images.")
+    line = next(x for x in report.splitlines() if x.startswith("- Smoothed clean accuracy"))
+    assert "98.0% ([89.4, 99.9], 50 test images); target 98%: **met** (+0.0 points) at the point estimate" in line
 
 
 def test_radii_are_about_the_grey_image_and_n_caps_are_marked(tmp_path: Path) -> None:
