@@ -191,16 +191,23 @@ def validation_section(results: dict[str, Any]) -> str | None:
               if all(row["overrides"].get(k) == v for row in val["rows"])}
     rows = []
     for row in val["rows"]:
-        changes = ", ".join(f"{k}={v}" for k, v in row["overrides"].items() if k not in common) or "(shared only)"
-        rows.append([row["name"] + (" (chosen)" if row["name"] == val["chosen"] else ""), changes,
+        changes = ([f"model={row['model']}"] if row["model"] != first["model"] else []) \
+            + [f"{k}={v}" for k, v in row["overrides"].items() if k not in common]
+        cost = row.get("seconds_per_image")
+        rows.append([row["name"] + (" (chosen)" if row["name"] == val["chosen"] else ""),
+                     ", ".join(changes) or "(shared only)",
                      *[f"{certified_at(row['radii_per_image'], r):.1f}" for r in radii],
-                     f"{acr(row['radii_per_image']):.3f}"])
+                     f"{acr(row['radii_per_image']):.3f}", f"{cost:.2f}" if cost else "n/a"])
     return ("### How the recipe was chosen: validation images only\n\n"
             f"Certified accuracy (%) and ACR on the {first['images']} validation images (held out of the training "
             f"images, stratified, the same for every run; never the test images), sigma {first['sigma']:g}, "
             f"n = {first['n']:,}, alpha = {first['alpha']:g}. Settings shared by every row: "
-            + (", ".join(f"{k}={v}" for k, v in common.items()) or "none") + f". Rule: {val['rule']}.\n\n"
-            + _table(["run", "recipe (beyond the shared settings)", *[f"r = {r:g}" for r in radii], "ACR"], rows))
+            + (", ".join(f"{k}={v}" for k, v in common.items()) or "none") + f". Rule: {val['rule']}. "
+            f"'s / image': CERTIFY's seconds per image at this n (int8 sampler, every core of a shared 2-core "
+            f"machine), what a certificate costs with that model; rows certified at different times share the "
+            f"machine's noise.\n\n"
+            + _table(["run", "recipe (beyond the shared settings)", *[f"r = {r:g}" for r in radii], "ACR",
+                      "s / image"], rows))
 
 
 def sigma_section(results: dict[str, Any], sigma: float) -> str:
