@@ -390,8 +390,9 @@ def write_reports(results: dict[str, Any], folder: Path) -> None:
     for ax, sigma in zip(axes[0], sigmas):
         published = [row for row in results["published"]["rows"] if row["sigma"] == sigma]
         ours = {k: g for k, g in _groups(results["final"]).items() if k[1] == sigma and not k[4]}
-        right = max([max(row["curve"]["radii"]) for row in published]
-                    + [max(_reach(x) for x in g) for g in ours.values()])
+        right = max([max((r for r, a in zip(row["curve"]["radii"], row["curve"]["certified_accuracy"]) if a > 0),
+                         default=0.0) for row in published]
+                    + [max(_reach(x) for x in g) for g in ours.values()])  # where any curve is still above 0
         grid = np.linspace(0.0, 1.05 * right, 301)
         for i, ((objective, _, msvp, n, _), group) in enumerate(ours.items()):
             curve = [np.mean([certified_at(x["radii_per_image"], r) for x in group]) for r in grid]
@@ -400,6 +401,7 @@ def write_reports(results: dict[str, Any], folder: Path) -> None:
         for row in published:
             ax.plot(row["curve"]["radii"], row["curve"]["certified_accuracy"], color="0.35",
                     linestyle=styles.get(row["method"], "--"), linewidth=1, label=f"theirs: {row['method']}")
+        ax.set_xlim(0, 1.05 * right)
         ax.set_title(f"sigma = {sigma:g}", fontsize=10)
         ax.set_xlabel("L2 radius about the 1x28x28 image")
         ax.set_ylim(0, 100)

@@ -22,8 +22,9 @@ validation_run() {
   local out=runs/val-sweep/$1; shift
   [ -f $out/done ] || { rm -rf $out; $SD train "$@" --out $out; touch $out/done; }
   [ -f $out/export/model.onnx ] || $SD export $out --out $out/export/model.onnx
-  [ -f $out.val.json ] || $SD evaluate $out/export/model.onnx --smoothing 0.5 --split val --n 1000 \
-      --radii 0,0.25,0.5,0.75,1.0 --json > $out.val.json
+  # Written to a temporary name first: a killed evaluation must not leave an empty file that looks finished.
+  [ -f $out.val.json ] || { $SD evaluate $out/export/model.onnx --smoothing 0.5 --split val --n 1000 \
+      --radii 0,0.25,0.5,0.75,1.0 --json > $out.val.json.partial && mv $out.val.json.partial $out.val.json; }
 }
 for name in a-sgd50 b-adamw-shift-ema60 c-adamw-shift-rot-ema60; do
   validation_run $name $common ${recipes[$name]}
