@@ -340,9 +340,9 @@ def targets_section(results: dict[str, Any]) -> str:
     if clean:
         group = max(clean, key=lambda g: np.mean([certified_at(x["radii_per_image"], 0.0) for x in g]))
         value = float(np.mean([certified_at(x["radii_per_image"], 0.0) for x in group]))
+        spread = _value(group, 0.0).split(" ", 1)[1]
         lines.append(f"- Smoothed clean accuracy of the sigma 0.25 model (CERTIFY's label correct at r = 0, "
-                     f"abstentions wrong): {value:.1f}% ({_value(group, 0.0).split(' ', 1)[1]}, {group[0]['images']} test "
-                     f"images); target "
+                     f"abstentions wrong): {value:.1f}% ({spread}, {group[0]['images']} test images); target "
                      f"{TARGET_CLEAN_025:g}%: {_verdict(value, TARGET_CLEAN_025)}"
                      + (" at the point estimate; the interval reaches below it, so more test images are needed to "
                         "tell." if _lower_bound(group, 0.0) < TARGET_CLEAN_025 <= value else "."))
