@@ -64,10 +64,16 @@ for name in d-patch4 e-convstem; do
   validation_run $name $lever_common ${levers[$name]}
 done
 
+# 5b. The stem (the largest lever in step 5) with the chosen objective, consistency lambda 10, on the
+#     validation images as in step 2. A distinct objective name keeps its runs apart from step 2's.
+$STUDY --out runs/val-sweep3 --model specformer-mnist-convstem --split val --limit 500 --n 1000 --sigmas 0.5 \
+  --msvp on --radii 0.25,0.5,0.75,1.0,1.25 --objectives stem-cons-l10 --override "all:$R,val_images=500" \
+  --override stem-cons-l10:smoothing_objective=consistency,consistency_lambda=10
+
 # 6. One JSON for the report, then docs/RESULTS.md.
 $PY tools/mnist_certified.py --collect \
   --validation runs/val-sweep/{a-sgd50,b-adamw-shift-ema60,c-adamw-shift-rot-ema60,d-patch4,e-convstem}.val.json \
-               runs/val-sweep2/results.json \
+               runs/val-sweep2/results.json runs/val-sweep3/results.json \
   --final runs/mnist-final/s05/results-n10k.json runs/mnist-final/s05/results-n100k.json \
           runs/mnist-final/s1/results.json runs/mnist-final/s025/results.json \
   --data-size runs/mnist-final/size1000/results.json runs/mnist-final/size2000/results.json \
