@@ -157,8 +157,8 @@ def _value(group: list[dict[str, Any]], r: float) -> str:
 
 
 def _lower_bound(group: list[dict[str, Any]], r: float) -> float:
-    """The low end of the 95% interval of certified accuracy at r (one seed: Clopper–Pearson over the
-    images; several: mean - sd)."""
+    """The low end of the spread the report prints for certified accuracy at r: one seed, the 95%
+    Clopper–Pearson interval over the images; several seeds, mean - sd."""
     values = [certified_at(row["radii_per_image"], r) for row in group]
     if len(group) > 1:
         mean, sd = mean_sd(values)
