@@ -130,6 +130,32 @@ def test_a_target_met_by_one_sigma_only_says_so_and_a_clean_target_names_its_int
     assert "98.0% ([89.4, 99.9], 50 test images); target 98%: **met** (+0.0 points) at the point estimate" in line
 
 
+def test_a_validation_winner_measured_after_the_final_models_is_not_passed_off_as_their_recipe(tmp_path: Path) -> None:
+    """The stem row beats the recipe the final models were trained with: the report says the final
+    models use the other row's recipe and are not yet the table's choice; with the finals trained on
+    the winner's recipe it says nothing."""
+    tool = _tool("mnist_certified")
+    split = "validation images (held-out training images)"
+    recipe = {"smoothing_objective": "consistency", "epochs": 60}
+    plain = _write(tmp_path, "plain.json", _study([_cell("cons", 0.5, True, 0, [0.9, 0.8], n=1000,
+                                                        overrides={**recipe, "val_images": 500})], split=split))
+    stem_study = _study([_cell("stem-cons", 0.5, True, 0, [1.0, 1.0], n=1000,
+                               overrides={**recipe, "val_images": 500})], split=split)
+    stem_study["options"]["model"] = "specformer-mnist-convstem"
+    stem = _write(tmp_path, "stem.json", stem_study)
+    final = _write(tmp_path, "final.json", _study([_cell("cons", 0.5, True, 0, [1.2, 0.6], overrides=recipe)]))
+    report = tool.render(tool.collect([plain, stem], [final], [], _published(tmp_path), None, []))
+    assert "| stem-cons-sigma0.5-msvp-seed0 (chosen) | model=specformer-mnist-convstem" in report
+    assert ("The final models below use cons-sigma0.5-msvp-seed0's recipe, the rule's choice when they were "
+            "trained; stem-cons-sigma0.5-msvp-seed0 was measured after them (validation ACR 1.000 against 0.850)"
+            in report)
+    final_study = _study([_cell("stem-cons", 0.5, True, 0, [1.2, 0.6], overrides=recipe)])
+    final_study["options"]["model"] = "specformer-mnist-convstem"
+    final = _write(tmp_path, "final2.json", final_study)
+    report = tool.render(tool.collect([plain, stem], [final], [], _published(tmp_path), None, []))
+    assert "measured after them" not in report
+
+
 def test_radii_are_about_the_grey_image_and_n_caps_are_marked(tmp_path: Path) -> None:
     """A 3x28x28 model of grey images: its radii are divided by sqrt(3) (decode_norm); n = 10,000
     at sigma 0.5 cannot reach 1.58, so that column is daggered and the 1.58 target is not measured."""

@@ -198,6 +198,7 @@ def validation_section(results: dict[str, Any]) -> str | None:
                      ", ".join(changes) or "(shared only)",
                      *[f"{certified_at(row['radii_per_image'], r):.1f}" for r in radii],
                      f"{acr(row['radii_per_image']):.3f}", f"{cost:.2f}" if cost else "n/a"])
+    stale = _final_recipe_note(results)
     return ("### How the recipe was chosen: validation images only\n\n"
             f"Certified accuracy (%) and ACR on the {first['images']} validation images (held out of the training "
             f"images, stratified, the same for every run; never the test images), sigma {first['sigma']:g}, "
@@ -207,7 +208,31 @@ def validation_section(results: dict[str, Any]) -> str | None:
             f"machine), what a certificate costs with that model; rows certified at different times share the "
             f"machine's noise.\n\n"
             + _table(["run", "recipe (beyond the shared settings)", *[f"r = {r:g}" for r in radii], "ACR",
-                      "s / image"], rows))
+                      "s / image"], rows) + (f"\n{stale}\n" if stale else ""))
+
+
+def _recipe(row: dict[str, Any]) -> tuple:
+    """What a model was trained with, less the images it was trained on (validation and final runs of
+    one recipe differ only there)."""
+    settings = {k: v for k, v in row["overrides"].items() if k not in ("val_images", "train_images")}
+    return row["model"], tuple(sorted(settings.items()))
+
+
+def _final_recipe_note(results: dict[str, Any]) -> str | None:
+    """When the validation rule now picks a recipe that none of the final models was trained with (a
+    row measured after them), say so: the report must not imply the final models are its choice."""
+    val, final = results["validation"], [r for r in results["final"] if not r["train_images"]]
+    chosen = next((r for r in val["rows"] if r["name"] == val["chosen"]), None)
+    if chosen is None or not final or any(_recipe(r) == _recipe(chosen) for r in final):
+        return None
+    used = next((r for r in val["rows"] if any(_recipe(r) == _recipe(f) for f in final)), None)
+    if used is None:
+        return (f"The final models below were trained with a recipe that is not in this table, not with "
+                f"{chosen['name']}.")
+    return (f"The final models below use {used['name']}'s recipe, the rule's choice when they were trained; "
+            f"{chosen['name']} was measured after them (validation ACR {acr(chosen['radii_per_image']):.3f} against "
+            f"{acr(used['radii_per_image']):.3f}), so they are not yet this table's choice: its final models are "
+            "still to be trained and certified.")
 
 
 def sigma_section(results: dict[str, Any], sigma: float) -> str:
