@@ -200,6 +200,48 @@ def test_a_killed_certification_resumes_from_its_journal(study: Path) -> None:
 
 
 @pytest.mark.slow
+def test_another_limit_reuses_the_images_already_certified(study: Path) -> None:
+    """A three-seed study on 200 images beside a 500-image cell: the cell's first images are the
+    answers a smaller certification would compute (each image's noise comes from its index and the
+    seed), so they are reused, not drawn again; a larger limit certifies only the new images."""
+    from specformer_deploy.robustness.smoothing_eval import SmoothingEvalOptions
+
+    tool = _tool()
+    run = study / "gaussian-sigma0.25-vanilla-seed1"
+    onnx_path = run / "export" / "model.onnx"
+
+    class Count:
+        def __init__(self) -> None:
+            self.totals: list[int] = []
+
+        def on_image(self, done: int, total: int) -> None:
+            self.totals.append(total)
+
+    def certify(limit: int, n: int = 120) -> tuple[dict, list[int]]:
+        options = SmoothingEvalOptions(sigma=0.25, n=n, n0=20, alpha=0.001, radii=(0.1,), limit=limit, seed=0,
+                                       dataset="digits", predict=False)
+        counted = Count()
+        summary, _ = tool.certify_cell(run, onnx_path, options, counted)
+        return summary, counted.totals
+
+    keys = ("index", "label", "abstain", "radius", "count", "p_lower", "base_label")
+
+    def answers(summary: dict) -> list[dict]:
+        return [{k: r[k] for k in keys} for r in summary["per_image"]]
+
+    six, totals = certify(6)
+    assert set(totals) == {6}
+    four, totals = certify(4)
+    assert totals == [] and answers(four) == answers(six)[:4] and four["images"] == 4
+    eight, totals = certify(8)
+    assert set(totals) == {2}  # images 6 and 7 only
+    assert answers(eight)[:6] == answers(six)
+    # Other options (here n) are other answers: nothing is lent across them.
+    _, totals = certify(4, n=130)
+    assert set(totals) == {4}
+
+
+@pytest.mark.slow
 def test_a_validation_split_is_refused_for_runs_that_held_none_out(study: Path) -> None:
     result = _study("--out", str(study), "--objectives", "gaussian", *TINY, "--seeds", "0", "--msvp", "on",
                     "--split", "val", ok=False)

@@ -23,6 +23,8 @@ Reuse: a finished run is reused (a killed one resumes), an export newer than the
 reused, and each certification is cached in its run directory under ``smoothing/``, keyed by
 the options and the ONNX file's SHA-256 (``--radii`` is not part of the key: the table is
 recomputed from the cached per-image records), so a rerun or a larger grid costs only the new cells.
+A certification of the same file and options but another ``--limit`` lends its images (each image's
+answer depends only on its index and the seed): 200 images after 500 cost nothing, 500 after 200 cost 300.
 
 Writes into ``--out``: ``results.json`` (per cell the certification summary with every image's
 record, training seconds, certify seconds per image; the options and the machine),
@@ -58,7 +60,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +329,14 @@ def certify_cell(run: Path, onnx_path: Path, options: SmoothingEvalOptions, prog
     done = read_journal(journal)
     if done:
         print(f"resuming certification: {len(done)} images already in {journal}", file=sys.stderr)
+    seen = {int(r["index"]) for r in done}
+    for other, records in certified_at_other_limits(run, options, digest):
+        fresh = [r for r in records if int(r["index"]) not in seen]
+        if fresh:
+            print(f"reusing {len(fresh)} images certified by {other} (same file and options, limit "
+                  f"{len(records)})", file=sys.stderr)
+            done += fresh
+            seen.update(int(r["index"]) for r in fresh)
     journal.write_text("".join(json.dumps(r) + "\n" for r in done))  # drops a torn last line
     with journal.open("a") as sink:
         def keep(record: dict[str, Any]) -> None:
@@ -340,6 +350,27 @@ def certify_cell(run: Path, onnx_path: Path, options: SmoothingEvalOptions, prog
     partial.replace(cached)
     journal.unlink()
     return summary, digest
+
+
+def certified_at_other_limits(run: Path, options: SmoothingEvalOptions, digest: str
+                              ) -> list[tuple[Path, list[dict[str, Any]]]]:
+    """Finished certifications of the same file with the same options but another ``limit``.
+
+    Each image's answer depends only on its index and the seed, so the first K images of a
+    500-image certification are exactly what a K-image one computes (and a larger grid can start
+    from a smaller one's images): a three-seed study on 200 images reuses a 500-image cell."""
+    found = []
+    for path in sorted((run / CACHE_DIR).glob("*.json")):
+        try:
+            summary = json.loads(path.read_text())
+            theirs = _options_from(summary["options"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if theirs.limit == options.limit or cache_key(theirs, digest) != path.stem:
+            continue  # another limit only, and the key proves the same file and options
+        if replace(theirs, limit=options.limit, radii=options.radii) == options:
+            found.append((path, list(summary["per_image"])))
+    return found
 
 
 def read_journal(path: Path) -> list[dict[str, Any]]:
