@@ -156,6 +156,61 @@ def test_a_validation_winner_measured_after_the_final_models_is_not_passed_off_a
     assert "measured after them" not in report
 
 
+def test_a_later_validation_choice_with_final_models_at_one_sigma_is_judged_on_them(tmp_path: Path) -> None:
+    """Validation now picks the stem, whose final model exists at sigma 0.5 only. The r = 0.5 target
+    is judged on it (50%, not met) even though the earlier recipe's sigma 0.25 model certifies 98%
+    (context, not a verdict: using it would be a choice made on the test images); the clean target
+    falls back to the earlier recipe's sigma 0.25 model and says so."""
+    tool = _tool("mnist_certified")
+    split = "validation images (held-out training images)"
+    recipe = {"smoothing_objective": "consistency", "epochs": 60}
+    plain = _write(tmp_path, "plain.json", _study([_cell("cons", 0.5, True, 0, [0.9, 0.8], n=1000,
+                                                        overrides={**recipe, "val_images": 500})], split=split))
+    stem_val = _study([_cell("stem-cons", 0.5, True, 0, [1.0, 1.0], n=1000, overrides={**recipe, "val_images": 500})],
+                      split=split)
+    stem_val["options"]["model"] = "specformer-mnist-convstem"
+    earlier = _write(tmp_path, "earlier.json", _study([_cell("cons", 0.25, True, 0, [0.7] * 49, wrong=1,
+                                                             overrides=recipe),
+                                                       _cell("cons", 0.5, True, 0, [0.9] * 40 + [0.1] * 10,
+                                                             overrides=recipe)]))
+    stem_final = _study([_cell("stem-cons", 0.5, True, 0, [0.6] * 25 + [0.2] * 25, overrides=recipe)])
+    stem_final["options"]["model"] = "specformer-mnist-convstem"
+    report = tool.render(tool.collect([plain, _write(tmp_path, "stem.json", stem_val)],
+                                      [earlier, _write(tmp_path, "stem-final.json", stem_final)], [],
+                                      _published(tmp_path), None, []))
+    assert ("its own final models exist at sigma 0.5 only; those at sigma 0.25 use cons-sigma0.5-msvp-seed0's "
+            "recipe, the rule's choice when they were trained.") in report
+    line = next(x for x in report.splitlines() if x.startswith("- At r = 0.5:"))
+    assert line.startswith("- At r = 0.5: 50.0% (stem-cons, MSVP, sigma 0.5, n = 10,000;")
+    assert "target 96%: **not met** (-46.0 points) (on the validation choice, stem-cons-sigma0.5-msvp-seed0's " \
+        "recipe); context, not judged: cons-sigma0.5-msvp-seed0's recipe certifies 98.0%." in line
+    line = next(x for x in report.splitlines() if x.startswith("- Smoothed clean accuracy"))
+    assert "(the validation choice has no sigma 0.25 final model; this is cons-sigma0.5-msvp-seed0's recipe)" in line
+
+
+def test_three_seeds_on_fewer_images_are_their_own_rows_and_pair_seed_by_seed(tmp_path: Path) -> None:
+    """One seed on 4 test images and three seeds on the first 2: two rows, never pooled; MSVP on − off
+    pairs (seed, image): at r = 0.5, 5 of 6 against 2 of 6 is +50.0 points; the targets use the row
+    with the most test images."""
+    tool = _tool("mnist_certified")
+    one = _write(tmp_path, "one.json", _study([_cell("cons", 0.5, True, 0, [1.2, 0.6, 0.6, None]),
+                                               _cell("cons", 0.5, False, 0, [1.2, None, 0.6, 0.6])]))
+    on = {0: [1.2, 0.6], 1: [1.2, None], 2: [0.8, 0.6]}
+    off = {0: [1.2, None], 1: [None, None], 2: [0.8, 0.3]}
+    seeds = _write(tmp_path, "seeds.json", _study([_cell("cons", 0.5, True, k, v) for k, v in on.items()]
+                                                  + [_cell("cons", 0.5, False, k, v) for k, v in off.items()]))
+    report = tool.render(tool.collect([], [one, seeds], [], _published(tmp_path), None, []))
+    ours = [x for x in report.splitlines() if x.startswith("| ours | cons, MSVP |")]
+    assert len(ours) == 2
+    assert "4 test images; one seed" in ours[0] and "2 test images; 3 seeds" in ours[1]
+    assert "| 83.3 ± 28.9 |" in ours[1]  # r = 0.25: 2, 1, 2 of 2 per seed
+    assert "| 0.5 | cons | 10,000 | 0.5 | +50.0 |" in report
+    row = next(x for x in report.splitlines() if x.startswith("| 0.5 | cons | 10,000 | 0.5 | +50.0 |"))
+    assert "| 3 | 2 |" in row
+    line = next(x for x in report.splitlines() if x.startswith("- At r = 0.5:"))
+    assert line.startswith("- At r = 0.5: 75.0% (cons, MSVP, sigma 0.5, n = 10,000; 95% interval")  # 3 of 4
+
+
 def test_radii_are_about_the_grey_image_and_n_caps_are_marked(tmp_path: Path) -> None:
     """A 3x28x28 model of grey images: its radii are divided by sqrt(3) (decode_norm); n = 10,000
     at sigma 0.5 cannot reach 1.58, so that column is daggered and the 1.58 target is not measured."""

@@ -137,12 +137,23 @@ def _reach(row: dict[str, Any]) -> float:
 
 
 def _groups(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
-    """Rows of one setting (seeds pooled): objective, sigma, MSVP, n, training images."""
+    """Rows of one setting (seeds pooled): objective, sigma, MSVP, n, training images, test images
+    (a three-seed study on 200 images is not pooled with one seed on 500)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        key = (row["objective"], row["sigma"], row["msvp"], row["n"], row["train_images"])
+        key = (row["objective"], row["sigma"], row["msvp"], row["n"], row["train_images"], row["images"])
         groups.setdefault(key, []).append(row)
     return groups
+
+
+def _headline(groups: dict[tuple, list[dict[str, Any]]]) -> dict[tuple, list[dict[str, Any]]]:
+    """One group per model setting: the one certified on the most test images (then the most seeds).
+    The targets and the figure use it, so two measurements of one setting are never a choice."""
+    best: dict[tuple, tuple] = {}
+    for key, group in groups.items():
+        if key[:5] not in best or (key[5], len(group)) > (best[key[:5]][5], len(groups[best[key[:5]]])):
+            best[key[:5]] = key
+    return {key: groups[key] for key in best.values()}
 
 
 def _value(group: list[dict[str, Any]], r: float) -> str:
@@ -223,9 +234,19 @@ def _final_recipe_note(results: dict[str, Any]) -> str | None:
     row measured after them), say so: the report must not imply the final models are its choice."""
     val, final = results["validation"], [r for r in results["final"] if not r["train_images"]]
     chosen = next((r for r in val["rows"] if r["name"] == val["chosen"]), None)
-    if chosen is None or not final or any(_recipe(r) == _recipe(chosen) for r in final):
+    if chosen is None or not final:
         return None
-    used = next((r for r in val["rows"] if any(_recipe(r) == _recipe(f) for f in final)), None)
+    mine = {r["sigma"] for r in final if _recipe(r) == _recipe(chosen)}
+    used = next((r for r in val["rows"] if r is not chosen and any(_recipe(r) == _recipe(f) for f in final)), None)
+    if mine:
+        missing = sorted({r["sigma"] for r in final} - mine)
+        if not missing:
+            return None
+        return (f"The validation choice, {chosen['name']}, was measured after the first final models: its own final "
+                f"models exist at sigma {', '.join(f'{x:g}' for x in sorted(mine))} only; those at sigma "
+                f"{', '.join(f'{x:g}' for x in missing)} use "
+                + (f"{used['name']}'s recipe, the rule's choice when they were trained." if used else
+                   "a recipe that is not in this table."))
     if used is None:
         return (f"The final models below were trained with a recipe that is not in this table, not with "
                 f"{chosen['name']}.")
@@ -239,8 +260,8 @@ def sigma_section(results: dict[str, Any], sigma: float) -> str:
     pub = results["published"]
     rows = []
     for key, group in sorted(_groups([r for r in results["final"] if r["sigma"] == sigma]).items(),
-                             key=lambda kv: (kv[0][0], not kv[0][2], kv[0][3])):
-        objective, _, msvp, _, _ = key
+                             key=lambda kv: (kv[0][0], not kv[0][2], kv[0][3], -kv[0][5])):
+        objective, _, msvp, _, _, _ = key
         mean_acr = float(np.mean([acr(row["radii_per_image"]) for row in group]))
         rows.append(["ours", f"{objective}{', MSVP' if msvp else ''}", _setting(group),
                      *[_value(group, r) for r in RADII], f"{mean_acr:.3f}"])
@@ -259,8 +280,8 @@ def sigma_section(results: dict[str, Any], sigma: float) -> str:
 def msvp_section(results: dict[str, Any]) -> str | None:
     groups = _groups(results["final"])
     rows = []
-    for (objective, sigma, msvp, n, images), on in groups.items():
-        off = groups.get((objective, sigma, False, n, images))
+    for (objective, sigma, msvp, n, train_images, images), on in groups.items():
+        off = groups.get((objective, sigma, False, n, train_images, images))
         if not msvp or not off:
             continue
         on, off = sorted(on, key=lambda r: r["seed"]), sorted(off, key=lambda r: r["seed"])
@@ -272,23 +293,30 @@ def msvp_section(results: dict[str, Any]) -> str | None:
             diff = paired_bootstrap(a, b, resamples=results["bootstrap_resamples"])
             verdict = "MSVP higher" if diff.low > 0 else "MSVP lower" if diff.high < 0 else "not distinguishable"
             rows.append([f"{sigma:g}", objective, f"{n:,}", f"{r:g}", f"{100 * diff.difference:+.1f}",
-                         f"[{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]", str(len(on)), verdict])
+                         f"[{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]", str(len(on)), str(images), verdict])
     if not rows:
         return None
     return ("### Does MSVP change certified accuracy?\n\nMSVP on − off in percentage points, per image certified "
-            f"correct at r or not; interval: {METHOD}, 95%.\n\n"
-            + _table(["sigma", "objective", "n", "r", "on − off", "95% interval", "seeds", "verdict"], rows))
+            f"correct at r or not, pairs of one seed and one test image; interval: {METHOD}, 95%.\n\n"
+            + _table(["sigma", "objective", "n", "r", "on − off", "95% interval", "seeds", "test images", "verdict"],
+                     rows))
 
 
 def data_size_section(results: dict[str, Any]) -> str | None:
-    rows_in = results["data_size"] + [r for r in results["final"]
-                                      if any(_same_recipe(r, d) for d in results["data_size"])]
     if not results["data_size"]:
         return None
+    seeds = {r["seed"] for r in results["data_size"]}
+    full: dict[tuple, dict[str, Any]] = {}  # one row per full-data model: the one certified on the most images
+    for row in results["final"]:
+        if row["seed"] in seeds and any(_same_recipe(row, d) for d in results["data_size"]):
+            key = (row["name"], row["n"])
+            if key not in full or row["images"] > full[key]["images"]:
+                full[key] = row
+    rows_in = results["data_size"] + list(full.values())
     common = min(len(r["radii_per_image"]) for r in rows_in)  # the first `common` test images, certified by all
     rows = []
     for key, group in sorted(_groups(rows_in).items(), key=lambda kv: (kv[0][1], kv[0][4] or 4000)):
-        objective, sigma, msvp, n, images = key
+        objective, sigma, msvp, n, images, _ = key
         radii = [x["radii_per_image"][:common] for x in group]
         rows.append([f"{images or 4000:,}", objective + (", MSVP" if msvp else ""), f"{sigma:g}", f"{n:,}",
                      *[f"{np.mean([certified_at(x, r) for x in radii]):.1f}" for r in (0.0, 0.5, 1.0, 1.5)],
@@ -313,61 +341,97 @@ def _verdict(value: float | None, target: float) -> str:
     return f"**met** (+{gap:.1f} points)" if gap >= 0 else f"**not met** ({gap:.1f} points)"
 
 
-def _validated_msvp(results: dict[str, Any]) -> bool | None:
-    """The MSVP setting of the run the validation study chose (None: no validation study)."""
-    validation = results.get("validation") or {}
-    chosen = [r for r in validation.get("rows", []) if r["name"] == validation.get("chosen")]
-    return bool(chosen[0]["msvp"]) if chosen else None
+def _recipe_finals(results: dict[str, Any]) -> list[tuple[str | None, list[dict[str, Any]]]]:
+    """The final models the targets may be judged on, most preferred first, each named by the
+    validation row of its recipe: the validation choice (its recipe and MSVP setting), then the other
+    validated recipes by validation ACR (a recipe that was the choice when earlier final models were
+    trained). The MSVP-off twins are never among them: they exist for the MSVP comparison, and taking
+    the better twin on the test images would be a choice made on them. No validation study: every
+    final model."""
+    final = [r for r in results["final"] if not r["train_images"]]
+    val = results["validation"]
+    chosen = next((r for r in val["rows"] if r["name"] == val["chosen"]), None)
+    if chosen is None:
+        return [(None, final)]
+    ranked = [chosen] + sorted((r for r in val["rows"] if r is not chosen), key=lambda r: -acr(r["radii_per_image"]))
+    out, taken = [], set()
+    for row in ranked:
+        rows = [f for f in final if id(f) not in taken and _recipe(f) == _recipe(row) and f["msvp"] == row["msvp"]]
+        taken.update(id(f) for f in rows)
+        if rows or row is chosen:  # the choice stays first, even without final models, to be named
+            out.append((row["name"], rows))
+    if not taken:
+        return [(None, [f for f in final if f["msvp"] == chosen["msvp"]])]
+    return out
+
+
+def _judge(groups: dict[tuple, list[dict[str, Any]]], r: float, target: float) -> tuple[float | None, str]:
+    """The highest certified accuracy at r over these models whose n reaches r, and where it comes from.
+    The sigma is not chosen on validation, so every sigma's figure is named: "not met" then holds for
+    each, and a target met by the best sigma only says so."""
+    scored = [(float(np.mean([certified_at(x["radii_per_image"], r) for x in g])), k) for k, g in groups.items()
+              if r <= min(_reach(x) for x in g)]
+    if not scored:
+        return None, ""
+    value, key = max(scored)
+    objective, sigma, with_msvp, n, _, _ = key
+    spread = _value(groups[key], r).replace(" †", "").split(" ", 1)[1]
+    where = (f"{objective}{', MSVP' if with_msvp else ''}, sigma {sigma:g}, n = {n:,}; "
+             + (f"95% interval {spread}" if spread.startswith("[") else f"{spread} sd over seeds"))
+    per_sigma = {k[1]: v for v, k in sorted(scored)}  # each sigma's highest
+    if len(per_sigma) > 1:
+        where += "; each sigma: " + ", ".join(f"{x:g} → {v:.1f}%" for x, v in sorted(per_sigma.items()))
+    reach = min(_reach(x) for x in groups[key])
+    if r >= 0.95 * reach:
+        where += (f"; near the largest radius n = {n:,} can certify at sigma {sigma:g} ({reach:.3f}), "
+                  "so n caps it as much as the model does")
+    verdict = _verdict(value, target)
+    if value >= target > min(per_sigma.values()):
+        verdict += " by the best sigma only, a choice made on the test images"
+    return value, f"{value:.1f}% ({where}); target {target:g}%: {verdict}"
+
+
+def _judged(recipes: list[tuple[str | None, list[dict[str, Any]]]], r: float, target: float
+            ) -> tuple[float | None, str]:
+    """A target judged on the most preferred recipe whose final models reach r (saying so when that is
+    not the validation choice), with the other recipes' best figure beside it as context only."""
+    judged = [(name, *_judge(_headline(_groups(rows)), r, target)) for name, rows in recipes]
+    usable = [(name, value, text) for name, value, text in judged if value is not None]
+    if not usable:
+        return None, ""
+    name, value, text = usable[0]
+    if name is not None and name != recipes[0][0]:
+        text += (f" (the validation choice, {recipes[0][0]}, has no final model certified at this radius; this is "
+                 f"{name}'s recipe, the choice when those final models were trained)")
+    elif name is not None and len(recipes) > 1:
+        text += f" (on the validation choice, {name}'s recipe)"
+    for other, other_value, _ in usable[1:]:
+        text += f"; context, not judged: {other}'s recipe certifies {other_value:.1f}%"
+    return value, text
 
 
 def targets_section(results: dict[str, Any]) -> str:
-    """Targets judged on the validated recipe only: the MSVP-off twins exist for the MSVP comparison,
-    and taking the better twin on the test images would be a choice made on them."""
-    msvp = _validated_msvp(results)
-    final = [r for r in results["final"] if not r["train_images"] and (msvp is None or r["msvp"] == msvp)]
-    groups = _groups(final)
+    """Targets judged on the validated recipe only (:func:`_recipe_finals`)."""
+    recipes = _recipe_finals(results)
     lines = []
-
-    def best(r: float, target: float) -> tuple[float | None, str]:
-        """The highest certified accuracy at r over the final models whose n reaches r, and where it
-        comes from. The sigma is not chosen on validation, so every sigma's figure is named: "not met"
-        then holds for each, and a target met by the best sigma only says so."""
-        scored = [(float(np.mean([certified_at(x["radii_per_image"], r) for x in g])), k) for k, g in groups.items()
-                  if r <= min(_reach(x) for x in g)]
-        if not scored:
-            return None, ""
-        value, key = max(scored)
-        objective, sigma, with_msvp, n, _ = key
-        spread = _value(groups[key], r).replace(" †", "").split(" ", 1)[1]
-        where = (f"{objective}{', MSVP' if with_msvp else ''}, sigma {sigma:g}, n = {n:,}; "
-                 + (f"95% interval {spread}" if spread.startswith("[") else f"{spread} sd over seeds"))
-        per_sigma = {k[1]: v for v, k in sorted(scored)}  # each sigma's highest
-        if len(per_sigma) > 1:
-            where += "; each sigma: " + ", ".join(f"{x:g} → {v:.1f}%" for x, v in sorted(per_sigma.items()))
-        reach = min(_reach(x) for x in groups[key])
-        if r >= 0.95 * reach:
-            where += (f"; near the largest radius n = {n:,} can certify at sigma {sigma:g} ({reach:.3f}), "
-                      "so n caps it as much as the model does")
-        verdict = _verdict(value, target)
-        if value >= target > min(per_sigma.values()):
-            verdict += " by the best sigma only, a choice made on the test images"
-        return value, f"{value:.1f}% ({where}); target {target:g}%: {verdict}"
-
-    reachable = {k for k, g in groups.items() if TARGET_158[0] <= min(_reach(x) for x in g)}
-    value, text = best(TARGET_158[0], TARGET_158[1])
+    value, text = _judged(recipes, TARGET_158[0], TARGET_158[1])
     lines.append(f"- Certified accuracy at L2 {TARGET_158[0]:g} about {SPACE}: "
                  + (f"{text.replace('%: ', f'% ({TARGET_158[2]}): ', 1)}; stretch {STRETCH_158[1]}% "
-                    f"({STRETCH_158[2]}): {_verdict(value, STRETCH_158[1])}." if reachable else
+                    f"({STRETCH_158[2]}): {_verdict(value, STRETCH_158[1])}." if value is not None else
                     "not measured: no final model was certified with an n that can reach it."))
-    value, text = best(TARGET_05[0], TARGET_05[1])
+    value, text = _judged(recipes, TARGET_05[0], TARGET_05[1])
     lines.append(f"- At r = {TARGET_05[0]:g}: " + (f"{text}." if value is not None else "not measured."))
-    clean = [g for k, g in groups.items() if k[1] == 0.25]
+    clean = next(((name, groups) for name, rows in recipes
+                  if (groups := [g for k, g in _headline(_groups(rows)).items() if k[1] == 0.25])), None)
     if clean:
-        group = max(clean, key=lambda g: np.mean([certified_at(x["radii_per_image"], 0.0) for x in g]))
+        name = clean[0]
+        group = max(clean[1], key=lambda g: np.mean([certified_at(x["radii_per_image"], 0.0) for x in g]))
         value = float(np.mean([certified_at(x["radii_per_image"], 0.0) for x in group]))
         spread = _value(group, 0.0).split(" ", 1)[1]
+        whose = "" if name is None or name == recipes[0][0] else \
+            f" (the validation choice has no sigma 0.25 final model; this is {name}'s recipe)"
         lines.append(f"- Smoothed clean accuracy of the sigma 0.25 model (CERTIFY's label correct at r = 0, "
-                     f"abstentions wrong): {value:.1f}% ({spread}, {group[0]['images']} test images); target "
+                     f"abstentions wrong): {value:.1f}% ({spread}, {group[0]['images']} test images){whose}; target "
                      f"{TARGET_CLEAN_025:g}%: {_verdict(value, TARGET_CLEAN_025)}"
                      + (" at the point estimate; the interval reaches below it, so more test images are needed to "
                         "tell." if _lower_bound(group, 0.0) < TARGET_CLEAN_025 <= value else "."))
@@ -414,15 +478,15 @@ def write_reports(results: dict[str, Any], folder: Path) -> None:
     styles = {"gaussian": "--", "consistency": "-.", "smoothadv": ":", "smoothadv + consistency": (0, (5, 1, 1, 1))}
     for ax, sigma in zip(axes[0], sigmas):
         published = [row for row in results["published"]["rows"] if row["sigma"] == sigma]
-        ours = {k: g for k, g in _groups(results["final"]).items() if k[1] == sigma and not k[4]}
+        ours = {k: g for k, g in _headline(_groups(results["final"])).items() if k[1] == sigma and not k[4]}
         right = max([max((r for r, a in zip(row["curve"]["radii"], row["curve"]["certified_accuracy"]) if a > 0),
                          default=0.0) for row in published]
                     + [max(_reach(x) for x in g) for g in ours.values()])  # where any curve is still above 0
         grid = np.linspace(0.0, 1.05 * right, 301)
-        for i, ((objective, _, msvp, n, _), group) in enumerate(ours.items()):
+        for i, ((objective, _, msvp, n, _, images), group) in enumerate(ours.items()):
             curve = [np.mean([certified_at(x["radii_per_image"], r) for x in group]) for r in grid]
             ax.plot(grid, curve, color=f"C{i}", linewidth=1.6,
-                    label=f"ours: {objective}{', MSVP' if msvp else ''}, n {n:,}")
+                    label=f"ours: {objective}{', MSVP' if msvp else ''}, n {n:,}, {images} images")
         for row in published:
             ax.plot(row["curve"]["radii"], row["curve"]["certified_accuracy"], color="0.35",
                     linestyle=styles.get(row["method"], "--"), linewidth=1, label=f"theirs: {row['method']}")
