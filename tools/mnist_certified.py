@@ -386,6 +386,8 @@ def _judge(groups: dict[tuple, list[dict[str, Any]]], r: float, target: float) -
         where += (f"; near the largest radius n = {n:,} can certify at sigma {sigma:g} ({reach:.3f}), "
                   "so n caps it as much as the model does")
     verdict = _verdict(value, target)
+    if _lower_bound(groups[key], r) < target <= value:
+        verdict += " at the point estimate, with the interval reaching below it"
     if value >= target > min(per_sigma.values()):
         verdict += " by the best sigma only, a choice made on the test images"
     return value, f"{value:.1f}% ({where}); target {target:g}%: {verdict}"
