@@ -331,7 +331,8 @@ def certify_cell(run: Path, onnx_path: Path, options: SmoothingEvalOptions, prog
         print(f"resuming certification: {len(done)} images already in {journal}", file=sys.stderr)
     seen = {int(r["index"]) for r in done}
     for other, records in certified_at_other_limits(run, options, digest):
-        fresh = [r for r in records if int(r["index"]) not in seen]
+        fresh = [r for r in records if int(r["index"]) not in seen
+                 and (options.limit is None or int(r["index"]) < options.limit)]
         if fresh:
             print(f"reusing {len(fresh)} images certified by {other} (same file and options, limit "
                   f"{len(records)})", file=sys.stderr)
