@@ -210,6 +210,10 @@ def test_three_seeds_on_fewer_images_are_their_own_rows_and_pair_seed_by_seed(tm
     assert "| 3 | 2 |" in row
     line = next(x for x in report.splitlines() if x.startswith("- At r = 0.5:"))
     assert line.startswith("- At r = 0.5: 75.0% (cons, MSVP, sigma 0.5, n = 10,000; 95% interval")  # 3 of 4
+    line = next(x for x in report.splitlines() if x.startswith("- MSVP's effect"))
+    assert line.startswith("- MSVP's effect on the final recipe: on − off, cons, sigma 0.5, 3 seeds x 2 test images "
+                           "(the comparison with the most seeds): r = 0: ")  # not the one-seed, 4-image comparison
+    assert "r = 0.5: +50.0 [" in line
 
 
 def test_radii_are_about_the_grey_image_and_n_caps_are_marked(tmp_path: Path) -> None:
