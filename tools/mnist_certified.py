@@ -149,11 +149,11 @@ def _groups(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
 def _headline(groups: dict[tuple, list[dict[str, Any]]]) -> dict[tuple, list[dict[str, Any]]]:
     """One group per model setting: the one certified on the most test images (then the most seeds).
     The targets and the figure use it, so two measurements of one setting are never a choice."""
-    best: dict[tuple, tuple] = {}
-    for key, group in groups.items():
-        if key[:5] not in best or (key[5], len(group)) > (best[key[:5]][5], len(groups[best[key[:5]]])):
-            best[key[:5]] = key
-    return {key: groups[key] for key in best.values()}
+    by_setting: dict[tuple, list[tuple]] = {}
+    for key in groups:
+        by_setting.setdefault(key[:5], []).append(key)
+    chosen = (max(keys, key=lambda k: (k[5], len(groups[k]))) for keys in by_setting.values())
+    return {key: groups[key] for key in chosen}
 
 
 def _value(group: list[dict[str, Any]], r: float) -> str:
