@@ -78,14 +78,18 @@ def test_the_kl_and_entropy_terms_equal_scipys(copies: int) -> None:
         20.0 * expected_kl + 0.5 * expected_entropy, rel=1e-5)
 
 
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_the_training_loss_is_the_copies_cross_entropy_plus_the_regularizer(label_smoothing: float) -> None:
-    """What `train --smoothing-objective consistency` minimizes on a batch of logits, against the
-    paper's formula computed with scipy: mean over copies and images of CE (with the run's label
-    smoothing), + lambda * mean_i KL(p_bar || p_i) + eta * H(p_bar)."""
-    copies, lam, eta = 2, 7.0, 0.3
-    cfg = TrainConfig(noise_sd=0.5, smoothing_objective="consistency", consistency_lambda=lam, consistency_eta=eta,
+@pytest.mark.parametrize("objective, copies, label_smoothing", [
+    ("consistency", 2, 0.0), ("consistency", 2, 0.1), ("smoothadv-consistency", 4, 0.0)])
+def test_the_training_loss_is_the_copies_cross_entropy_plus_the_regularizer(objective: str, copies: int,
+                                                                             label_smoothing: float) -> None:
+    """What `train --smoothing-objective consistency` (or SmoothAdv's variant, on the attacked
+    copies) minimizes on a batch of logits, against the paper's formula computed with scipy: mean
+    over copies and images of CE (with the run's label smoothing), + lambda * mean_i KL(p_bar || p_i)
+    + eta * H(p_bar)."""
+    lam, eta = 7.0, 0.3
+    cfg = TrainConfig(noise_sd=0.5, smoothing_objective=objective, consistency_lambda=lam, consistency_eta=eta,
                       label_smoothing=label_smoothing, mixup=False)
+    assert cfg.copies == copies
     logits = _logits(copies, batch=8, classes=10, seed=11)
     y = torch.arange(8) % 10
     state = SimpleNamespace(cfg=cfg, criterion=_criterion(cfg, None))
@@ -162,6 +166,46 @@ def test_smoothadv_stays_in_the_ball_and_raises_the_smoothed_loss(noise_trained)
     assert float(attacked.mean()) > float(randomly_moved.mean()) + 0.1
 
 
+@pytest.mark.slow
+def test_smoothadv_consistency_trains_on_the_noisy_copies_of_the_attacked_image(noise_trained) -> None:
+    """The batch `train --smoothing-objective smoothadv-consistency` feeds the model, against one
+    built by hand as Jeong & Shin's train_consistency.py --adv-training builds it: draw the step's m
+    noises, attack with them held fixed (radius warmed up by epoch), add the same draws to the
+    attacked image. The batch must differ from the clean image's copies (the attack moved it)."""
+    from specformer_deploy.training.distributed import DistContext
+    from specformer_deploy.training.train import noise_seed, training_batch
+
+    model, x, y = noise_trained
+    cfg = TrainConfig(noise_sd=0.25, smoothing_objective="smoothadv-consistency", noise_copies=3, smoothadv_eps=0.5,
+                      smoothadv_steps=4, smoothadv_warmup_epochs=4, consistency_lambda=1.0, seed=2)
+    cfg.validate()
+    step, steps_per_epoch = 7, 5  # epoch 1: radius 2 * 0.5 / 4
+    state = SimpleNamespace(cfg=cfg, step=step, steps_per_epoch=steps_per_epoch, ctx=DistContext(device="cpu"),
+                            model=model, attack_model=model, mixup=None, device=torch.device("cpu"))
+    model.train()
+    try:
+        batch, target = training_batch(state, x, y)
+        assert model.training  # the attack ran in eval mode and gave the model back in training mode
+    finally:
+        model.eval()
+    noise = gaussian_noise(x.shape, 0.25, 3, noise_seed(2, step, 0))
+    expected = noisy_copies(smoothadv_attack(model, x, y, noise, 0.25, steps=4), noise)
+    assert torch.equal(target, y) and batch.shape == (3 * len(x), *x.shape[1:])
+    assert torch.allclose(batch, expected, atol=1e-6)
+    assert float((batch - noisy_copies(x, noise)).flatten(1).norm(dim=1).max()) > 0.2
+
+
+def test_an_export_records_both_objectives_parameters_of_smoothadv_consistency() -> None:
+    """A model's metadata names what shaped its radii: SmoothAdv's attack and the consistency weights."""
+    from specformer_deploy.artifact.export import _smoothing_section
+
+    train_options = TrainConfig(noise_sd=0.5, smoothing_objective="smoothadv-consistency",
+                                consistency_lambda=1.0).to_dict()
+    assert _smoothing_section({"train": train_options}) == {"smoothing": {
+        "sigma": 0.5, "objective": "smoothadv-consistency", "noise_copies": 4, "smoothadv_eps": 255 / 256,
+        "smoothadv_steps": 10, "smoothadv_warmup_epochs": 10, "consistency_lambda": 1.0, "consistency_eta": 0.5}}
+
+
 def test_a_zero_step_or_zero_radius_attack_returns_x(tiny_model) -> None:
     x = load_dataset("digits", 16).test.images[:4].float().expand(-1, 3, -1, -1)  # tiny_model: 3 channels
     model, y = tiny_model.eval(), torch.tensor([0, 1, 2, 3])
@@ -192,6 +236,7 @@ def _forward_batches(cfg: TrainConfig, out: Path) -> list[int]:
 @pytest.mark.parametrize("objective, options, copies", [
     ("consistency", {}, 2),
     ("smoothadv", {"noise_copies": 2, "smoothadv_steps": 2, "smoothadv_eps": 0.5}, 2),
+    ("smoothadv-consistency", {"noise_copies": 2, "smoothadv_steps": 2, "consistency_lambda": 1.0}, 2),
     ("gaussian", {"noise_copies": 3}, 3),
 ])
 def test_each_objective_trains_end_to_end_with_msvp(tmp_path: Path, objective: str, options: dict,
@@ -249,7 +294,12 @@ def test_a_resumed_run_ends_on_the_uninterrupted_weights(tmp_path: Path, objecti
 # ------------------------------------------------------------------ validation
 
 @pytest.mark.parametrize("options, message", [
-    ({"smoothing_objective": "macer", "noise_sd": 0.25}, "must be one of gaussian, consistency, smoothadv"),
+    ({"smoothing_objective": "macer", "noise_sd": 0.25},
+     "must be one of gaussian, consistency, smoothadv, smoothadv-consistency"),
+    ({"smoothing_objective": "smoothadv-consistency", "noise_sd": 0.0}, "needs --noise-sd SIGMA > 0"),
+    ({"smoothing_objective": "smoothadv-consistency", "noise_sd": 0.5, "adversarial": True}, "drop --adversarial"),
+    ({"smoothing_objective": "smoothadv-consistency", "noise_sd": 0.5, "noise_copies": 1},
+     "smoothadv-consistency compares noisy copies and needs --noise-copies >= 2"),
     ({"smoothing_objective": "consistency"}, "needs --noise-sd SIGMA > 0"),
     ({"smoothing_objective": "smoothadv", "noise_sd": 0.0}, "needs --noise-sd SIGMA > 0"),
     ({"smoothing_objective": "smoothadv", "noise_sd": 0.5, "adversarial": True}, "drop --adversarial"),
@@ -278,6 +328,10 @@ def test_paper_defaults_and_hard_labels_for_smoothadv() -> None:
     assert smoothadv.smoothadv_eps == 255 / 256 and TrainConfig(noise_sd=0.5).copies == 1
     assert consistency.use_mixup and not smoothadv.use_mixup  # SmoothAdv attacks and trains on hard labels
     assert _criterion(smoothadv, None).label_smoothing == 0.0
+    both = TrainConfig(noise_sd=0.5, smoothing_objective="smoothadv-consistency")
+    both.validate()
+    assert (both.copies, both.smoothadv_steps, both.smoothadv_eps, both.hard_labels, both.use_mixup) == (
+        4, 10, 255 / 256, True, False)
 
 
 def test_the_cli_refuses_an_objective_without_noise(tmp_path: Path) -> None:

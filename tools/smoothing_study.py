@@ -85,6 +85,8 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "gaussian": {},
     "consistency": {"smoothing_objective": "consistency"},
     "smoothadv": {"smoothing_objective": "smoothadv"},
+    # Jeong & Shin's MNIST combination: lambda 1 with SmoothAdv (their released lbd_1.0 runs)
+    "smoothadv-consistency": {"smoothing_objective": "smoothadv-consistency", "consistency_lambda": 1.0},
 }
 BOOTSTRAP_RESAMPLES = 10_000
 CACHE_DIR = "smoothing"

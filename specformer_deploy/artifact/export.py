@@ -495,6 +495,8 @@ def _smoothing_section(config: dict[str, Any]) -> dict[str, Any]:
 _OBJECTIVE_PARAMETERS = {
     "consistency": ("consistency_lambda", "consistency_eta"),
     "smoothadv": ("smoothadv_eps", "smoothadv_steps", "smoothadv_warmup_epochs"),
+    "smoothadv-consistency": ("smoothadv_eps", "smoothadv_steps", "smoothadv_warmup_epochs", "consistency_lambda",
+                              "consistency_eta"),
 }
 
 

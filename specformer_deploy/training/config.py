@@ -18,14 +18,18 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TrainConfig", "ConfigFileError", "FORMAT_VERSION", "RUN_CONFIG_SECTIONS", "SMOOTHING_OBJECTIVES",
-           "DEFAULT_NOISE_COPIES", "option", "command_line_fields", "read_options_file", "differing_options"]
+           "DEFAULT_NOISE_COPIES", "ATTACKING_OBJECTIVES", "CONSISTENCY_OBJECTIVES", "option", "command_line_fields",
+           "read_options_file", "differing_options"]
 
 FORMAT_VERSION = 1
 
 # Training objectives for randomized smoothing (see training/smoothing_objectives.py) and the
-# number of noisy copies per image each paper trains with.
-SMOOTHING_OBJECTIVES = ("gaussian", "consistency", "smoothadv")
-DEFAULT_NOISE_COPIES = {"gaussian": 1, "consistency": 2, "smoothadv": 4}
+# number of noisy copies per image each paper trains with. smoothadv-consistency is Jeong & Shin's
+# combination (their best MNIST figures): SmoothAdv's attack, then consistency on the attacked copies.
+SMOOTHING_OBJECTIVES = ("gaussian", "consistency", "smoothadv", "smoothadv-consistency")
+DEFAULT_NOISE_COPIES = {"gaussian": 1, "consistency": 2, "smoothadv": 4, "smoothadv-consistency": 4}
+ATTACKING_OBJECTIVES = ("smoothadv", "smoothadv-consistency")  # train on SmoothAdv's attacked images
+CONSISTENCY_OBJECTIVES = ("consistency", "smoothadv-consistency")  # add the consistency regularizer
 MAX_NOISE_COPIES = 64  # a typo guard: every copy is a forward pass of the whole batch
 
 # The sections `train` writes into config.json. Only `train` holds options; the others are
@@ -105,13 +109,16 @@ class TrainConfig:
         "images), consistency (Jeong & Shin 2020: cross-entropy of m noisy copies + LAMBDA * mean KL(mean "
         "prediction || each copy's) + ETA * entropy of the mean prediction) or smoothadv (Salman et al. 2019: L2 PGD "
         "against the smoothed soft classifier over m fixed noise draws, then cross-entropy of the m noisy copies of "
-        "the attacked image). consistency and smoothadv need --noise-sd > 0.", metavar="OBJECTIVE")
+        "the attacked image) or smoothadv-consistency (Jeong & Shin's best MNIST combination: SmoothAdv's attack, "
+        "then consistency on the attacked copies; they use --consistency-lambda 1 with it). Every objective but "
+        "gaussian needs --noise-sd > 0.", metavar="OBJECTIVE")
     noise_copies: int | None = option(
         None, "Noisy copies m of every image per step, one forward pass of m x the batch (cost grows with m). "
         "Default: the paper's, 1 for gaussian, 2 for consistency (Jeong & Shin), 4 for smoothadv (Jeong & Shin's "
-        "MNIST SmoothAdv runs; Salman et al. use 1-8). consistency needs m >= 2.", metavar="M", min=1)
+        "MNIST SmoothAdv runs; Salman et al. use 1-8), 4 for smoothadv-consistency. The consistency objectives "
+        "need m >= 2.", metavar="M", min=1)
     consistency_lambda: float = option(20.0, "Consistency: weight LAMBDA of the KL term (Jeong & Shin: 20 on MNIST, "
-                                       "10 on CIFAR-10).", metavar="LAMBDA")
+                                       "10 on CIFAR-10; 1 with smoothadv-consistency on MNIST).", metavar="LAMBDA")
     consistency_eta: float = option(0.5, "Consistency: weight ETA of the entropy of the mean prediction (Jeong & "
                                     "Shin: 0.5).", metavar="ETA")
     smoothadv_eps: float = option(255 / 256, "SmoothAdv: L2 radius of the attack in pixels [0, 1] (Jeong & Shin's "
@@ -140,7 +147,7 @@ class TrainConfig:
     def hard_labels(self) -> bool:
         """Adversarial training (PGD-AT, SmoothAdv) attacks and trains on hard labels, as Madry et al.
         and Salman et al.: Mixup is off by default and label smoothing does not apply."""
-        return self.adversarial or self.smoothing_objective == "smoothadv"
+        return self.adversarial or self.smoothing_objective in ATTACKING_OBJECTIVES
 
     @property
     def use_mixup(self) -> bool:
@@ -196,8 +203,8 @@ class TrainConfig:
         if objective != "gaussian" and not self.noise_sd > 0:
             raise ValueError(f"--smoothing-objective {objective} trains for randomized smoothing and needs "
                              f"--noise-sd SIGMA > 0 (the sigma you will certify with)")
-        if objective == "smoothadv" and self.adversarial:
-            raise ValueError("--smoothing-objective smoothadv is adversarial training already (L2 PGD against the "
+        if objective in ATTACKING_OBJECTIVES and self.adversarial:
+            raise ValueError(f"--smoothing-objective {objective} is adversarial training already (L2 PGD against the "
                              "smoothed classifier); drop --adversarial (Linf PGD-AT on the base model)")
         if self.noise_copies is not None:
             if isinstance(self.noise_copies, bool) or not isinstance(self.noise_copies, int) or not (
@@ -206,8 +213,8 @@ class TrainConfig:
                                  f"got {self.noise_copies!r}")
             if self.noise_copies > 1 and not self.noise_sd > 0:
                 raise ValueError(f"--noise-copies {self.noise_copies} makes noisy copies and needs --noise-sd > 0")
-        if objective == "consistency" and self.copies < 2:
-            raise ValueError(f"--smoothing-objective consistency compares noisy copies and needs --noise-copies >= 2, "
+        if objective in CONSISTENCY_OBJECTIVES and self.copies < 2:
+            raise ValueError(f"--smoothing-objective {objective} compares noisy copies and needs --noise-copies >= 2, "
                              f"got {self.copies}")
         for flag, value in (("--consistency-lambda", self.consistency_lambda),
                             ("--consistency-eta", self.consistency_eta)):

@@ -15,7 +15,7 @@ with ``p_i = softmax(f(x + d_i))``, ``p_bar = mean_i p_i`` and every term averag
 The KL term pulls the copies' predictions to their mean; the entropy term makes the mean
 confident (without it the KL term is content with a flat ``p_bar``). Their defaults: ``m = 2``,
 ``eta = 0.5``; ``lambda = 20`` for MNIST at every sigma (their EXPERIMENTS.MD; 10 is the script's
-default and their CIFAR-10 choice; 5 when combined with SmoothAdv).
+default and their CIFAR-10 choice).
 
 SmoothAdv (Salman et al., NeurIPS 2019, "Provably Robust Deep Learning via Adversarially Trained
 Smoothed Classifiers"; github.com/Hadisalman/smoothing-adversarial, ``code/attacks.py``,
@@ -29,6 +29,11 @@ the eps-ball and the point onto ``[0, 1]``; the noisy copies are not clipped. Th
 (``min(eps, (epoch + 1) * eps / warmup)``); ``eps`` in {0.25, 0.5, 1.0} and ``m`` in {1, 2, 4, 8}
 on CIFAR-10; the MNIST runs of Jeong & Shin use ``eps = 255/256``, ``steps = 10``, ``warmup = 10``,
 ``m = 4``.
+
+SmoothAdv with consistency (Jeong & Shin's best MNIST figures; their ``train_consistency.py
+--adv-training``): SmoothAdv's attack with its ``m`` fixed noise draws, then the consistency loss
+above on the ``m`` copies ``x' + d_i`` of the attacked image, the very draws the attack held fixed.
+Their MNIST runs: ``m = 4``, ``eps = 255/256``, 10 steps, warmup 10, ``lambda = 1``, ``eta = 0.5``.
 
 Noisy copies are laid out copy-major: rows ``[i*B, (i+1)*B)`` of a batch of ``m*B`` are copy ``i``
 of the ``B`` images, so the whole batch is one forward call.

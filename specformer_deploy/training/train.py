@@ -48,7 +48,7 @@ from specformer_deploy.training.checkpoint import (
     atomic_write_text,
     read_metrics,
 )
-from specformer_deploy.training.config import FORMAT_VERSION, TrainConfig
+from specformer_deploy.training.config import ATTACKING_OBJECTIVES, CONSISTENCY_OBJECTIVES, FORMAT_VERSION, TrainConfig
 from specformer_deploy.training.data import DatasetBundle, load_dataset
 from specformer_deploy.training.distributed import (
     DistContext,
@@ -267,8 +267,8 @@ def train_one_epoch(state: RunState, epoch: int, on_step: Callable[[float], None
 
 def training_batch(state: RunState, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What the loss sees: PGD adversarial examples (in eval mode, as attacks run) under PGD-AT
-    or SmoothAdv, then Mixup/CutMix when on (the target is then a soft label), then Gaussian
-    noise when ``noise_sd > 0``: ``m = cfg.copies`` noisy copies of every image, concatenated
+    or SmoothAdv (alone or with consistency), then Mixup/CutMix when on (the target is then a
+    soft label), then Gaussian noise when ``noise_sd > 0``: ``m = cfg.copies`` noisy copies of every image, concatenated
     copy-major into one batch of ``m * B`` (one forward call, which DDP sees as one). The target
     is the ``B`` images'; ``_objective_loss`` repeats it per copy.
 
@@ -287,7 +287,7 @@ def training_batch(state: RunState, x: torch.Tensor, y: torch.Tensor) -> tuple[t
                                device=x.device, dtype=x.dtype)
     if cfg.adversarial:
         x = _in_eval_mode(state, lambda: pgd(state.attack_model, x, y, cfg.adv_eps, cfg.adv_step, cfg.adv_steps))
-    if cfg.smoothing_objective == "smoothadv":
+    if cfg.smoothing_objective in ATTACKING_OBJECTIVES:
         eps = warmed_up_eps(cfg.smoothadv_eps, state.step // state.steps_per_epoch, cfg.smoothadv_warmup_epochs)
         x = _in_eval_mode(state, lambda: smoothadv_attack(state.attack_model, x, y, noise, eps, cfg.smoothadv_steps))
     target = y
@@ -326,11 +326,12 @@ def add_gaussian_noise(x: torch.Tensor, sigma: float, seed: int) -> torch.Tensor
 
 def _objective_loss(state: RunState, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The mean criterion over the noisy copies (each copy shares its image's target, hard or
-    Mixup's soft), plus the consistency regularizer under ``--smoothing-objective consistency``."""
+    Mixup's soft), plus the consistency regularizer under ``--smoothing-objective consistency`` or
+    ``smoothadv-consistency``."""
     cfg = state.cfg
     copies = cfg.copies if cfg.noise_sd > 0 else 1
     loss = state.criterion(logits, repeat_target(target, copies))
-    if cfg.smoothing_objective == "consistency":
+    if cfg.smoothing_objective in CONSISTENCY_OBJECTIVES:
         loss = loss + consistency_regularizer(logits, copies, cfg.consistency_lambda, cfg.consistency_eta)
     return loss
 
