@@ -137,6 +137,39 @@ def test_skipping_predict_keeps_certify_and_saves_its_samples(linear_case) -> No
     assert table["certified_accuracy"] == summarize(full, options)["certified_accuracy"]
 
 
+def test_a_long_certification_records_each_image_as_soon_as_it_is_done(linear_case) -> None:
+    """At n = 100,000 an image is minutes of work on a CPU: the journal (``on_record``) must hear of
+    the first image after its own samples, not after a group's, so a killed run loses one image.
+    Short certifications still group images to fill the n0 selection batches."""
+    runtime, images, labels, _ = linear_case
+    passes = {"images": 0}
+    sampler = runtime.sampler
+
+    class CountingSampler:
+        streams = 1
+
+        def classify(self, batch):
+            passes["images"] += batch.shape[0]
+            return sampler.classify(batch)
+
+        __call__ = classify
+
+    counting = SimpleNamespace(sampler=CountingSampler(), class_names=runtime.class_names)
+    heard: list[int] = []
+
+    def hear(_: dict) -> None:
+        heard.append(passes["images"])
+
+    long = SmoothingEvalOptions(sigma=0.5, n=100_000, n0=100, radii=(0.0,), predict=False)
+    certify_images(counting, images[:3], labels[:3], range(3), long, on_record=hear)
+    assert heard == [(100 + 100_000 + 1) * k for k in (1, 2, 3)]
+    heard.clear()
+    passes["images"] = 0
+    short = SmoothingEvalOptions(sigma=0.5, n=1_000, n0=100, radii=(0.0,), predict=False)
+    certify_images(counting, images[:3], labels[:3], range(3), short, on_record=hear)
+    assert heard == [3 * (100 + 1_000 + 1)] * 3  # one group of three: batches shared, records together
+
+
 def test_intervals_are_statsmodels_clopper_pearson() -> None:
     from statsmodels.stats.proportion import proportion_confint
 

@@ -44,6 +44,10 @@ __all__ = ["SmoothingEvalOptions", "parse_radii", "image_seed", "load_smoothing_
 
 Progress = Callable[[int, int], None]
 INTERVAL_LEVEL = 0.95  # two-sided Clopper–Pearson interval on every fraction in the table
+# Most noise samples one group of images may take before their records exist: grouping fills the
+# n0 selection batches, and a cap keeps a killed long certification (n = 100,000) from losing more
+# than one image's work from its journal.
+GROUP_SAMPLES = 200_000
 _CERTIFY, _PREDICT = 0, 1
 
 
@@ -122,11 +126,13 @@ def certify_images(runtime, images: np.ndarray, labels: np.ndarray, indices: Seq
 
     Images are certified in groups whose samples share batches (:func:`certify_many`), so an image
     whose ``n0`` is smaller than the batch does not leave it mostly empty; each image keeps its own
-    seed, so its answer is the one `certify` gives it alone. A sampler that draws its noise on a GPU
-    certifies one image at a time."""
+    seed, so its answer is the one `certify` gives it alone. A group takes at most ``GROUP_SAMPLES``
+    samples (one image at n = 100,000), so ``on_record`` hears of each image soon after it is done.
+    A sampler that draws its noise on a GPU certifies one image at a time."""
     sampler, num_classes = runtime.sampler, len(runtime.class_names)
-    group = 1 if getattr(sampler, "device_counts", None) else max(1, math.ceil(options.batch_size /
-                                                                                 min(options.n0, options.n)))
+    per_image = options.n0 + options.n * (2 if options.predict else 1)
+    group = 1 if getattr(sampler, "device_counts", None) else max(1, min(
+        math.ceil(options.batch_size / min(options.n0, options.n)), GROUP_SAMPLES // per_image))
     records = []
     for start in range(0, len(indices), group):
         positions = range(start, min(start + group, len(indices)))
