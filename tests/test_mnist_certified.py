@@ -74,10 +74,15 @@ def test_tables_acr_and_targets_from_per_image_records(tmp_path: Path) -> None:
     val = _write(tmp_path, "val.json", _study([_cell("gaussian", 0.5, True, 0, [0.9, 0.2], n=1000),
                                                _cell("cons-l5", 0.5, True, 0, [0.9, 0.8], n=1000)],
                                               split="validation images (held-out training images)"))
-    data = tool.collect([val], [final], [], _published(tmp_path), None, ["python tools/x.py"])
+    one_core = _study([_cell("smoothadv", 0.5, True, 0, [0.9, None], n=1000)],
+                      split="validation images (held-out training images)")
+    one_core["options"]["threads"] = 1  # certified beside another job: its cost is one core's
+    data = tool.collect([val, _write(tmp_path, "val1.json", one_core)], [final], [], _published(tmp_path), None,
+                        ["python tools/x.py"])
     assert data["validation"]["chosen"] == "cons-l5-sigma0.5-msvp-seed0"  # the higher ACR on validation
     chosen = next(x for x in tool.render(data).splitlines() if x.startswith("| cons-l5-sigma0.5-msvp-seed0 (chosen) |"))
     assert chosen.endswith("| 0.850 | 0.10 |")  # ACR (0.9 + 0.8) / 2, then CERTIFY's seconds per image
+    assert "| 0.450 | 0.10 (1 core) |" in tool.render(data)
     row = next(r for r in data["final"] if r["msvp"])
     assert tool.certified_at(row["radii_per_image"], 1.58) == pytest.approx(100 * 2 / 8)
     assert tool.acr(row["radii_per_image"]) == pytest.approx(sum([1.7, 1.6, 1.2, 0.6, 0.3]) / 8)

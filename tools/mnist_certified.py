@@ -66,7 +66,8 @@ def model_row(cell: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
             "images": smoothing["images"], "split": smoothing.get("split", "test images"),
             "decode_norm": norm, "radii_per_image": [round(float(r), 5) for r in radii],
             "base_clean_accuracy": smoothing.get("base_clean_accuracy"),
-            "train_seconds": cell.get("train_seconds"), "seconds_per_image": smoothing.get("seconds_per_image")}
+            "train_seconds": cell.get("train_seconds"), "seconds_per_image": smoothing.get("seconds_per_image"),
+            "threads": study["options"].get("threads")}
 
 
 RECIPE_FIELDS = ("optimizer", "lr", "weight_decay", "translate", "rotate", "ema_decay", "mixup", "epochs",
@@ -208,7 +209,8 @@ def validation_section(results: dict[str, Any]) -> str | None:
         rows.append([row["name"] + (" (chosen)" if row["name"] == val["chosen"] else ""),
                      ", ".join(changes) or "(shared only)",
                      *[f"{certified_at(row['radii_per_image'], r):.1f}" for r in radii],
-                     f"{acr(row['radii_per_image']):.3f}", f"{cost:.2f}" if cost else "n/a"])
+                     f"{acr(row['radii_per_image']):.3f}",
+                     (f"{cost:.2f}" + (" (1 core)" if row.get("threads") == 1 else "")) if cost else "n/a"])
     stale = _final_recipe_note(results)
     return ("### How the recipe was chosen: validation images only\n\n"
             f"Certified accuracy (%) and ACR on the {first['images']} validation images (held out of the training "
@@ -216,8 +218,8 @@ def validation_section(results: dict[str, Any]) -> str | None:
             f"n = {first['n']:,}, alpha = {first['alpha']:g}. Settings shared by every row: "
             + (", ".join(f"{k}={v}" for k, v in common.items()) or "none") + f". Rule: {val['rule']}. "
             f"'s / image': CERTIFY's seconds per image at this n (int8 sampler, every core of a shared 2-core "
-            f"machine), what a certificate costs with that model; rows certified at different times share the "
-            f"machine's noise.\n\n"
+            f"machine unless marked '1 core'), what a certificate costs with that model; rows certified at "
+            f"different times share the machine's noise.\n\n"
             + _table(["run", "recipe (beyond the shared settings)", *[f"r = {r:g}" for r in radii], "ACR",
                       "s / image"], rows) + (f"\n{stale}\n" if stale else ""))
 

@@ -70,6 +70,15 @@ $STUDY --out runs/val-sweep3 --model specformer-mnist-convstem --split val --lim
   --msvp on --radii 0.25,0.5,0.75,1.0,1.25 --objectives stem-cons-l10 --override "all:$R,val_images=500" \
   --override stem-cons-l10:smoothing_objective=consistency,consistency_lambda=10
 
+# 5c. SmoothAdv at Jeong & Shin's MNIST setting (m = 4 noise draws, 10 PGD steps, eps 255/256 warmed up over 10
+#     epochs), alone and with consistency (lambda 1, eta 0.5: their best MNIST combination), recipe b's settings,
+#     validation images as in step 2. Each trains 44 forward-backward passes per image where Gaussian noise takes
+#     one: about 2 hours on one core.
+for objective in smoothadv smoothadv-consistency; do
+  $STUDY --out runs/val-sweep-$objective --split val --limit 500 --n 1000 --sigmas 0.5 --msvp on \
+    --radii 0.25,0.5,0.75,1.0,1.25 --objectives $objective --override "all:$R,val_images=500"
+done
+
 # 6. Three seeds of the final recipe, MSVP on and off, sigma 0.5, on the first 200 test images (seed 0's
 #    500-image certifications lend their first 200: each image's answer depends only on its index and seed).
 $FINAL --out runs/mnist-final/s05 --sigmas 0.5 --msvp both --seeds 0,1,2 --n 10000 --limit 200
@@ -87,6 +96,7 @@ done
 $PY tools/mnist_certified.py --collect \
   --validation runs/val-sweep/{a-sgd50,b-adamw-shift-ema60,c-adamw-shift-rot-ema60,d-patch4,e-convstem}.val.json \
                runs/val-sweep2/results.json runs/val-sweep3/results.json \
+               runs/val-sweep-smoothadv/results.json runs/val-sweep-smoothadv-consistency/results.json \
   --final runs/mnist-final/s05/results-n10k.json runs/mnist-final/s05/results-n100k.json \
           runs/mnist-final/s1/results.json runs/mnist-final/s025/results.json \
           runs/mnist-final/s05/results-seeds.json runs/mnist-final/stem-s{05,025}/results.json \
