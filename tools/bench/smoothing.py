@@ -182,7 +182,7 @@ def _sequential(runtime, images: np.ndarray, labels: np.ndarray, sigma: float, n
             "robust_with_true_label": int(robust_correct)}
 
 
-OBJECTIVES = ("gaussian", "consistency", "smoothadv")
+OBJECTIVES = ("gaussian", "consistency", "smoothadv", "smoothadv-consistency")
 
 
 def _objective_state(ctx, objective: str, model: str, batch: int, sigma: float, workdir: Path):
@@ -213,7 +213,7 @@ def _timed_steps(state, steps: int) -> tuple[float, float]:
 def _training_cost(model: str, batch: int, steps: int, reps: int, sigma: float) -> dict[str, Any]:
     """Each objective's seconds per step and its ratio to plain Gaussian-noise training.
 
-    Repetitions are interleaved (gaussian, consistency, smoothadv, gaussian, ...) and the ratio is
+    Repetitions are interleaved (gaussian, consistency, smoothadv, ..., gaussian, ...) and the ratio is
     the median of the ratios paired within a repetition, because the shared machine's load drifts;
     CPU seconds (this process's) are reported beside wall seconds for the same reason."""
     from specformer_deploy.training.distributed import init_distributed, shutdown
@@ -234,7 +234,7 @@ def _training_cost(model: str, batch: int, steps: int, reps: int, sigma: float) 
     rows = {}
     for name, state in states.items():
         rows[name] = {"copies": state.cfg.copies,
-                      "attack_steps": state.cfg.smoothadv_steps if name == "smoothadv" else 0,
+                      "attack_steps": state.cfg.smoothadv_steps if name.startswith("smoothadv") else 0,
                       "seconds_per_step": statistics.median(wall[name]),
                       "cpu_seconds_per_step": statistics.median(cpu[name]),
                       "vs_gaussian": statistics.median(a / b for a, b in zip(wall[name], wall["gaussian"])),
