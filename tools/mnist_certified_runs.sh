@@ -90,6 +90,7 @@ for s in 0.5 0.25; do
   $STUDY --out runs/mnist-final/stem-s${s/./} --model specformer-mnist-convstem --sigmas $s --msvp on --n 10000 \
     --limit 200 --objectives stem-cons-l10 --override all:$R --radii $RADII \
     --override stem-cons-l10:smoothing_objective=consistency,consistency_lambda=10
+  cp runs/mnist-final/stem-s${s/./}/results.json runs/mnist-final/stem-s${s/./}/results-n10k.json
 done
 
 # 8. One JSON for the report, then docs/RESULTS.md.
@@ -99,7 +100,7 @@ $PY tools/mnist_certified.py --collect \
                runs/val-sweep-smoothadv/results.json runs/val-sweep-smoothadv-consistency/results.json \
   --final runs/mnist-final/s05/results-n10k.json runs/mnist-final/s05/results-n100k.json \
           runs/mnist-final/s1/results.json runs/mnist-final/s025/results.json \
-          runs/mnist-final/s05/results-seeds.json runs/mnist-final/stem-s{05,025}/results.json \
+          runs/mnist-final/s05/results-seeds.json runs/mnist-final/stem-s{05,025}/results-n10k.json \
   --data-size runs/mnist-final/size1000/results.json runs/mnist-final/size2000/results.json \
   --command "bash tools/mnist_certified_runs.sh" --out docs/mnist-certified.json
 $PY tools/render_results.py
