@@ -104,10 +104,8 @@ def test_the_table_does_not_depend_on_how_the_images_are_sharded(linear_case) ->
     assert [r["count"] for r in other_seed] != [r["count"] for r in whole]
 
 
-def test_skipping_predict_keeps_certify_and_saves_its_samples(linear_case) -> None:
-    """A study that skips PREDICT gets the same CERTIFY records (its noise streams are separate)
-    for n0 + n forward passes per image instead of n0 + 2n, and no smoothed-clean figure."""
-    runtime, images, labels, _ = linear_case
+def _counting(runtime) -> tuple[SimpleNamespace, dict[str, int]]:
+    """``runtime`` on one stream, with a counter of the images its sampler has classified."""
     counted = {"images": 0}
     sampler = runtime.sampler
 
@@ -120,7 +118,14 @@ def test_skipping_predict_keeps_certify_and_saves_its_samples(linear_case) -> No
 
         __call__ = classify
 
-    counting = SimpleNamespace(sampler=CountingSampler(), class_names=runtime.class_names)
+    return SimpleNamespace(sampler=CountingSampler(), class_names=runtime.class_names), counted
+
+
+def test_skipping_predict_keeps_certify_and_saves_its_samples(linear_case) -> None:
+    """A study that skips PREDICT gets the same CERTIFY records (its noise streams are separate)
+    for n0 + n forward passes per image instead of n0 + 2n, and no smoothed-clean figure."""
+    runtime, images, labels, _ = linear_case
+    counting, counted = _counting(runtime)
     options = SmoothingEvalOptions(sigma=0.5, n=400, n0=40, radii=(0.0, 0.5))
     skipped = SmoothingEvalOptions(sigma=0.5, n=400, n0=40, radii=(0.0, 0.5), predict=False)
     count = 6
@@ -142,19 +147,7 @@ def test_a_long_certification_records_each_image_as_soon_as_it_is_done(linear_ca
     the first image after its own samples, not after a group's, so a killed run loses one image.
     Short certifications still group images to fill the n0 selection batches."""
     runtime, images, labels, _ = linear_case
-    passes = {"images": 0}
-    sampler = runtime.sampler
-
-    class CountingSampler:
-        streams = 1
-
-        def classify(self, batch):
-            passes["images"] += batch.shape[0]
-            return sampler.classify(batch)
-
-        __call__ = classify
-
-    counting = SimpleNamespace(sampler=CountingSampler(), class_names=runtime.class_names)
+    counting, passes = _counting(runtime)
     heard: list[int] = []
 
     def hear(_: dict) -> None:
