@@ -152,9 +152,9 @@ def test_a_validation_winner_measured_after_the_final_models_is_not_passed_off_a
     final = _write(tmp_path, "final.json", _study([_cell("cons", 0.5, True, 0, [1.2, 0.6], overrides=recipe)]))
     report = tool.render(tool.collect([plain, stem], [final], [], _published(tmp_path), None, []))
     assert "| stem-cons-sigma0.5-msvp-seed0 (chosen) | model=specformer-mnist-convstem" in report
-    assert ("The final models below use cons-sigma0.5-msvp-seed0's recipe, the rule's choice when they were "
-            "trained; stem-cons-sigma0.5-msvp-seed0 was measured after them (validation ACR 1.000 against 0.850)"
-            in report)
+    assert ("The final models below use the recipes the rule chose when they were trained: "
+            "cons-sigma0.5-msvp-seed0's (validation ACR 0.850; final models at sigma 0.5). "
+            "stem-cons-sigma0.5-msvp-seed0 was measured after them (validation ACR 1.000)" in report)
     final_study = _study([_cell("stem-cons", 0.5, True, 0, [1.2, 0.6], overrides=recipe)])
     final_study["options"]["model"] = "specformer-mnist-convstem"
     final = _write(tmp_path, "final2.json", final_study)
