@@ -239,7 +239,9 @@ def _final_recipe_note(results: dict[str, Any]) -> str | None:
     if chosen is None or not final:
         return None
     mine = {r["sigma"] for r in final if _recipe(r) == _recipe(chosen)}
-    used = next((r for r in val["rows"] if r is not chosen and any(_recipe(r) == _recipe(f) for f in final)), None)
+    with_finals = sorted((r for r in val["rows"] if r is not chosen and any(_recipe(r) == _recipe(f) for f in final)),
+                         key=lambda r: -acr(r["radii_per_image"]))  # the best-validated recipe with final models first
+    used = with_finals[0] if with_finals else None
     if mine:
         missing = sorted({r["sigma"] for r in final} - mine)
         if not missing:
@@ -252,15 +254,13 @@ def _final_recipe_note(results: dict[str, Any]) -> str | None:
     if used is None:
         return (f"The final models below were trained with a recipe that is not in this table, not with "
                 f"{chosen['name']}.")
-    with_finals = sorted((r for r in val["rows"] if r is not chosen and any(_recipe(r) == _recipe(f) for f in final)),
-                         key=lambda r: -acr(r["radii_per_image"]))
     recipes = "; ".join(f"{r['name']}'s (validation ACR {acr(r['radii_per_image']):.3f}; final models at sigma "
                         + ", ".join(f"{x:g}" for x in sorted({f['sigma'] for f in final if _recipe(f) == _recipe(r)}))
                         + ")" for r in with_finals)
     return (f"The final models below use the recipes the rule chose when they were trained: {recipes}. "
             f"{chosen['name']} was measured after them (validation ACR {acr(chosen['radii_per_image']):.3f}), so "
             "they are not yet this table's choice: its final models are still to be trained and certified, and "
-            f"the targets are judged on {with_finals[0]['name']}'s, the best-validated recipe that has final models.")
+            f"the targets are judged on {used['name']}'s, the best-validated recipe that has final models.")
 
 
 def sigma_section(results: dict[str, Any], sigma: float) -> str:
