@@ -262,6 +262,37 @@ def test_validation_and_test_studies_cannot_be_swapped(tmp_path: Path) -> None:
         tool.collect([], [val_study], [], _published(tmp_path), None, [])
 
 
+def test_update_adds_new_studies_to_rows_whose_runs_are_gone(tmp_path: Path) -> None:
+    """--update keeps the rows already collected (their runs/ may be gone), replaces a re-measured one
+    in place, adds the new ones, and makes the validation choice again over all of them."""
+    tool = _tool("mnist_certified")
+    val_split = "validation images (held-out training images)"
+    out = tmp_path / "collected.json"
+    old_val = _write(tmp_path, "v1.json", _study([_cell("cons-l10", 0.5, True, 0, [0.9, 0.2], n=1000)], val_split))
+    old_final = _write(tmp_path, "f1.json", _study([_cell("cons-l10", 0.5, True, 0, [1.0, None]),
+                                                    _cell("cons-l10", 0.25, True, 0, [0.5, 0.5])]))
+    assert tool.main(["--collect", "--validation", str(old_val), "--final", str(old_final), "--published",
+                      str(_published(tmp_path)), "--command", "bash a.sh", "--out", str(out)]) == 0
+    for path in (old_val, old_final):
+        path.unlink()  # the raw studies are gone
+    new_val = _write(tmp_path, "v2.json", _study([_cell("smoothadv", 0.5, True, 0, [1.1, 0.9], n=1000)], val_split))
+    new_final = _write(tmp_path, "f2.json", _study([_cell("smoothadv", 0.5, True, 0, [1.2, 1.3]),
+                                                    _cell("cons-l10", 0.25, True, 0, [0.6, None])]))
+    assert tool.main(["--collect", "--update", "--validation", str(new_val), "--final", str(new_final),
+                      "--published", str(_published(tmp_path)), "--command", "bash b.sh", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["validation"]["rows"]] == ["cons-l10-sigma0.5-msvp-seed0",
+                                                                 "smoothadv-sigma0.5-msvp-seed0"]
+    assert data["validation"]["chosen"] == "smoothadv-sigma0.5-msvp-seed0"  # ACR 1.0 against 0.55
+    finals = {(r["name"]): r["radii_per_image"] for r in data["final"]}
+    assert len(data["final"]) == 3  # the sigma 0.25 row re-measured, not doubled
+    assert finals == {"cons-l10-sigma0.5-msvp-seed0": [1.0, -1.0], "cons-l10-sigma0.25-msvp-seed0": [0.6, -1.0],
+                      "smoothadv-sigma0.5-msvp-seed0": [1.2, 1.3]}
+    assert data["commands"] == ["bash a.sh", "bash b.sh"]
+    with pytest.raises(SystemExit):
+        tool.main(["--collect", "--update", "--out", str(tmp_path / "missing.json")])
+
+
 def test_published_figures_are_computed_from_logs_in_the_authors_format(tmp_path: Path) -> None:
     """Two seeds' CERTIFY logs (tab-separated, as released) in a git repository: certified accuracy
     at each radius is the mean over seeds of (correct and radius >= r); ACR counts wrong images as 0;

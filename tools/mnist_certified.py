@@ -19,6 +19,7 @@ certification logs), labelled as theirs.
 
     python tools/mnist_certified.py --collect --validation runs/val-sweep2/results.json \\
         --final runs/mnist-final/results.json --data-size runs/mnist-size/results.json --out docs/mnist-certified.json
+    python tools/mnist_certified.py --collect --update --final runs/new/results.json   # add to what is there
     python tools/mnist_certified.py --from-json docs/mnist-certified.json   # results.md + figure beside it
 """
 
@@ -94,8 +95,29 @@ def evaluate_row(path: Path) -> dict[str, Any]:
     return model_row(cell, {"options": {"model": train.get("model")}})
 
 
+def _row_key(row: dict[str, Any]) -> tuple:
+    """What makes two rows the same measurement: the run, where it was certified, on how many images, at which n."""
+    return row["name"], row["split"], row["images"], row["n"]
+
+
+def merge_rows(kept: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``kept`` with each row of ``fresh`` replacing the same measurement in place, or appended."""
+    index = {_row_key(r): i for i, r in enumerate(kept)}
+    out = list(kept)
+    for row in fresh:
+        if _row_key(row) in index:
+            out[index[_row_key(row)]] = row
+        else:
+            index[_row_key(row)] = len(out)
+            out.append(row)
+    return out
+
+
 def collect(validation: list[Path], final: list[Path], data_size: list[Path], published: Path,
-            chosen: str | None, commands: list[str]) -> dict[str, Any]:
+            chosen: str | None, commands: list[str], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The studies' rows in one JSON. With ``previous`` (an earlier collect), its rows are kept and the
+    studies' rows are added to them: a study whose raw runs are gone (a cleaned ``runs/``, another
+    machine) keeps its rows, and the validation choice is made again over all of them."""
     def rows(paths: list[Path]) -> list[dict[str, Any]]:
         out = []
         for path in paths:
@@ -106,16 +128,21 @@ def collect(validation: list[Path], final: list[Path], data_size: list[Path], pu
             out += [model_row(cell, study) for cell in study["cells"]]
         return out
 
-    val_rows = rows(validation)
+    val_rows, final_rows, size_rows = rows(validation), rows(final), rows(data_size)
     if val_rows and any("validation" not in r["split"] for r in val_rows):
         raise SystemExit("--validation studies must certify validation images (smoothing_study.py --split val)")
-    if any("validation" in r["split"] for r in rows(final) + rows(data_size)):
+    if any("validation" in r["split"] for r in final_rows + size_rows):
         raise SystemExit("--final and --data-size studies must certify the test images")
+    if previous is not None:
+        val_rows = merge_rows(previous["validation"]["rows"], val_rows)
+        final_rows = merge_rows(previous["final"], final_rows)
+        size_rows = merge_rows(previous["data_size"], size_rows)
+        commands = previous.get("commands", []) + [c for c in commands if c not in previous.get("commands", [])]
     chosen = chosen or (max(val_rows, key=lambda r: acr(r["radii_per_image"]))["name"] if val_rows else None)
     return {"radii": list(RADII), "space": SPACE, "published": json.loads(published.read_text()),
             "validation": {"rows": val_rows, "chosen": chosen,
                            "rule": "the highest average certified radius on the validation images"},
-            "final": rows(final), "data_size": rows(data_size), "commands": commands,
+            "final": final_rows, "data_size": size_rows, "commands": commands,
             "bootstrap_resamples": BOOTSTRAP_RESAMPLES}
 
 
@@ -545,10 +572,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chosen", default=None, help="the validation run chosen (default: highest ACR)")
     parser.add_argument("--command", action="append", default=[], help="a command to rerun a table (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("docs/mnist-certified.json"))
+    parser.add_argument("--update", action="store_true",
+                        help="keep the rows already in --out and add these studies' rows (replacing the same run, "
+                             "images and n): for new studies when the earlier ones' runs/ are gone")
     parser.add_argument("--from-json", type=Path, default=None, help="render results.md and the figure beside it")
     args = parser.parse_args(argv)
     if args.collect:
-        results = collect(args.validation, args.final, args.data_size, args.published, args.chosen, args.command)
+        if args.update and not args.out.exists():
+            parser.error(f"--update keeps the rows of {args.out}, which does not exist")
+        previous = json.loads(args.out.read_text()) if args.update else None
+        results = collect(args.validation, args.final, args.data_size, args.published, args.chosen, args.command,
+                          previous)
         args.out.write_text(json.dumps(results) + "\n")
         print(f"wrote {args.out}")
         return 0
