@@ -94,8 +94,8 @@ for s in 0.5 0.25; do
 done
 
 # 7b. Final model of the recipe step 5c's validation picks (SmoothAdv, patch 7, recipe b's settings), sigma 0.5,
-#     MSVP on, all 4,000 training images, n = 10,000 on 500 test images. Training takes about 2 h 30 min on 2 cores
-#     (146-164 s per epoch on 2 threads; 230 s on one): start it on an idle machine, since a second job beside
+#     MSVP on, all 4,000 training images, n = 10,000 on 500 test images. Training takes 2 to 2.7 h on 2 cores
+#     (114-166 s per epoch on 2 threads; 230 s on one): start it on an idle machine, since a second job beside
 #     a multi-threaded training slows it several times over (thread oversubscription).
 $STUDY --out runs/mnist-final/sa-s05 --sigmas 0.5 --msvp on --n 10000 --limit 500 --objectives smoothadv \
   --override all:$R --radii $RADII
