@@ -189,7 +189,8 @@ def test_a_later_validation_choice_with_final_models_at_one_sigma_is_judged_on_t
     line = next(x for x in report.splitlines() if x.startswith("- At r = 0.5:"))
     assert line.startswith("- At r = 0.5: 50.0% (stem-cons, MSVP, sigma 0.5, n = 10,000;")
     assert "target 96%: **not met** (-46.0 points) (on the validation choice, stem-cons-sigma0.5-msvp-seed0's " \
-        "recipe); context, not judged: cons-sigma0.5-msvp-seed0's recipe certifies 98.0%." in line
+        "recipe); context, not judged: cons-sigma0.5-msvp-seed0's recipe certifies 98.0% at sigma 0.25, where the " \
+        "judged recipe has no final model yet." in line
     line = next(x for x in report.splitlines() if x.startswith("- Smoothed clean accuracy"))
     assert "(the validation choice has no sigma 0.25 final model; this is cons-sigma0.5-msvp-seed0's recipe)" in line
 

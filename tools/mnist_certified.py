@@ -423,14 +423,16 @@ def _recipe_finals(results: dict[str, Any]) -> list[tuple[str | None, list[dict[
     return out
 
 
-def _judge(groups: dict[tuple, list[dict[str, Any]]], r: float, target: float) -> tuple[float | None, str]:
+def _judge(groups: dict[tuple, list[dict[str, Any]]], r: float, target: float
+           ) -> tuple[float | None, str, float | None, set[float]]:
     """The highest certified accuracy at r over these models whose n reaches r, and where it comes from.
     The sigma is not chosen on validation, so every sigma's figure is named: "not met" then holds for
-    each, and a target met by the best sigma only says so."""
+    each, and a target met by the best sigma only says so. Also returns the best figure's sigma and
+    every sigma scored, so context from another recipe can say when it comes from a sigma this one lacks."""
     scored = [(float(np.mean([certified_at(x["radii_per_image"], r) for x in g])), k) for k, g in groups.items()
               if r <= min(_reach(x) for x in g)]
     if not scored:
-        return None, ""
+        return None, "", None, set()
     value, key = max(scored)
     objective, sigma, with_msvp, n, _, _ = key
     spread = _value(groups[key], r).replace(" †", "").split(" ", 1)[1]
@@ -448,7 +450,7 @@ def _judge(groups: dict[tuple, list[dict[str, Any]]], r: float, target: float) -
         verdict += " at the point estimate, with the interval reaching below it"
     if value >= target > min(per_sigma.values()):
         verdict += " by the best sigma only, a choice made on the test images"
-    return value, f"{value:.1f}% ({where}); target {target:g}%: {verdict}"
+    return value, f"{value:.1f}% ({where}); target {target:g}%: {verdict}", sigma, set(per_sigma)
 
 
 def _judged(recipes: list[tuple[str | None, list[dict[str, Any]]]], r: float, target: float
@@ -456,17 +458,19 @@ def _judged(recipes: list[tuple[str | None, list[dict[str, Any]]]], r: float, ta
     """A target judged on the most preferred recipe whose final models reach r (saying so when that is
     not the validation choice), with the other recipes' best figure beside it as context only."""
     judged = [(name, *_judge(_headline(_groups(rows)), r, target)) for name, rows in recipes]
-    usable = [(name, value, text) for name, value, text in judged if value is not None]
+    usable = [row for row in judged if row[1] is not None]
     if not usable:
         return None, ""
-    name, value, text = usable[0]
+    name, value, text, _, judged_sigmas = usable[0]
     if name is not None and name != recipes[0][0]:
         text += (f" (the validation choice, {recipes[0][0]}, has no final model certified at this radius; this is "
                  f"{name}'s recipe, the choice when those final models were trained)")
     elif name is not None and len(recipes) > 1:
         text += f" (on the validation choice, {name}'s recipe)"
-    for other, other_value, _ in usable[1:]:
+    for other, other_value, _, other_sigma, _ in usable[1:]:
         text += f"; context, not judged: {other}'s recipe certifies {other_value:.1f}%"
+        if other_sigma not in judged_sigmas:
+            text += f" at sigma {other_sigma:g}, where the judged recipe has no final model yet"
     return value, text
 
 
