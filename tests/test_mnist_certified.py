@@ -321,3 +321,17 @@ def test_published_figures_are_computed_from_logs_in_the_authors_format(tmp_path
     assert at[2.0] == 0.0
     assert row["acr"] == pytest.approx(((1.6 + 0.8) / 4 + (1.2 + 1.58 + 0.1) / 4) / 2, abs=1e-4)
     assert len(data["commit"]) == 40
+
+
+def test_one_model_certified_twice_is_judged_on_one_measurement_per_radius(tmp_path: Path) -> None:
+    """A model certified at n = 10,000 on 4 images and at n = 100,000 on 2: at r = 0.5, which both
+    reach, the target uses the larger sample (75%), not the better of the two (100%); at r = 1.58,
+    where n = 10,000 is capped (reach 1.599), it uses n = 100,000."""
+    tool = _tool("mnist_certified")
+    small_n = _write(tmp_path, "n10k.json", _study([_cell("gaussian", 0.5, True, 0, [1.59, 1.0, 0.6, None])]))
+    large_n = _write(tmp_path, "n100k.json", _study([_cell("gaussian", 0.5, True, 0, [1.7, 1.2], n=100_000)]))
+    report = tool.render(tool.collect([], [small_n, large_n], [], _published(tmp_path), None, []))
+    line = next(x for x in report.splitlines() if x.startswith("- At r = 0.5:"))
+    assert line.startswith("- At r = 0.5: 75.0% (gaussian, MSVP, sigma 0.5, n = 10,000;")
+    line = next(x for x in report.splitlines() if x.startswith("- Certified accuracy at L2 1.58"))
+    assert ": 50.0% (gaussian, MSVP, sigma 0.5, n = 100,000;" in line

@@ -423,14 +423,31 @@ def _recipe_finals(results: dict[str, Any]) -> list[tuple[str | None, list[dict[
     return out
 
 
+def _measurement_at(groups: dict[tuple, list[dict[str, Any]]], r: float) -> dict[tuple, list[dict[str, Any]]]:
+    """One measurement per model at r, so two certifications of one model are never a choice: among its
+    groups whose n reaches r, the one on the most test images that n does not cap there (r below 95% of
+    its reach), else the largest n. A model certified at n = 10,000 on 500 images and at n = 100,000 on
+    200 is judged on the 500 at r = 0.5 and on the 200 at r = 1.58."""
+    by_model: dict[tuple, list[tuple]] = {}
+    for key, group in groups.items():
+        if r <= min(_reach(x) for x in group):
+            by_model.setdefault((key[0], key[1], key[2], key[4]), []).append(key)
+    chosen = {}
+    for keys in by_model.values():
+        uncapped = [k for k in keys if r < 0.95 * min(_reach(x) for x in groups[k])]
+        key = max(uncapped, key=lambda k: (k[5], len(groups[k]), k[3])) if uncapped else max(keys, key=lambda k: k[3])
+        chosen[key] = groups[key]
+    return chosen
+
+
 def _judge(groups: dict[tuple, list[dict[str, Any]]], r: float, target: float
            ) -> tuple[float | None, str, float | None, set[float]]:
     """The highest certified accuracy at r over these models whose n reaches r, and where it comes from.
     The sigma is not chosen on validation, so every sigma's figure is named: "not met" then holds for
     each, and a target met by the best sigma only says so. Also returns the best figure's sigma and
     every sigma scored, so context from another recipe can say when it comes from a sigma this one lacks."""
-    scored = [(float(np.mean([certified_at(x["radii_per_image"], r) for x in g])), k) for k, g in groups.items()
-              if r <= min(_reach(x) for x in g)]
+    scored = [(float(np.mean([certified_at(x["radii_per_image"], r) for x in g])), k)
+              for k, g in _measurement_at(groups, r).items()]
     if not scored:
         return None, "", None, set()
     value, key = max(scored)
