@@ -423,6 +423,12 @@ def _recipe_finals(results: dict[str, Any]) -> list[tuple[str | None, list[dict[
     return out
 
 
+def _capped_at(group: list[dict[str, Any]], r: float) -> bool:
+    """Whether r is so near the largest radius this group's n can certify (95% of it) that n, not the
+    model, decides the figure there."""
+    return r >= 0.95 * min(_reach(x) for x in group)
+
+
 def _measurement_at(groups: dict[tuple, list[dict[str, Any]]], r: float) -> dict[tuple, list[dict[str, Any]]]:
     """One measurement per model at r, so two certifications of one model are never a choice: among its
     groups whose n reaches r, the one on the most test images that n does not cap there (r below 95% of
@@ -434,7 +440,7 @@ def _measurement_at(groups: dict[tuple, list[dict[str, Any]]], r: float) -> dict
             by_model.setdefault((key[0], key[1], key[2], key[4]), []).append(key)
     chosen = {}
     for keys in by_model.values():
-        uncapped = [k for k in keys if r < 0.95 * min(_reach(x) for x in groups[k])]
+        uncapped = [k for k in keys if not _capped_at(groups[k], r)]
         key = max(uncapped, key=lambda k: (k[5], len(groups[k]), k[3])) if uncapped else max(keys, key=lambda k: k[3])
         chosen[key] = groups[key]
     return chosen
@@ -442,7 +448,8 @@ def _measurement_at(groups: dict[tuple, list[dict[str, Any]]], r: float) -> dict
 
 def _judge(groups: dict[tuple, list[dict[str, Any]]], r: float, target: float
            ) -> tuple[float | None, str, float | None, set[float]]:
-    """The highest certified accuracy at r over these models whose n reaches r, and where it comes from.
+    """The highest certified accuracy at r over these models (one measurement each, :func:`_measurement_at`),
+    and where it comes from.
     The sigma is not chosen on validation, so every sigma's figure is named: "not met" then holds for
     each, and a target met by the best sigma only says so. Also returns the best figure's sigma and
     every sigma scored, so context from another recipe can say when it comes from a sigma this one lacks."""
@@ -458,8 +465,8 @@ def _judge(groups: dict[tuple, list[dict[str, Any]]], r: float, target: float
     per_sigma = {k[1]: v for v, k in sorted(scored)}  # each sigma's highest
     if len(per_sigma) > 1:
         where += "; each sigma: " + ", ".join(f"{x:g} → {v:.1f}%" for x, v in sorted(per_sigma.items()))
-    reach = min(_reach(x) for x in groups[key])
-    if r >= 0.95 * reach:
+    if _capped_at(groups[key], r):
+        reach = min(_reach(x) for x in groups[key])
         where += (f"; near the largest radius n = {n:,} can certify at sigma {sigma:g} ({reach:.3f}), "
                   "so n caps it as much as the model does")
     verdict = _verdict(value, target)
