@@ -335,3 +335,34 @@ def test_one_model_certified_twice_is_judged_on_one_measurement_per_radius(tmp_p
     assert line.startswith("- At r = 0.5: 75.0% (gaussian, MSVP, sigma 0.5, n = 10,000;")
     line = next(x for x in report.splitlines() if x.startswith("- Certified accuracy at L2 1.58"))
     assert ": 50.0% (gaussian, MSVP, sigma 0.5, n = 100,000;" in line
+
+
+def test_msvp_is_answered_on_the_validation_choice_or_said_to_be_unmeasured_there(tmp_path: Path) -> None:
+    """Validation picks smoothadv; only the earlier cons recipe has MSVP-off twins. The MSVP target
+    says it is not measured on the final recipe and names the cons comparison as an earlier recipe's;
+    once smoothadv has its twin, that comparison answers it, even with fewer seeds than cons's."""
+    tool = _tool("mnist_certified")
+    split = "validation images (held-out training images)"
+    cons, adv = {"smoothing_objective": "consistency"}, {"smoothing_objective": "smoothadv"}
+    val = [_write(tmp_path, "cons-val.json", _study([_cell("cons", 0.5, True, 0, [0.9, 0.8], n=1000,
+                                                           overrides={**cons, "val_images": 500})], split=split)),
+           _write(tmp_path, "adv-val.json", _study([_cell("smoothadv", 0.5, True, 0, [1.0, 1.0], n=1000,
+                                                          overrides={**adv, "val_images": 500})], split=split))]
+    cons_final = _write(tmp_path, "cons.json", _study(
+        [_cell("cons", 0.5, msvp, k, [1.2, 0.6] if msvp else [1.2, None], overrides=cons)
+         for msvp in (True, False) for k in (0, 1)]))
+    adv_on = _cell("smoothadv", 0.5, True, 0, [1.2, 1.2], overrides=adv)
+    final = [cons_final, _write(tmp_path, "adv.json", _study([adv_on]))]
+    report = tool.render(tool.collect(val, final, [], _published(tmp_path), None, []))
+    line = next(x for x in report.splitlines() if x.startswith("- MSVP's effect"))
+    assert line.startswith("- MSVP's effect on the final recipe: not measured on the validation choice, "
+                           "smoothadv-sigma0.5-msvp-seed0's recipe (no MSVP-off twin of its final models yet). "
+                           "On an earlier recipe, cons, not the final one: on − off, cons, sigma 0.5, 2 seeds x 2 "
+                           "test images")
+    adv_off = _cell("smoothadv", 0.5, False, 0, [None, None], overrides=adv)
+    final[1] = _write(tmp_path, "adv.json", _study([_cell("smoothadv", 0.5, True, 0, [1.2, 1.2], overrides=adv),
+                                                     adv_off]))
+    report = tool.render(tool.collect(val, final, [], _published(tmp_path), None, []))
+    line = next(x for x in report.splitlines() if x.startswith("- MSVP's effect"))
+    assert line.startswith("- MSVP's effect on the final recipe: on − off, smoothadv, sigma 0.5, 1 seed x 2 test "
+                           "images (the comparison with the most seeds): r = 0: +100.0 [")
