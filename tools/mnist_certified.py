@@ -371,8 +371,7 @@ def _msvp_target(results: dict[str, Any]) -> str:
     if on_choice:
         return measured
     return (f"not measured on the validation choice, {chosen_row['name']}'s recipe (no MSVP-off twin of its final "
-            f"models yet). On an earlier recipe, {first['objective']}, not the final one: " + measured[0].lower()
-            + measured[1:])
+            f"models yet). On an earlier recipe, {first['objective']}, not the final one: " + measured)
 
 
 def data_size_section(results: dict[str, Any]) -> str | None:
@@ -484,11 +483,12 @@ def _judge(groups: dict[tuple, list[dict[str, Any]]], r: float, target: float
         reach = min(_reach(x) for x in groups[key])
         where += (f"; near the largest radius n = {n:,} can certify at sigma {sigma:g} ({reach:.3f}), "
                   "so n caps it as much as the model does")
-    verdict = _verdict(value, target)
+    qualifiers = []
     if _lower_bound(groups[key], r) < target <= value:
-        verdict += " at the point estimate, with the interval reaching below it"
+        qualifiers.append("at the point estimate, with the interval reaching below it")
     if value >= target > min(per_sigma.values()):
-        verdict += " by the best sigma only, a choice made on the test images"
+        qualifiers.append("by the best sigma only, a choice made on the test images")
+    verdict = " ".join([_verdict(value, target), "; and ".join(qualifiers)]).rstrip()
     return value, f"{value:.1f}% ({where}); target {target:g}%: {verdict}", sigma, set(per_sigma)
 
 
