@@ -121,6 +121,24 @@ def test_rerun_reuses_runs_exports_and_certificates(study: Path) -> None:
 
 
 @pytest.mark.slow
+def test_finished_run_kept_as_weights_only_is_certified_not_retrained(study: Path, tmp_path: Path) -> None:
+    """The committed final models (models/) are runs without checkpoint.pt or export: a rerun exports
+    them from the weights and certifies the same answers, and never trains them again."""
+    out = tmp_path / "out"
+    shutil.copytree(study, out)
+    for run in out.glob("gaussian-*"):
+        (run / "checkpoint.pt").unlink()
+        shutil.rmtree(run / "export")
+    result = _study("--out", str(out), "--objectives", "gaussian", *TWO_SEEDS)
+    assert "training" not in result.stderr and "resuming" not in result.stderr
+    assert "starting it afresh" not in result.stderr
+    assert result.stderr.count("exporting") == 4
+    before = {c["run"]: c["smoothing"]["per_image"] for c in json.loads((study / "results.json").read_text())["cells"]}
+    after = {c["run"]: c["smoothing"]["per_image"] for c in json.loads((out / "results.json").read_text())["cells"]}
+    assert after == before
+
+
+@pytest.mark.slow
 def test_from_json_renders_an_edited_radius(study: Path, tmp_path: Path) -> None:
     data = json.loads((study / "results.json").read_text())
     for cell in data["cells"]:

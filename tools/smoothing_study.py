@@ -246,7 +246,11 @@ def ensure_run(out: Path, name: str, cfg) -> tuple[Path, bool]:
     from specformer_deploy.training.train import train
 
     run = out / name
-    if (run / "config.json").is_file() and not (run / "checkpoint.pt").is_file():
+    # Every epoch writes the weights before its metrics line, so all epochs logged means final weights.
+    # A finished run may come without checkpoint.pt (the training state, 4x the weights' size): the
+    # committed final models under models/ are such runs, and certifying them needs only the weights.
+    finished = (run / "model.safetensors").is_file() and len(read_metrics(run / "metrics.jsonl")) >= cfg.epochs
+    if (run / "config.json").is_file() and not (run / "checkpoint.pt").is_file() and not finished:
         print(f"{run} stopped before its first epoch ended; starting it afresh", file=sys.stderr)
         (run / "config.json").unlink()  # no epoch was saved, so nothing is lost
     if (run / "config.json").is_file():
@@ -254,7 +258,7 @@ def ensure_run(out: Path, name: str, cfg) -> tuple[Path, bool]:
         if differing:
             raise SystemExit(f"{run} was trained with other options ({'; '.join(differing)}); delete it or choose "
                              "another --out")
-    if (run / "checkpoint.pt").is_file() and len(read_metrics(run / "metrics.jsonl")) >= cfg.epochs:
+    if finished:
         print(f"reusing {run}", file=sys.stderr)
         return run, False
     resume = (run / "checkpoint.pt").is_file()
