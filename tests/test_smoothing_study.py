@@ -136,6 +136,13 @@ def test_finished_run_kept_as_weights_only_is_certified_not_retrained(study: Pat
     before = {c["run"]: c["smoothing"]["per_image"] for c in json.loads((study / "results.json").read_text())["cells"]}
     after = {c["run"]: c["smoothing"]["per_image"] for c in json.loads((out / "results.json").read_text())["cells"]}
     assert after == before
+    # Weights saved before the last epoch ended are not a finished run: with no training state to
+    # resume from, that run starts afresh (and only that one).
+    from safetensors.torch import load_file, save_file
+    weights = out / "gaussian-sigma0.25-msvp-seed0" / "model.safetensors"
+    save_file(load_file(weights), str(weights), metadata={"epoch": "0"})
+    result = _study("--out", str(out), "--objectives", "gaussian", *TWO_SEEDS)
+    assert result.stderr.count("starting it afresh") == 1 and result.stderr.count("training") == 1
 
 
 @pytest.mark.slow

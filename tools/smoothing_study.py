@@ -246,10 +246,10 @@ def ensure_run(out: Path, name: str, cfg) -> tuple[Path, bool]:
     from specformer_deploy.training.train import train
 
     run = out / name
-    # Every epoch writes the weights before its metrics line, so all epochs logged means final weights.
-    # A finished run may come without checkpoint.pt (the training state, 4x the weights' size): the
-    # committed final models under models/ are such runs, and certifying them needs only the weights.
-    finished = (run / "model.safetensors").is_file() and len(read_metrics(run / "metrics.jsonl")) >= cfg.epochs
+    # Finished means the saved weights are the last epoch's (their metadata names the epoch). Such a run
+    # may come without checkpoint.pt (the training state, 4x the weights' size): the committed final
+    # models under models/ are such runs, and exporting and certifying them needs only the weights.
+    finished = _weights_epoch(run) >= cfg.epochs and len(read_metrics(run / "metrics.jsonl")) >= cfg.epochs
     if (run / "config.json").is_file() and not (run / "checkpoint.pt").is_file() and not finished:
         print(f"{run} stopped before its first epoch ended; starting it afresh", file=sys.stderr)
         (run / "config.json").unlink()  # no epoch was saved, so nothing is lost
@@ -265,6 +265,17 @@ def ensure_run(out: Path, name: str, cfg) -> tuple[Path, bool]:
     print(f"{'resuming' if resume else 'training'} {run}", file=sys.stderr)
     train(cfg, run, resume=resume, show_progress=False)
     return run, True
+
+
+def _weights_epoch(run: Path) -> int:
+    """The epoch whose end wrote ``run/model.safetensors`` (0 when there is none)."""
+    from safetensors import safe_open
+
+    path = run / "model.safetensors"
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), framework="pt") as weights:
+        return int((weights.metadata() or {}).get("epoch", 0))
 
 
 def ensure_export(run: Path, smoothing_sampler: str = "fp32") -> Path:
