@@ -366,3 +366,25 @@ def test_msvp_is_answered_on_the_validation_choice_or_said_to_be_unmeasured_ther
     line = next(x for x in report.splitlines() if x.startswith("- MSVP's effect"))
     assert line.startswith("- MSVP's effect on the final recipe: on − off, smoothadv, sigma 0.5, 1 seed x 2 test "
                            "images (the comparison with the most seeds): r = 0: +100.0 [")
+
+
+def test_msvp_pairs_the_seeds_that_have_both_twins(tmp_path: Path) -> None:
+    """Seed 1's MSVP-on model is certified before its MSVP-off twin is trained: seed 0's pair still
+    answers the MSVP question (one seed), and once seed 1's twin lands both seeds are paired."""
+    tool = _tool("mnist_certified")
+    adv = {"smoothing_objective": "smoothadv"}
+    seed0 = [_cell("smoothadv", 0.5, True, 0, [1.2, 1.2], overrides=adv),
+             _cell("smoothadv", 0.5, False, 0, [None, None], overrides=adv)]
+    on1 = _cell("smoothadv", 0.5, True, 1, [1.2, None], overrides=adv)
+    final = [_write(tmp_path, "seed0.json", _study(seed0)), _write(tmp_path, "on1.json", _study([on1]))]
+    data = tool.collect([], final, [], _published(tmp_path), None, [])
+    diffs = [d for d in tool._msvp_differences(data) if d["r"] == 0.0]
+    assert [(d["seeds"], round(100 * d["diff"].difference, 1)) for d in diffs] == [(1, 100.0)]
+    # The per-sigma table pools the two MSVP-on seeds all the same.
+    assert "one seed" not in next(x for x in tool.render(data).splitlines()
+                                  if x.startswith("| ours | smoothadv, MSVP |"))
+    off1 = _cell("smoothadv", 0.5, False, 1, [1.2, None], overrides=adv)
+    final.append(_write(tmp_path, "off1.json", _study([off1])))
+    data = tool.collect([], final, [], _published(tmp_path), None, [])
+    diffs = [d for d in tool._msvp_differences(data) if d["r"] == 0.0]
+    assert [(d["seeds"], round(100 * d["diff"].difference, 1)) for d in diffs] == [(2, 50.0)]

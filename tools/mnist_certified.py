@@ -318,16 +318,20 @@ def sigma_section(results: dict[str, Any], sigma: float) -> str:
 
 
 def _msvp_differences(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """MSVP on − off for every final setting measured both ways with the same seeds, per radius."""
+    """MSVP on − off for every final setting measured both ways, per radius, over the seeds that have
+    both twins: a seed trained one way only (its twin still training) is left out of the pairing, not
+    allowed to hide the seeds that are paired."""
     groups = _groups(results["final"])
     out = []
     for (objective, sigma, msvp, n, train_images, images), on in groups.items():
         off = groups.get((objective, sigma, False, n, train_images, images))
         if not msvp or not off:
             continue
-        on, off = sorted(on, key=lambda r: r["seed"]), sorted(off, key=lambda r: r["seed"])
-        if [r["seed"] for r in on] != [r["seed"] for r in off]:
+        paired = {r["seed"] for r in on} & {r["seed"] for r in off}
+        if not paired:
             continue
+        on = sorted((r for r in on if r["seed"] in paired), key=lambda r: r["seed"])
+        off = sorted((r for r in off if r["seed"] in paired), key=lambda r: r["seed"])
         for r in (0.0, 0.5, 1.0, 1.58):
             a = [[x >= r and x >= 0 for x in row["radii_per_image"]] for row in on]
             b = [[x >= r and x >= 0 for x in row["radii_per_image"]] for row in off]
