@@ -366,6 +366,7 @@ def test_msvp_is_answered_on_the_validation_choice_or_said_to_be_unmeasured_ther
     line = next(x for x in report.splitlines() if x.startswith("- MSVP's effect"))
     assert line.startswith("- MSVP's effect on the final recipe: on − off, smoothadv, sigma 0.5, 1 seed x 2 test "
                            "images (the comparison with the most seeds): r = 0: +100.0 [")
+    assert line.endswith("One seed: the interval covers the test images, not the chance of the training run.")
 
 
 def test_msvp_pairs_the_seeds_that_have_both_twins(tmp_path: Path) -> None:

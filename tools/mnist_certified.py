@@ -371,7 +371,9 @@ def _msvp_target(results: dict[str, Any]) -> str:
              f"{100 * d['diff'].high:+.1f}], {d['verdict']}" for d in chosen]
     measured = (f"on − off, {first['objective']}, sigma {first['sigma']:g}, {first['seeds']} "
                 f"seed{'s' if first['seeds'] > 1 else ''} x {first['images']} test images (the comparison with the "
-                f"most seeds): " + "; ".join(parts) + ".")
+                f"most seeds): " + "; ".join(parts) + "."
+                + (" One seed: the interval covers the test images, not the chance of the training run."
+                   if first["seeds"] == 1 else ""))
     if on_choice:
         return measured
     return (f"not measured on the validation choice, {chosen_row['name']}'s recipe (no MSVP-off twin of its final "
